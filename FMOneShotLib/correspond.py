@@ -1,0 +1,96 @@
+"""Correspondences of template points on target slices (paper A, Eq. 1), with a confidence.
+
+``Corr(t, I) = argmax_(p, q) cos(T_feat[t], I_feat[p, q])``: the similarity map is computed at the feature
+grid and upsampled bilinearly to pixels (never the features), so the answer has pixel resolution at the cost
+of one small map per point.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class FeatureStandardizer:
+    """Per-channel centring and scaling fitted on the template's features, and the similarity weights.
+
+    Cosine similarity of raw features is dominated by what all pixels share; centring on the template's
+    mean makes it compare what distinguishes a pixel. The same transform is applied to every target.
+    Adapters learn from the standardised features; similarity uses them multiplied by ``weights``
+    (:meth:`for_similarity`), so that no group of channels dominates by its number of channels alone.
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    weights: torch.Tensor
+
+    @classmethod
+    def fit(cls, features: list, weights: torch.Tensor | None = None) -> "FeatureStandardizer":
+        """``features``: (C, h, w) grids (the template slices)."""
+        flat = torch.cat([f.reshape(f.shape[0], -1) for f in features], dim=1)
+        mean = flat.mean(dim=1)
+        std = flat.std(dim=1).clamp_min(1e-6)
+        if weights is None:
+            weights = torch.ones_like(mean)
+        return cls(mean, std, weights.to(mean.dtype))
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        """(..., C, h, w) -> standardised, same shape."""
+        shape = (-1, 1, 1)
+        return (features - self.mean.view(shape)) / self.std.view(shape)
+
+    def for_similarity(self, standardised: torch.Tensor) -> torch.Tensor:
+        """Standardised (..., C, h, w) features weighted for cosine similarity."""
+        return standardised * self.weights.view(-1, 1, 1)
+
+    def state(self) -> dict:
+        return {"mean": self.mean, "std": self.std, "weights": self.weights}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "FeatureStandardizer":
+        return cls(state["mean"], state["std"], state["weights"])
+
+
+def unit(x: torch.Tensor, dim: int) -> torch.Tensor:
+    return F.normalize(x, dim=dim, eps=1e-8)
+
+
+def similarity_maps(queries: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of each query (N, C) with every cell of a (C, h, w) grid -> (N, h, w)."""
+    C, h, w = features.shape
+    return (unit(queries, 1) @ unit(features.reshape(C, -1), 0)).reshape(-1, h, w)
+
+
+def upsample(maps: torch.Tensor, shape) -> torch.Tensor:
+    """(N, h, w) maps -> (N, H, W), bilinear, consistent with the grid convention of features.base."""
+    if tuple(maps.shape[-2:]) == tuple(shape):
+        return maps
+    return F.interpolate(maps[None], size=tuple(shape), mode="bilinear", align_corners=False)[0]
+
+
+@dataclass
+class Correspondence:
+    """Where template points land on one target slice: pixel (x, y) and cosine similarity there."""
+
+    xy: np.ndarray  # (N, 2) float, x = column, y = row
+    score: np.ndarray  # (N,)
+
+
+def correspond(queries: torch.Tensor, features: torch.Tensor, image_shape, chunk: int = 8) -> Correspondence:
+    """Paper A, Eq. 1 for every query: the pixel of highest cosine similarity and that similarity."""
+    H, W = image_shape
+    xy = np.zeros((len(queries), 2))
+    score = np.zeros(len(queries))
+    for start in range(0, len(queries), chunk):
+        maps = upsample(similarity_maps(queries[start:start + chunk], features), (H, W))
+        flat = maps.reshape(maps.shape[0], -1)
+        best, idx = flat.max(dim=1)
+        idx = idx.numpy()
+        xy[start:start + chunk, 0] = idx % W
+        xy[start:start + chunk, 1] = idx // W
+        score[start:start + chunk] = best.numpy()
+    return Correspondence(xy, score)

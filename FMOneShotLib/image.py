@@ -1,0 +1,250 @@
+"""Volumes with their geometry, read and written with SimpleITK, and the one place intensities are normalised.
+
+A :class:`Volume` is a numpy array in (z, y, x) order, exactly as ``SimpleITK.GetArrayFromImage`` gives it,
+together with spacing, origin and direction in SimpleITK's convention (x, y, z order, LPS physical space).
+A 2D image is a one-slice volume that remembers it was 2D, so that results are written back as 2D files.
+Intensities are kept as acquired; :func:`normalize` maps them to [0, 1] for the feature extractors.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import FMOneShotError
+
+MODALITIES = ("CT", "MR", "US", "XR")
+LABEL_EXTENSIONS = (".nrrd", ".nii.gz", ".nii", ".mha", ".png")
+# CT soft-tissue window (level 40 HU, width 400 HU): abdominal organs, the product's main use.
+CT_WINDOW = (-160.0, 240.0)
+# MR, ultrasound and X-ray have no absolute scale: robust percentiles of the whole volume.
+PERCENTILES = (0.5, 99.5)
+
+
+@dataclass
+class Volume:
+    """Pixels in (z, y, x) order plus the geometry that places them in LPS physical space (mm)."""
+
+    array: np.ndarray
+    spacing: tuple = (1.0, 1.0, 1.0)  # (x, y, z) mm
+    origin: tuple = (0.0, 0.0, 0.0)  # (x, y, z) mm, LPS
+    direction: np.ndarray = field(default_factory=lambda: np.eye(3))  # columns: index axes in LPS
+    is_2d: bool = False
+    name: str = ""
+    modality: str | None = None
+
+    def __post_init__(self):
+        self.array = np.asarray(self.array)
+        if self.array.ndim == 2:
+            self.array = self.array[None]
+            self.is_2d = True
+        if self.array.ndim != 3:
+            raise FMOneShotError(
+                f"A volume needs 2 or 3 dimensions; this array has shape {self.array.shape}.",
+                "pass one 2D slice or one 3D volume (split 4D series into 3D volumes first).",
+            )
+        self.spacing = tuple(float(s) for s in self.spacing)
+        self.origin = tuple(float(o) for o in self.origin)
+        self.direction = np.asarray(self.direction, dtype=float).reshape(3, 3)
+
+    @property
+    def n_slices(self) -> int:
+        return self.array.shape[0]
+
+    @property
+    def slice_shape(self) -> tuple:
+        return self.array.shape[1:]
+
+    @property
+    def pixel_spacing(self) -> tuple:
+        """In-plane (x, y) spacing in mm."""
+        return self.spacing[:2]
+
+    def like(self, array: np.ndarray, name: str | None = None) -> "Volume":
+        """A volume with this geometry and other pixels (a label volume of the same grid, say)."""
+        array = np.asarray(array)
+        if array.shape != self.array.shape:
+            raise FMOneShotError(
+                f"Array shape {array.shape} differs from the volume's {self.array.shape}.",
+                "give an array on the same (z, y, x) grid.",
+            )
+        return replace(self, array=array, name=self.name if name is None else name)
+
+    def index_to_physical(self, index) -> np.ndarray:
+        """(x, y, z) continuous index -> LPS mm. Accepts one point or an (N, 3) array."""
+        idx = np.asarray(index, dtype=float)
+        return np.asarray(self.origin) + (idx * np.asarray(self.spacing)) @ self.direction.T
+
+    def physical_to_index(self, point) -> np.ndarray:
+        """LPS mm -> (x, y, z) continuous index. Accepts one point or an (N, 3) array."""
+        p = np.asarray(point, dtype=float) - np.asarray(self.origin)
+        return (p @ np.linalg.inv(self.direction).T) / np.asarray(self.spacing)
+
+    def to_sitk(self, array: np.ndarray | None = None) -> sitk.Image:
+        """A SimpleITK image of ``array`` (default: the volume's own pixels) with this geometry."""
+        a = self.array if array is None else np.asarray(array)
+        if self.is_2d:
+            img = sitk.GetImageFromArray(a[0])
+            img.SetSpacing(self.spacing[:2])
+            img.SetOrigin(self.origin[:2])
+            img.SetDirection(tuple(self.direction[:2, :2].ravel()))
+        else:
+            img = sitk.GetImageFromArray(a)
+            img.SetSpacing(self.spacing)
+            img.SetOrigin(self.origin)
+            img.SetDirection(tuple(self.direction.ravel()))
+        return img
+
+    @classmethod
+    def from_sitk(cls, img: sitk.Image, name: str = "", modality: str | None = None, source: str = "") -> "Volume":
+        where = f" ({source})" if source else ""
+        if img.GetNumberOfComponentsPerPixel() != 1:
+            raise FMOneShotError(
+                f"The image{where} has {img.GetNumberOfComponentsPerPixel()} components per pixel "
+                "(RGB or vector); FMOneShot works on one grey value per pixel.",
+                "convert it to greyscale first, e.g. in Slicer with 'Vector to Scalar Volume', or "
+                "SimpleITK.VectorIndexSelectionCast(image, 0).",
+            )
+        dim = img.GetDimension()
+        if dim == 4:
+            raise FMOneShotError(
+                f"The image{where} is 4D (size {img.GetSize()}); FMOneShot works on 2D slices and 3D volumes.",
+                "extract the 3D volume you want first (one time point or one channel).",
+            )
+        if dim not in (2, 3):
+            raise FMOneShotError(f"The image{where} has {dim} dimensions.", "give a 2D image or a 3D volume.")
+        arr = sitk.GetArrayFromImage(img)
+        if dim == 2:
+            d2 = np.asarray(img.GetDirection()).reshape(2, 2)
+            direction = np.eye(3)
+            direction[:2, :2] = d2
+            return cls(arr[None], tuple(img.GetSpacing()) + (1.0,), tuple(img.GetOrigin()) + (0.0,),
+                       direction, True, name, modality)
+        return cls(arr, img.GetSpacing(), img.GetOrigin(), np.asarray(img.GetDirection()).reshape(3, 3),
+                   False, name, modality)
+
+
+def _dicom_modality(reader: sitk.ImageSeriesReader) -> str | None:
+    try:
+        value = reader.GetMetaData(0, "0008|0060").strip().upper()
+    except RuntimeError:
+        return None
+    return {"CT": "CT", "MR": "MR", "US": "US", "CR": "XR", "DX": "XR", "XA": "XR"}.get(value)
+
+
+def read_volume(path, modality: str | None = None) -> Volume:
+    """Read NIfTI, NRRD, MHA, PNG/TIFF or a folder holding one DICOM series into a :class:`Volume`."""
+    path = Path(path)
+    if not path.exists():
+        raise FMOneShotError(f"No such file or folder: {path}.", "check the path (relative paths start "
+                             f"from {Path.cwd()}).")
+    if modality is not None and modality not in MODALITIES:
+        raise FMOneShotError(f"Unknown modality {modality!r}.", f"use one of {', '.join(MODALITIES)}.")
+    name = path.name.split(".")[0] if path.is_file() else path.name
+    if path.is_dir():
+        reader = sitk.ImageSeriesReader()
+        series = reader.GetGDCMSeriesIDs(str(path))
+        if not series:
+            raise FMOneShotError(f"The folder {path} holds no DICOM series.",
+                                 "point to a folder with the .dcm files of one series, or to an image file.")
+        if len(series) > 1:
+            raise FMOneShotError(f"The folder {path} holds {len(series)} DICOM series ({', '.join(series)}).",
+                                 "put each series in a folder of its own and pass that folder.")
+        files = reader.GetGDCMSeriesFileNames(str(path), series[0])
+        reader.SetFileNames(files)
+        reader.MetaDataDictionaryArrayUpdateOn()
+        reader.LoadPrivateTagsOn()
+        try:
+            img = reader.Execute()
+        except RuntimeError as exc:
+            raise FMOneShotError(f"Cannot read the DICOM series in {path}: {exc}".strip(),
+                                 "check that the files are complete DICOM images of one series.") from None
+        modality = modality or _dicom_modality(reader)
+    else:
+        try:
+            img = sitk.ReadImage(str(path))
+        except RuntimeError:
+            raise FMOneShotError(f"Cannot read {path} as an image.",
+                                 "give a NIfTI (.nii/.nii.gz), NRRD, MHA, PNG or TIFF file, or a DICOM folder.") from None
+    vol = Volume.from_sitk(img, name=name, modality=modality, source=str(path))
+    if vol.modality is None:
+        vol.modality = guess_modality(vol.array)
+    return vol
+
+
+def guess_modality(array: np.ndarray) -> str | None:
+    """CT when the values look like Hounsfield units (air near -1000); otherwise unknown (None)."""
+    if array.size and np.issubdtype(array.dtype, np.number) and float(np.min(array)) < -500:
+        return "CT"
+    return None
+
+
+def _check_output(path: Path, force: bool) -> None:
+    if not any(str(path).endswith(ext) for ext in LABEL_EXTENSIONS):
+        raise FMOneShotError(f"Cannot tell the file format of {path}.",
+                             f"end the file name with one of {', '.join(LABEL_EXTENSIONS)}.")
+    if path.exists() and not force:
+        raise FMOneShotError(f"{path} already exists and was left untouched.",
+                             "choose another output name, or pass --force (force=True) to overwrite it.")
+    if not path.parent.exists():
+        raise FMOneShotError(f"The folder {path.parent} does not exist.", "create it first or choose another.")
+
+
+def write_volume(volume: Volume, path, force: bool = False, compress: bool = True) -> Path:
+    """Write ``volume`` with its geometry. Refuses to overwrite unless ``force``; never leaves half a file."""
+    path = Path(path)
+    _check_output(path, force)
+    img = volume.to_sitk()
+    ext = next(e for e in LABEL_EXTENSIONS if str(path).endswith(e))
+    if ext == ".png" and volume.array.dtype != np.uint8:
+        img = sitk.Cast(img, sitk.sitkUInt8)
+    tmp = path.with_name(f".{path.name[:-len(ext)]}.partial-{os.getpid()}{ext}")
+    try:
+        sitk.WriteImage(img, str(tmp), compress)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def label_volume(reference: Volume, labels: np.ndarray, name: str | None = None) -> Volume:
+    """A label volume (uint8, or uint16 beyond 255 labels) on the grid of ``reference``."""
+    labels = np.asarray(labels)
+    dtype = np.uint8 if labels.max(initial=0) < 256 else np.uint16
+    out = reference.like(labels.astype(dtype), name=name)
+    out.modality = None
+    return out
+
+
+# --------------------------------------------------------------------------- intensities
+def intensity_window(volume_or_array, modality: str | None = None) -> tuple:
+    """The (low, high) intensities mapped to 0 and 1, chosen by modality.
+
+    CT: the fixed soft-tissue window, so Hounsfield units mean the same in every scan. MR, US, XR and
+    unknown: the 0.5 and 99.5 percentiles of the whole volume (not of one slice, so that slices of one
+    volume stay comparable).
+    """
+    array = volume_or_array.array if isinstance(volume_or_array, Volume) else np.asarray(volume_or_array)
+    if modality is None and isinstance(volume_or_array, Volume):
+        modality = volume_or_array.modality
+    if modality == "CT":
+        return CT_WINDOW
+    sample = array.ravel()
+    if sample.size > 2_000_000:
+        sample = sample[:: sample.size // 2_000_000 + 1]
+    lo, hi = np.percentile(sample.astype(np.float64), PERCENTILES)
+    if hi <= lo:
+        hi = lo + 1.0
+    return float(lo), float(hi)
+
+
+def normalize(array: np.ndarray, window: tuple) -> np.ndarray:
+    """Map intensities linearly so that window[0] -> 0 and window[1] -> 1, clipped, as float32."""
+    lo, hi = window
+    out = (np.asarray(array, dtype=np.float32) - np.float32(lo)) / np.float32(hi - lo)
+    return np.clip(out, 0.0, 1.0, out=out)

@@ -1,0 +1,260 @@
+"""The one-shot chain: fit on the template once, then apply to every slice of any number of target volumes.
+
+For each target slice and label:
+  1. features of the slice (batched, at the feature grid), standardised like the template's;
+  2. correspondences of the template's positive and negative points (paper A, Eq. 1) with their similarity;
+  3. with an adapter (a painted template mask, or ``adapter=...``): the adapter's probability map localises the
+     structure; its largest confident region decides whether the structure is on the slice at all, and
+     ten random pixels of it join the corresponding positive points as prompts (paper B);
+     without one: the mean similarity of the positive correspondences decides presence;
+  4. the segmenter turns the prompts into a mask; overlaps between labels go to the more probable label;
+  5. landmarks: the correspondence of every template landmark, in pixels and in mm.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .adapters import Adapter, create_adapter, mask_to_grid
+from .correspond import FeatureStandardizer, correspond, upsample
+from .errors import FMOneShotError
+from .features import create_extractor, sample_features
+from .image import Volume, intensity_window, label_volume, normalize
+from .postprocess import keep_components
+from .segmenters import Segmenter, create_segmenter
+from .template import Template
+
+
+class Cancelled(Exception):
+    """Raised inside :meth:`OneShot.apply` when the cancel callback says so; nothing is returned."""
+
+
+@dataclass
+class Landmark:
+    name: str
+    slice: int
+    xy: tuple  # pixel (x, y) on that slice
+    physical: tuple  # LPS mm
+    confidence: float
+
+
+@dataclass
+class Result:
+    """What one target volume gave: label volume, per-slice confidences and prompts, landmarks, timings."""
+
+    labels: Volume
+    label_names: list
+    confidence: np.ndarray  # (n_slices, n_labels): mean probability / similarity behind each decision
+    present: np.ndarray  # (n_slices, n_labels) bool
+    prompts: dict = field(default_factory=dict)  # (slice, label) -> (positive (n, 2), negative (m, 2))
+    landmarks: dict = field(default_factory=dict)  # name -> [Landmark per slice]
+    timings: dict = field(default_factory=dict)
+
+    def best_landmarks(self) -> dict:
+        """Per landmark, the slice's correspondence with the highest confidence."""
+        return {n: max(per_slice, key=lambda lm: lm.confidence) for n, per_slice in self.landmarks.items()}
+
+    label_values: list = field(default_factory=list)
+
+    def mask(self, name: str) -> np.ndarray:
+        """(z, y, x) bool mask of one label."""
+        return self.labels.array == self.label_values[self.label_names.index(name)]
+
+
+class OneShot:
+    """``OneShot(template).fit()`` once, then ``apply(volume)`` for each target volume."""
+
+    def __init__(self, template: Template, backend: str = "offline", adapter: str | None = "auto",
+                 segmenter: str | Segmenter = "auto", backend_options: dict | None = None, seed: int = 0,
+                 prompt_points: int = 10, min_area_fraction: float = 0.03, min_similarity: float = 0.3):
+        self.template = template.validate()
+        self.backend = backend
+        self.backend_options = dict(backend_options or {})
+        self.adapter_name = adapter
+        self.segmenter = create_segmenter(segmenter) if isinstance(segmenter, str) else segmenter
+        self.seed = seed
+        self.prompt_points = prompt_points
+        self.min_area_fraction = min_area_fraction
+        self.min_similarity = min_similarity
+        self.extractor = None
+        self.adapter: Adapter | None = None
+        self.fit_seconds = 0.0
+
+    # ------------------------------------------------------------------ fit
+    def _features(self, images: np.ndarray, pixel_spacing) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.standardizer(self.extractor.extract(images, pixel_spacing))
+
+    def fit(self) -> "OneShot":
+        t0 = time.perf_counter()
+        tpl = self.template
+        self.extractor = create_extractor(self.backend, **self.backend_options)
+        raw = [self.extractor.extract(normalize(s.image, s.window)[None], s.pixel_spacing)[0] for s in tpl.slices]
+        self.standardizer = FeatureStandardizer.fit(raw, self.extractor.channel_weights(raw[0].shape[0]))
+        std_feats = [self.standardizer(f) for f in raw]
+        feats = [self.standardizer.for_similarity(f) for f in std_feats]
+        names = tpl.label_names
+
+        def queries(table_name):
+            out = {}
+            for name in names:
+                q = [sample_features(f, getattr(s, table_name)[name], s.image.shape)
+                     for s, f in zip(tpl.slices, feats) if len(getattr(s, table_name).get(name, ()))]
+                out[name] = torch.cat(q) if q else torch.zeros(0, feats[0].shape[0])
+            return out
+
+        self.q_pos, self.q_neg = queries("positive"), queries("negative")
+        self.q_landmarks = {}
+        for s, f in zip(tpl.slices, feats):
+            for name, xy in s.landmarks.items():
+                self.q_landmarks.setdefault(name, []).append(sample_features(f, xy[None], s.image.shape))
+        self.q_landmarks = {n: torch.cat(q).mean(0, keepdim=True) for n, q in self.q_landmarks.items()}
+
+        # Reference area of each label (mm^2) for the presence decision, from masks or the template clicks.
+        use_adapter = self.adapter_name not in (None, "none") and names and \
+            (self.adapter_name != "auto" or tpl.has_masks)
+        self.template_masks = [self._template_masks(s, f) for s, f in zip(tpl.slices, feats)] if names else []
+        self.reference_area = {}
+        for i, name in enumerate(names):
+            areas = [m[i].sum() * s.pixel_spacing[0] * s.pixel_spacing[1]
+                     for s, m in zip(tpl.slices, self.template_masks) if m[i].any()]
+            self.reference_area[name] = float(np.mean(areas)) if areas else 0.0
+        if use_adapter:
+            kind = "classification" if self.adapter_name == "auto" else self.adapter_name
+            self.adapter = create_adapter(kind, seed=self.seed)
+            grids = [np.stack([mask_to_grid(m_i, f.shape[1:]) for m_i in m]) for m, f in zip(self.template_masks, feats)]
+            self.adapter.fit(std_feats, grids)
+        self.fit_seconds = time.perf_counter() - t0
+        return self
+
+    def _template_masks(self, s, feats) -> np.ndarray:
+        """(L, H, W): the painted mask of each label, else the segmenter's mask from the template's own clicks."""
+        out = []
+        for name in self.template.label_names:
+            if name in s.masks and s.masks[name].any():
+                out.append(s.masks[name])
+            elif len(s.positive.get(name, ())):
+                image = normalize(s.image, s.window)
+                out.append(self.segmenter.segment(image, feats, s.positive[name], s.negative.get(name, np.zeros((0, 2)))))
+            else:
+                out.append(np.zeros(s.image.shape, bool))
+        return np.stack(out)
+
+    # ------------------------------------------------------------------ apply
+    def apply(self, volume: Volume, progress: Callable | None = None, cancel: Callable | None = None,
+              slices=None) -> Result:
+        """Run the chain on ``volume`` (all slices, or the indices in ``slices``).
+
+        ``progress(done, total)`` is called after each slice; ``cancel()`` returning True stops within one
+        slice by raising :class:`Cancelled`.
+        """
+        if self.extractor is None:
+            self.fit()
+        tpl = self.template
+        names = tpl.label_names
+        L = len(names)
+        todo = list(range(volume.n_slices)) if slices is None else [int(z) for z in slices]
+        bad = [z for z in todo if not 0 <= z < volume.n_slices]
+        if bad:
+            raise FMOneShotError(f"Slices {bad} are outside the volume (0 to {volume.n_slices - 1}).",
+                                 "choose slices inside the volume.")
+        labels = np.zeros(volume.array.shape, np.uint16)
+        confidence = np.zeros((volume.n_slices, L))
+        present = np.zeros((volume.n_slices, L), bool)
+        prompts, landmarks = {}, {n: [] for n in self.q_landmarks}
+        timings = {"features": 0.0, "adapter": 0.0, "correspondence": 0.0, "segmenter": 0.0}
+        window = intensity_window(volume, tpl.modality or volume.modality)
+        spacing = volume.pixel_spacing
+        pixel_area = spacing[0] * spacing[1]
+        shape = volume.slice_shape
+        batch = max(1, self.extractor.batch_size)
+        done = 0
+        for start in range(0, len(todo), batch):
+            chunk = todo[start:start + batch]
+            images = normalize(volume.array[chunk], window)
+            t = time.perf_counter()
+            std_feats = self._features(images, spacing)
+            feats = self.standardizer.for_similarity(std_feats)
+            timings["features"] += time.perf_counter() - t
+            probs = None
+            if self.adapter is not None:
+                t = time.perf_counter()
+                probs = upsample(self.adapter.predict(std_feats).reshape(-1, *feats.shape[-2:]), shape)
+                probs = probs.reshape(len(chunk), L + 1, *shape).numpy()
+                timings["adapter"] += time.perf_counter() - t
+            for b, z in enumerate(chunk):
+                if cancel is not None and cancel():
+                    raise Cancelled(f"cancelled at slice {z}")
+                rng = np.random.default_rng(self.seed + z)
+                scores = np.full((L,) + shape, -np.inf, dtype=np.float32)
+                for i, name in enumerate(names):
+                    t = time.perf_counter()
+                    pos = correspond(self.q_pos[name], feats[b], shape) if len(self.q_pos[name]) else None
+                    neg = correspond(self.q_neg[name], feats[b], shape) if len(self.q_neg[name]) else None
+                    timings["correspondence"] += time.perf_counter() - t
+                    pos_xy = pos.xy if pos is not None else np.zeros((0, 2))
+                    neg_xy = neg.xy if neg is not None else np.zeros((0, 2))
+                    prior = None
+                    if probs is not None:
+                        prior = probs[b, i + 1]
+                        region = self._region(probs[b], i, pixel_area, name)
+                        conf = float(prior[region].mean()) if region.any() else 0.0
+                        if not region.any():
+                            continue
+                        inside = region[np.round(pos_xy[:, 1]).astype(int), np.round(pos_xy[:, 0]).astype(int)] \
+                            if len(pos_xy) else np.zeros(0, bool)
+                        cells = np.argwhere(region)
+                        pick = cells[rng.choice(len(cells), min(self.prompt_points, len(cells)), replace=False)]
+                        pos_xy = np.concatenate([pos_xy[inside], pick[:, ::-1].astype(float)])
+                        if len(neg_xy):
+                            out = ~region[np.round(neg_xy[:, 1]).astype(int), np.round(neg_xy[:, 0]).astype(int)]
+                            neg_xy = neg_xy[out]
+                    else:
+                        conf = float(pos.score.mean()) if pos is not None else 0.0
+                        if conf < self.min_similarity:
+                            continue
+                    t = time.perf_counter()
+                    mask = self.segmenter.segment(images[b], feats[b], pos_xy, neg_xy, prior=prior)
+                    timings["segmenter"] += time.perf_counter() - t
+                    if mask.sum() * pixel_area < self.min_area_fraction * self.reference_area.get(name, 0.0):
+                        continue
+                    confidence[z, i] = conf
+                    present[z, i] = True
+                    prompts[(z, name)] = (pos_xy, neg_xy)
+                    scores[i][mask] = prior[mask] if prior is not None else conf
+                if L:
+                    best = scores.argmax(axis=0)
+                    hit = np.isfinite(scores.max(axis=0))
+                    values = np.array([lb.value for lb in tpl.labels])
+                    labels[z][hit] = values[best[hit]]
+                if self.q_landmarks:
+                    t = time.perf_counter()
+                    names_lm = list(self.q_landmarks)
+                    c = correspond(torch.cat([self.q_landmarks[n] for n in names_lm]), feats[b], shape)
+                    for k, n in enumerate(names_lm):
+                        x, y = c.xy[k]
+                        landmarks[n].append(Landmark(n, z, (float(x), float(y)),
+                                                     tuple(volume.index_to_physical([x, y, z]).tolist()),
+                                                     float(c.score[k])))
+                    timings["correspondence"] += time.perf_counter() - t
+                done += 1
+                if progress is not None:
+                    progress(done, len(todo))
+        out = label_volume(volume, labels, name=f"{volume.name}-labels" if volume.name else "labels")
+        return Result(out, names, confidence, present, prompts, landmarks, timings,
+                      label_values=[lb.value for lb in tpl.labels])
+
+    def _region(self, probs: np.ndarray, i: int, pixel_area: float, name: str) -> np.ndarray:
+        """The adapter's localised region of label i: the most probable component where it wins the argmax."""
+        win = (probs.argmax(axis=0) == i + 1) & (probs[i + 1] > 0.5)
+        if not win.any():
+            return win
+        region = keep_components(win, weights=probs[i + 1])
+        if region.sum() * pixel_area < self.min_area_fraction * self.reference_area.get(name, 0.0):
+            return np.zeros_like(region)
+        return region

@@ -1,0 +1,50 @@
+"""Clean-up of localised regions and masks: connected components, holes, tiny specks."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage as ndi
+
+
+def components(mask: np.ndarray):
+    """(labels, sizes) of the 8-connected components of a 2D mask (labels 1..n, sizes[i] of label i+1)."""
+    lab, n = ndi.label(mask, structure=np.ones((3, 3), bool))
+    sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:] if n else np.zeros(0, int)
+    return lab, sizes
+
+
+def keep_components(mask: np.ndarray, seeds=None, weights: np.ndarray | None = None,
+                    min_area: float = 0.0) -> np.ndarray:
+    """The components of ``mask`` that hold a seed point (x, y); without seeds inside, the heaviest one.
+
+    ``weights`` (H, W), e.g. a probability map, ranks components by their summed weight instead of their
+    area. Components smaller than ``min_area`` pixels are dropped; holes are filled.
+    """
+    mask = np.asarray(mask, bool)
+    lab, sizes = components(mask)
+    if len(sizes) == 0:
+        return mask
+    keep = np.zeros(len(sizes) + 1, bool)
+    if seeds is not None and len(seeds):
+        pts = np.round(np.asarray(seeds, float)).astype(int)
+        h, w = mask.shape
+        inside = (pts[:, 0] >= 0) & (pts[:, 0] < w) & (pts[:, 1] >= 0) & (pts[:, 1] < h)
+        hit = lab[pts[inside, 1], pts[inside, 0]]
+        keep[hit[hit > 0]] = True
+    if not keep.any():
+        score = sizes if weights is None else ndi.sum_labels(weights, lab, np.arange(1, len(sizes) + 1))
+        keep[int(np.argmax(score)) + 1] = True
+    keep[1:] &= sizes >= min_area
+    keep[0] = False
+    return ndi.binary_fill_holes(keep[lab])
+
+
+def smooth(mask: np.ndarray, radius: int = 1) -> np.ndarray:
+    """Binary opening then closing with a disc of ``radius`` pixels: removes specks and notches."""
+    if radius <= 0 or not mask.any():
+        return mask
+    yy, xx = np.mgrid[-radius:radius + 1, -radius:radius + 1]
+    disc = xx * xx + yy * yy <= radius * radius
+    out = ndi.binary_opening(mask, disc)
+    out = ndi.binary_closing(out, disc, border_value=0)
+    return ndi.binary_fill_holes(out) if out.any() else out
