@@ -1,0 +1,47 @@
+"""PNG pictures of results: a montage of every slice with the labels overlaid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage as ndi
+
+
+def overlay(image01: np.ndarray, labels: np.ndarray, colors: dict, reference: np.ndarray | None = None,
+            alpha: float = 0.45) -> np.ndarray:
+    """RGB uint8 (H, W, 3): the image in grey, each label value tinted with ``colors[value]``; the outline
+    of a reference label map, when given, in white."""
+    grey = (np.clip(image01, 0, 1) * 255).astype(np.float32)
+    rgb = np.repeat(grey[..., None], 3, axis=-1)
+    for value, color in colors.items():
+        m = labels == value
+        rgb[m] = (1 - alpha) * rgb[m] + alpha * np.asarray(color, np.float32)
+    if reference is not None:
+        edge = (reference > 0) & ~ndi.binary_erosion(reference > 0)
+        rgb[edge] = 255
+    return rgb.astype(np.uint8)
+
+
+def montage(images01: np.ndarray, labels: np.ndarray, colors: dict, path, reference: np.ndarray | None = None,
+            columns: int = 6, direction: np.ndarray | None = None) -> Path:
+    """Write a PNG grid of all slices (z, y, x) with labels overlaid; returns the path.
+
+    With the volume's ``direction``, axial slices are shown as radiologists read them: anterior at the top
+    and the patient's left on the right of the picture (LPS: +x to the right, +y downwards).
+    """
+    tiles = [overlay(images01[z], labels[z], colors, None if reference is None else reference[z])
+             for z in range(images01.shape[0])]
+    if direction is not None:
+        step_y = -1 if direction[1, 1] < 0 else 1
+        step_x = -1 if direction[0, 0] < 0 else 1
+        tiles = [t[::step_y, ::step_x] for t in tiles]
+    h, w = tiles[0].shape[:2]
+    rows = -(-len(tiles) // columns)
+    canvas = np.zeros((rows * (h + 2), columns * (w + 2), 3), np.uint8)
+    for k, tile in enumerate(tiles):
+        r, c = divmod(k, columns)
+        canvas[r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = tile
+    sitk.WriteImage(sitk.GetImageFromArray(canvas, isVector=True), str(path))
+    return Path(path)
