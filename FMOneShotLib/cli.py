@@ -198,18 +198,18 @@ def cmd_demo(args) -> int:
     from .demo import SAMPLE, run_demo
 
     update, bar = _progress("demo")
-    report = run_demo(args.output, data=args.data or SAMPLE, backend=args.backend, segmenter=args.segmenter,
+    report = run_demo(args.output, data=args.data or SAMPLE, labels=args.labels, backend=args.backend, segmenter=args.segmenter,
                       seed=args.seed, force=args.force, progress=update)
     if bar is not None:
         bar.close()
-    print(f"FMOneShot demo: liver and spleen marked on slice {report.template_slice} of the sample CT "
+    print(f"FMOneShot demo: {' and '.join(args.labels)} marked on slice {report.template_slice} of the sample CT "
           f"(offline backend, no downloaded weights)" if args.backend == "offline" else
           f"FMOneShot demo: template slice {report.template_slice}, backend {args.backend}")
     for name, d in report.dice.items():
         e = report.empty[name]
         empty = "every slice contains it" if math.isnan(e) else f"{100 * e:.0f}% of the slices without it left empty"
         print(f"  {name:8s} Dice {d:.3f} (mean over the slices that contain it); {empty}")
-    print(f"  time {report.seconds:.2f} s for 30 slices (fit {report.fit_seconds:.2f} s), "
+    print(f"  time {report.seconds:.2f} s for {report.n_slices} slices (fit {report.fit_seconds:.2f} s), "
           f"peak memory {report.peak_memory_mb:.0f} MB")
     for f in report.files:
         print(f"  wrote {f}")
@@ -238,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--output", default="fmoneshot-demo", help="folder for the results (default: %(default)s)")
     d.add_argument("--data", help="a dataset folder in the case format (default: the bundled sample CT)")
     d.add_argument("--segmenter", default="auto", help="auto, offline or none")
+    d.add_argument("--labels", nargs="+", default=["liver", "spleen"], help="labels of the dataset to mark")
     d.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("segment", help="segment the template's labels on every slice of target volumes")

@@ -30,6 +30,7 @@ def choose_template_slice(mask: np.ndarray, values) -> int:
 @dataclass
 class DemoReport:
     template_slice: int
+    n_slices: int
     dice: dict  # label -> mean Dice over the slices that contain it
     empty: dict  # label -> share of slices without it predicted empty (nan when every slice has it)
     seconds: float
@@ -52,6 +53,8 @@ def run_demo(output_dir, data=SAMPLE, labels=DEMO_LABELS, backend: str = "offlin
     if existing and not force:
         raise FMOneShotError(f"Demo results already exist: {', '.join(existing)}.",
                              "pass --force to overwrite them, or choose another --output folder.")
+    for name in labels:
+        ds.label_value(name)  # unknown names fail here, before anything is read or written
     volume = case.read_image()
     reference = case.read_mask()
     values = [ds.label_value(n) for n in labels]
@@ -82,4 +85,4 @@ def run_demo(output_dir, data=SAMPLE, labels=DEMO_LABELS, backend: str = "offlin
             direction=volume.direction)
     template.save(files[2], force=force)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    return DemoReport(z, scores, empty, seconds, engine.fit_seconds, peak, [str(f) for f in files])
+    return DemoReport(z, volume.n_slices, scores, empty, seconds, engine.fit_seconds, peak, [str(f) for f in files])

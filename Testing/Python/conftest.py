@@ -1,0 +1,34 @@
+"""Shared fixtures. Data in ../shared/data is read in place: a test that needs it skips with the reason in a
+user's clone, and fails when CI=true, where its absence is a broken setup rather than a user's choice."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED_DATA = Path(os.environ.get("FMONESHOT_SHARED_DATA", REPO.parent / "shared" / "data"))
+SAMPLE = REPO / "Testing" / "Data" / "totalseg-ct-small"
+sys.path.insert(0, str(REPO))
+
+
+def require_shared(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not (path / "dataset.json").is_file():
+        reason = (f"evaluation data {path} not found: clone beside a 'shared' folder with data/{name}, "
+                  f"or set FMONESHOT_SHARED_DATA")
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return path
+
+
+@pytest.fixture
+def chaos():
+    return require_shared("chaos-mr-t2")
+
+
+@pytest.fixture
+def sample():
+    return SAMPLE

@@ -1,0 +1,102 @@
+"""The command line: real runs, and bad input ending with a clear message, exit code 2 and nothing written."""
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from FMOneShotLib.cli import main
+from FMOneShotLib.image import read_volume
+
+CT = "Testing/Data/totalseg-ct-small/images/ct-small.nii.gz"
+
+
+@pytest.fixture(autouse=True)
+def at_repo(monkeypatch):
+    from conftest import REPO
+    monkeypatch.chdir(REPO)
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_segment_with_inline_points_and_reuse_of_the_saved_template(tmp_path, capsys):
+    out = tmp_path / "ct-labels.nrrd"
+    code, stdout, err = run(capsys, "segment", CT, "--template-image", CT, "--slice", 24,
+                            "--positive", "liver:86,49", "--positive", "liver:88,37", "--negative", "liver:30,60",
+                            "--output", out, "--save-template", tmp_path / "t.json")
+    assert code == 0, err
+    labels = read_volume(out)
+    ref = sitk.GetArrayFromImage(sitk.ReadImage("Testing/Data/totalseg-ct-small/masks/ct-small.nii.gz"))
+    overlap = (labels.array[24] == 1) & (ref[24] == 5)
+    assert overlap.sum() > 0.3 * (ref[24] == 5).sum()  # clicks alone find a good part of the liver
+    code, _, err = run(capsys, "segment", CT, "--template", tmp_path / "t.json", "--output", tmp_path / "again.nrrd")
+    assert code == 0, err
+    assert np.array_equal(read_volume(tmp_path / "again.nrrd").array, labels.array)
+
+
+def test_localize_writes_pixels_and_mm(tmp_path, capsys):
+    out = tmp_path / "lm.json"
+    code, _, err = run(capsys, "localize", CT, "--template-image", CT, "--slice", 12,
+                       "--landmark", "vertebra:61,75", "--output", out)
+    assert code == 0, err
+    rows = json.loads(out.read_text())["landmarks"]
+    assert rows[0]["landmark"] == "vertebra"
+    # the template volume itself: the best slice is the template slice and the point is where it was put
+    assert rows[0]["slice"] == 12 and abs(rows[0]["x"] - 61) <= 1 and abs(rows[0]["y"] - 75) <= 1
+    vol = read_volume(CT)
+    assert np.allclose([rows[0][k] for k in ("physical_x", "physical_y", "physical_z")],
+                       vol.index_to_physical([rows[0]["x"], rows[0]["y"], 12]), atol=1e-2)
+
+
+def rgb_file(tmp_path):
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((8, 8, 3), np.uint8), isVector=True), str(tmp_path / "rgb.png"))
+    return tmp_path / "rgb.png"
+
+
+def four_d_file(tmp_path):
+    sitk.WriteImage(sitk.Image([4, 4, 4, 2], sitk.sitkInt16), str(tmp_path / "4d.nrrd"))
+    return tmp_path / "4d.nrrd"
+
+
+@pytest.mark.parametrize("make_args, message", [
+    (lambda t: ["--template-image", CT, "--positive", "liver:500,10"], "lies outside"),
+    (lambda t: ["--template-image", CT, "--negative", "liver:5,10"], "no positive point"),
+    (lambda t: ["--template-image", CT, "--positive", "liver:x,10"], "Cannot read the positive point"),
+    (lambda t: ["--template-image", rgb_file(t), "--positive", "a:1,1"], "RGB"),
+    (lambda t: ["--template-image", four_d_file(t), "--positive", "a:1,1"], "4D"),
+    (lambda t: ["--template-image", CT], "neither labels nor landmarks"),
+    (lambda t: ["--template", t / "none.json"], "No template file"),
+])
+def test_segment_bad_input(tmp_path, capsys, make_args, message):
+    out = tmp_path / "out.nii.gz"
+    code, _, err = run(capsys, "segment", CT, *make_args(tmp_path), "--output", out)
+    assert code == 2
+    assert message in err and "Fix:" in err
+    assert not out.exists()
+
+
+def test_unreadable_target_and_existing_output(tmp_path, capsys):
+    junk = tmp_path / "junk.nii.gz"
+    junk.write_bytes(b"garbage")
+    out = tmp_path / "out.nii.gz"
+    code, _, err = run(capsys, "segment", junk, "--template-image", CT, "--positive", "liver:30,60", "--output", out)
+    assert code == 2 and "Cannot read" in err and not out.exists()
+    out.write_bytes(b"keep me")
+    code, _, err = run(capsys, "segment", CT, "--template-image", CT, "--positive", "liver:30,60", "--output", out)
+    assert code == 2 and "already exists" in err and "--force" in err
+    assert out.read_bytes() == b"keep me"
+
+
+def test_demo_refuses_unknown_label_and_existing_results(tmp_path, capsys):
+    code, _, err = run(capsys, "demo", "--labels", "liverr", "--output", tmp_path / "d")
+    assert code == 2 and "Unknown label 'liverr'" in err and not (tmp_path / "d").exists()
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "montage.png").write_bytes(b"old")
+    code, _, err = run(capsys, "demo", "--output", tmp_path / "d")
+    assert code == 2 and "already exist" in err
+    assert (tmp_path / "d" / "montage.png").read_bytes() == b"old"

@@ -1,0 +1,97 @@
+"""Templates save and load exactly, and refuse bad input naming the problem and the fix."""
+
+import json
+
+import numpy as np
+import pytest
+
+from FMOneShotLib.errors import FMOneShotError
+from FMOneShotLib.image import Volume
+from FMOneShotLib.template import Label, Template, sample_prompts
+
+
+def volume():
+    arr = np.zeros((3, 20, 30), np.int16)
+    arr[:, 5:15, 8:20] = 100
+    return Volume(arr, spacing=(0.5, 0.75, 3.0), modality="CT", name="vol")
+
+
+def make_template():
+    vol = volume()
+    mask = vol.array[1] > 50
+    return Template.from_volume(
+        vol, 1, positive={"liver": [[10, 8], [15.5, 12]], "spleen": [[3, 3]]}, negative={"liver": [[25, 18]]},
+        masks={"liver": mask}, landmarks={"tip": [12.25, 7.5]},
+        labels=[Label("liver", 5, (1, 2, 3)), Label("spleen", 1)], settings={"backend": "offline"})
+
+
+def test_save_load_round_trip(tmp_path):
+    tpl = make_template()
+    tpl.save(tmp_path / "t.json")
+    back = Template.load(tmp_path / "t.json")
+    assert [(lb.name, lb.value, lb.color) for lb in back.labels] == [("liver", 5, (1, 2, 3)),
+                                                                     ("spleen", 1, tpl.labels[1].color)]
+    s, s0 = back.slices[0], tpl.slices[0]
+    assert np.array_equal(s.image, s0.image) and s.index == 1 and s.window == s0.window
+    assert np.allclose(s.pixel_spacing, (0.5, 0.75))
+    assert np.allclose(s.positive["liver"], [[10, 8], [15.5, 12]]) and np.allclose(s.negative["liver"], [[25, 18]])
+    assert set(s.masks) == {"liver"} and np.array_equal(s.masks["liver"], s0.masks["liver"])
+    assert np.allclose(s.landmarks["tip"], [12.25, 7.5])
+    assert back.modality == "CT" and back.settings == {"backend": "offline"}
+    doc = json.loads((tmp_path / "t.json").read_text())
+    assert doc["format"] == "fmoneshot-template" and "pickle" not in (tmp_path / "t.json").read_text()
+
+
+def test_save_refuses_to_overwrite(tmp_path):
+    tpl = make_template()
+    (tmp_path / "t.json").write_text("mine")
+    with pytest.raises(FMOneShotError, match="already exist"):
+        tpl.save(tmp_path / "t.json")
+    assert (tmp_path / "t.json").read_text() == "mine"
+    assert not (tmp_path / "t.slice0.nrrd").exists()
+    tpl.save(tmp_path / "t.json", force=True)
+    assert Template.load(tmp_path / "t.json").label_names == ["liver", "spleen"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(positive={"liver": [[30, 5]]}), r"positive point \(30, 5\) of label 'liver' lies outside.*x 0..29"),
+    (dict(positive={"liver": [[3, -2]]}), "lies outside"),
+    (dict(negative={"liver": [[3, 3]]}), "Label 'liver' has no positive point"),
+    (dict(positive={"kidney": [[3, 3]]}, labels=[Label("liver", 1)]), "unknown label 'kidney'"),
+    (dict(), "neither labels nor landmarks"),
+    (dict(landmarks={"tip": [99, 1]}), "Landmark 'tip'.*outside"),
+])
+def test_bad_templates(kwargs, message):
+    with pytest.raises(FMOneShotError, match=message):
+        Template.from_volume(volume(), 0, **kwargs)
+
+
+def test_slice_outside_volume():
+    with pytest.raises(FMOneShotError, match="Slice 7 is outside"):
+        Template.from_volume(volume(), 7, positive={"a": [[1, 1]]})
+
+
+def test_damaged_files_are_refused(tmp_path):
+    make_template().save(tmp_path / "t.json")
+    (tmp_path / "t.slice0.nrrd").unlink()
+    with pytest.raises(FMOneShotError, match="side file .* missing"):
+        Template.load(tmp_path / "t.json")
+    (tmp_path / "x.json").write_text("{not json")
+    with pytest.raises(FMOneShotError, match="not a valid template"):
+        Template.load(tmp_path / "x.json")
+    (tmp_path / "y.json").write_text(json.dumps({"format": "fmoneshot-template", "version": 1}))
+    with pytest.raises(FMOneShotError, match="damaged or incomplete"):
+        Template.load(tmp_path / "y.json")
+
+
+def test_sample_prompts_inside_and_outside():
+    mask = np.zeros((40, 50), bool)
+    mask[10:30, 15:35] = True
+    pos, neg = sample_prompts(mask, 5, 6, seed=3)
+    assert len(pos) == 5 and len(neg) == 6
+    assert mask[pos[:, 1].astype(int), pos[:, 0].astype(int)].all()
+    assert not mask[neg[:, 1].astype(int), neg[:, 0].astype(int)].any()
+    # positive points keep away from the border: at least 5 pixels (half the 10-pixel maximum depth)
+    assert (pos[:, 0] >= 19).all() and (pos[:, 0] <= 30).all()
+    again = sample_prompts(mask, 5, 6, seed=3)
+    assert np.array_equal(pos, again[0]) and np.array_equal(neg, again[1])
