@@ -250,8 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mask", action="append", metavar="NAME:FILE", help="a painted mask of the template slice")
     s.add_argument("--output", "-o", required=True, help="a folder (one file per target) or, for one target, a file")
     s.add_argument("--format", default=".nii.gz", choices=LABEL_FORMATS, help="label file format in a folder")
-    s.add_argument("--adapter", default="auto", help="auto (classification when a mask is painted), "
-                   "classification, or none")
+    s.add_argument("--adapter", default="auto", help="auto (classification, trained on the painted masks "
+                   "or on the masks drawn from the clicks), classification, or none (raw similarity)")
     s.add_argument("--segmenter", default="auto", help="auto, offline or none")
     s.add_argument("--save-template", help="also save the template used (.json) for reuse")
     s.set_defaults(func=cmd_segment)

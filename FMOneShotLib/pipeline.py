@@ -3,7 +3,8 @@
 For each target slice and label:
   1. features of the slice (batched, at the feature grid), standardised like the template's;
   2. correspondences of the template's positive and negative points (paper A, Eq. 1) with their similarity;
-  3. with an adapter (a painted template mask, or ``adapter=...``): the adapter's probability map localises the
+  3. with an adapter (by default, trained on the painted masks or on the masks the segmenter draws from the
+     template's clicks): the adapter's probability map localises the
      structure; its largest confident region decides whether the structure is on the slice at all, and
      ten random pixels of it join the corresponding positive points as prompts (paper B);
      without one: the mean similarity of the positive correspondences decides presence;
@@ -116,8 +117,10 @@ class OneShot:
         self.q_landmarks = {n: torch.cat(q).mean(0, keepdim=True) for n, q in self.q_landmarks.items()}
 
         # Reference area of each label (mm^2) for the presence decision, from masks or the template clicks.
-        use_adapter = self.adapter_name not in (None, "none") and names and \
-            (self.adapter_name != "auto" or tpl.has_masks)
+        # "auto" trains the classification adapter on the painted masks, or on the segmenter's masks from
+        # the template's own clicks: on the sample CT, clicks alone gave liver/spleen Dice 0.54/0.50 without
+        # an adapter and 0.55/0.73 with one.
+        use_adapter = self.adapter_name not in (None, "none") and bool(names)
         self.template_masks = [self._template_masks(s, f) for s, f in zip(tpl.slices, feats)] if names else []
         self.reference_area = {}
         for i, name in enumerate(names):

@@ -37,7 +37,7 @@ class OfflineRefiner(Segmenter):
 
     name = "offline"
 
-    def __init__(self, min_similarity: float = 0.2, prior_weight: float = 10.0, smooth_radius: int = 1):
+    def __init__(self, min_similarity: float = 0.7, prior_weight: float = 10.0, smooth_radius: int = 1):
         self.min_similarity = min_similarity
         self.prior_weight = prior_weight
         self.smooth_radius = smooth_radius
