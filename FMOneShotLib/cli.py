@@ -7,6 +7,7 @@ names the problem and the fix, and exit code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -23,22 +24,22 @@ from .features import available_backends
 LABEL_FORMATS = (".nii.gz", ".nrrd", ".nii", ".mha")
 
 
+@contextlib.contextmanager
 def _progress(desc: str):
-    """A tqdm bar for one volume, as a progress(done, total) callback (no bar when tqdm is missing)."""
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        return None, None
+    """A tqdm bar over the slices of one volume, yielded as a progress(done, total) callback."""
+    from tqdm import tqdm
+
     bar = tqdm(total=0, desc=desc, unit="slice", leave=False, file=sys.stderr, disable=None)
 
     def update(done, total):
-        if bar.total != total:
-            bar.total = total
-            bar.refresh()
+        bar.total = total
         bar.n = done
         bar.refresh()
 
-    return update, bar
+    try:
+        yield update
+    finally:
+        bar.close()
 
 
 def _parse_point(text: str, what: str):
@@ -137,10 +138,8 @@ def cmd_segment(args) -> int:
                      seed=args.seed).fit()
     results = []
     for volume in volumes:
-        update, bar = _progress(volume.name)
-        results.append(engine.apply(volume, progress=update))
-        if bar is not None:
-            bar.close()
+        with _progress(volume.name) as update:
+            results.append(engine.apply(volume, progress=update))
     for path, result in zip(paths, results):
         path.parent.mkdir(parents=True, exist_ok=True)
         write_volume(result.labels, path, force=args.force)
@@ -169,10 +168,8 @@ def cmd_localize(args) -> int:
     engine = OneShot(template, backend=args.backend, adapter=None, seed=args.seed).fit()
     rows = []
     for target, volume in zip(args.targets, volumes):
-        update, bar = _progress(volume.name)
-        result = engine.apply(volume, progress=update)
-        if bar is not None:
-            bar.close()
+        with _progress(volume.name) as update:
+            result = engine.apply(volume, progress=update)
         for name, lm in result.best_landmarks().items():
             rows.append({"target": str(target), "landmark": name, "slice": lm.slice, "x": round(lm.xy[0], 2),
                          "y": round(lm.xy[1], 2), "physical_x": round(lm.physical[0], 3),
@@ -197,11 +194,9 @@ def cmd_localize(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import SAMPLE, run_demo
 
-    update, bar = _progress("demo")
-    report = run_demo(args.output, data=args.data or SAMPLE, labels=args.labels, backend=args.backend, segmenter=args.segmenter,
-                      seed=args.seed, force=args.force, progress=update)
-    if bar is not None:
-        bar.close()
+    with _progress("demo") as update:
+        report = run_demo(args.output, data=args.data or SAMPLE, labels=args.labels, backend=args.backend,
+                          segmenter=args.segmenter, seed=args.seed, force=args.force, progress=update)
     print(f"FMOneShot demo: {' and '.join(args.labels)} marked on slice {report.template_slice} of the sample CT "
           f"(offline backend, no downloaded weights)" if args.backend == "offline" else
           f"FMOneShot demo: template slice {report.template_slice}, backend {args.backend}")

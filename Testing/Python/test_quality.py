@@ -67,3 +67,25 @@ def test_across_subjects_chaos(chaos):
     print("CHAOS across subjects, Dice:", {k: round(v, 3) for k, v in scores.items()})
     assert set(scores) == {"liver", "kidney_right", "kidney_left", "spleen"}
     assert np.mean(list(scores.values())) >= 0.55, scores
+
+
+def test_progress_and_cancel_within_one_slice(sample):
+    ds = load_dataset(sample)
+    ct, ref = ds.cases[0].read_image(), ds.cases[0].read_mask()
+    pos, neg = sample_prompts(ref[20] == 5, 3, 3, 0)
+    engine = OneShot(Template.from_volume(ct, 20, {"liver": pos}, {"liver": neg}, {"liver": ref[20] == 5})).fit()
+    seen = []
+    result = engine.apply(ct, progress=lambda done, total: seen.append((done, total)), slices=[3, 4, 5])
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+    assert not result.labels.array[[0, 1, 2, 6]].any()  # slices not asked for stay empty
+    from FMOneShotLib.pipeline import Cancelled
+    calls = []
+
+    def cancel():
+        calls.append(1)
+        return len(calls) > 2
+
+    import pytest
+    with pytest.raises(Cancelled):
+        engine.apply(ct, progress=lambda d, t: seen.append(d), cancel=cancel)
+    assert len(calls) == 3  # stopped at the third slice, before working on it
