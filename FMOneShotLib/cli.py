@@ -12,16 +12,17 @@ import csv
 import io
 import json
 import math
-import os
 import sys
 from pathlib import Path
-
 
 from . import __version__
 from .errors import FMOneShotError
 from .features import available_backends
+from .files import atomic_paths, refuse_existing
+from .image import LABEL_EXTENSIONS
 
-LABEL_FORMATS = (".nii.gz", ".nrrd", ".nii", ".mha")
+# Label volumes are 3D: every format the image writer knows except PNG.
+LABEL_FORMATS = tuple(e for e in LABEL_EXTENSIONS if e != ".png")
 
 
 @contextlib.contextmanager
@@ -49,7 +50,7 @@ def _parse_point(text: str, what: str):
         x, y = (float(c) for c in coords.split(","))
     except ValueError:
         raise FMOneShotError(f"Cannot read the {what} {text!r}.",
-                             f"write it as NAME:X,Y in pixels of the template slice, e.g. liver:120,85.") from None
+                             "write it as NAME:X,Y in pixels of the template slice, e.g. liver:120,85.") from None
     if not name:
         raise FMOneShotError(f"The {what} {text!r} has no name.", "write it as NAME:X,Y, e.g. liver:120,85.")
     return name, (x, y)
@@ -108,10 +109,7 @@ def _output_paths(targets, output: Path, suffix: str, fmt: str, force: bool, ext
             raise FMOneShotError("Two targets have the same name, so their outputs would collide.",
                                  "rename one of them or segment them in separate runs.")
         paths = [output / f"{n}{suffix}{fmt}" for n in names]
-    existing = [str(p) for p in paths if p.exists()]
-    if existing and not force:
-        raise FMOneShotError(f"Output already exists: {', '.join(existing)}; nothing was written.",
-                             "choose another --output, or pass --force to overwrite.")
+    refuse_existing(paths, force, "choose another --output, or pass --force to overwrite.")
     return paths
 
 
@@ -130,9 +128,8 @@ def cmd_segment(args) -> int:
         raise FMOneShotError("The template has no label to segment.", "add --positive NAME:X,Y points.")
     _check_targets(args.targets)
     paths = _output_paths(args.targets, Path(args.output), "-labels", args.format, args.force)
-    if args.save_template and Path(args.save_template).exists() and not args.force:
-        raise FMOneShotError(f"{args.save_template} already exists; nothing was written.",
-                             "choose another --save-template name, or pass --force.")
+    if args.save_template:
+        refuse_existing([args.save_template], args.force, "choose another --save-template name, or pass --force.")
     volumes = [read_volume(t, args.modality or template.modality) for t in args.targets]
     engine = OneShot(template, backend=args.backend, adapter=args.adapter, segmenter=args.segmenter,
                      seed=args.seed).fit()
@@ -162,8 +159,7 @@ def cmd_localize(args) -> int:
     out = Path(args.output)
     if out.suffix not in (".json", ".csv"):
         raise FMOneShotError(f"Cannot tell the format of {out}.", "end --output with .json or .csv.")
-    if out.exists() and not args.force:
-        raise FMOneShotError(f"{out} already exists; nothing was written.", "choose another --output, or pass --force.")
+    refuse_existing([out], args.force, "choose another --output, or pass --force.")
     volumes = [read_volume(t, args.modality or template.modality) for t in args.targets]
     engine = OneShot(template, backend=args.backend, adapter=None, seed=args.seed).fit()
     rows = []
@@ -184,9 +180,8 @@ def cmd_localize(args) -> int:
         writer.writeheader()
         writer.writerows(rows)
         text = buf.getvalue()
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, out)
+    with atomic_paths(out) as tmp:
+        tmp.write_text(text)
     print(f"{len(rows)} landmarks written to {out}")
     return 0
 

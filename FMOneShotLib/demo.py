@@ -11,6 +11,7 @@ import numpy as np
 
 from .datasets import load_dataset
 from .errors import FMOneShotError
+from .files import refuse_existing
 from .image import intensity_window, normalize, write_volume
 from .metrics import dice
 from .pipeline import OneShot
@@ -49,15 +50,10 @@ def run_demo(output_dir, data=SAMPLE, labels=DEMO_LABELS, backend: str = "offlin
     case = ds.cases[0]
     out = Path(output_dir)
     files = [out / f"{case.id}-labels.nii.gz", out / "montage.png", out / "template.json"]
-    existing = [str(f) for f in files if f.exists()]
-    if existing and not force:
-        raise FMOneShotError(f"Demo results already exist: {', '.join(existing)}.",
-                             "pass --force to overwrite them, or choose another --output folder.")
-    for name in labels:
-        ds.label_value(name)  # unknown names fail here, before anything is read or written
+    refuse_existing(files, force, "pass --force to overwrite them, or choose another --output folder.")
+    values = [ds.label_value(n) for n in labels]  # unknown names fail here, before anything is read
     volume = case.read_image()
     reference = case.read_mask()
-    values = [ds.label_value(n) for n in labels]
     z = choose_template_slice(reference, values)
     positive, negative, masks = {}, {}, {}
     for name, v in zip(labels, values):

@@ -8,7 +8,6 @@ Intensities are kept as acquired; :func:`normalize` maps them to [0, 1] for the 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import FMOneShotError
+from .files import atomic_paths, refuse_existing
 
 MODALITIES = ("CT", "MR", "US", "XR")
 LABEL_EXTENSIONS = (".nrrd", ".nii.gz", ".nii", ".mha", ".png")
@@ -187,9 +187,7 @@ def _check_output(path: Path, force: bool) -> None:
     if not any(str(path).endswith(ext) for ext in LABEL_EXTENSIONS):
         raise FMOneShotError(f"Cannot tell the file format of {path}.",
                              f"end the file name with one of {', '.join(LABEL_EXTENSIONS)}.")
-    if path.exists() and not force:
-        raise FMOneShotError(f"{path} already exists and was left untouched.",
-                             "choose another output name, or pass --force (force=True) to overwrite it.")
+    refuse_existing([path], force)
     if not path.parent.exists():
         raise FMOneShotError(f"The folder {path.parent} does not exist.", "create it first or choose another.")
 
@@ -202,13 +200,8 @@ def write_volume(volume: Volume, path, force: bool = False, compress: bool = Tru
     ext = next(e for e in LABEL_EXTENSIONS if str(path).endswith(e))
     if ext == ".png" and volume.array.dtype != np.uint8:
         img = sitk.Cast(img, sitk.sitkUInt8)
-    tmp = path.with_name(f".{path.name[:-len(ext)]}.partial-{os.getpid()}{ext}")
-    try:
+    with atomic_paths(path) as tmp:
         sitk.WriteImage(img, str(tmp), compress)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

@@ -11,7 +11,6 @@ On disk: ``NAME.json`` plus ``NAME.slice<k>.nrrd`` (pixels with spacing) and ``N
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import SimpleITK as sitk
 from scipy import ndimage as ndi
 
 from .errors import FMOneShotError
+from .files import atomic_paths, refuse_existing
 from .image import Volume, intensity_window
 
 FORMAT = "fmoneshot-template"
@@ -175,11 +175,8 @@ class Template:
             if s.masks:
                 stack = np.stack([s.masks.get(n, np.zeros(s.image.shape, bool)) for n in self.label_names])
                 side[f"{path.stem}.slice{k}.masks.nrrd"] = _image(stack.astype(np.uint8), s.pixel_spacing)
-        targets = [path] + [path.with_name(n) for n in side]
-        existing = [str(t) for t in targets if t.exists()]
-        if existing and not force:
-            raise FMOneShotError(f"Template files already exist: {', '.join(existing)}.",
-                                 "choose another name, or pass --force (force=True) to overwrite them.")
+        targets = [path.with_name(n) for n in side] + [path]
+        refuse_existing(targets, force, "choose another template name, or pass --force (force=True) to overwrite.")
         doc = {
             "format": FORMAT, "version": VERSION, "modality": self.modality, "settings": self.settings,
             "labels": [{"name": lb.name, "value": lb.value, "color": list(lb.color)} for lb in self.labels],
@@ -195,21 +192,10 @@ class Template:
                 "landmarks": {n: p.tolist() for n, p in s.landmarks.items()},
             } for k, s in enumerate(self.slices)],
         }
-        written = []
-        try:
-            for name, img in side.items():
-                tmp = path.with_name(f".{name}.partial-{os.getpid()}.nrrd")
+        with atomic_paths(*targets) as temps:
+            for tmp, img in zip(temps, side.values()):
                 sitk.WriteImage(img, str(tmp), True)
-                written.append((tmp, path.with_name(name)))
-            tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-            tmp.write_text(json.dumps(doc, indent=1))
-            written.append((tmp, path))
-            for tmp, final in written:
-                os.replace(tmp, final)
-        finally:
-            for tmp, _ in written:
-                if tmp.exists():
-                    tmp.unlink()
+            temps[-1].write_text(json.dumps(doc, indent=1))
         return path
 
     @classmethod

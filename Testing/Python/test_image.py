@@ -136,3 +136,21 @@ def test_existing_output_is_never_overwritten_without_force(tmp_path):
     write_volume(vol, target, force=True)
     assert np.array_equal(read_volume(target).array, vol.array)
     assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_atomic_paths_write_all_or_nothing(tmp_path):
+    from FMOneShotLib.files import atomic_paths
+
+    a, b = tmp_path / "a.json", tmp_path / "b.nii.gz"
+    a.write_text("old a")
+    with pytest.raises(RuntimeError):
+        with atomic_paths(a, b) as (ta, tb):
+            assert tb.name.endswith(".nii.gz")  # writers that read the extension still see it
+            ta.write_text("new a")
+            raise RuntimeError("disk full while writing b")
+    assert a.read_text() == "old a" and not b.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+    with atomic_paths(a, b) as (ta, tb):
+        ta.write_text("new a")
+        tb.write_text("b")
+    assert a.read_text() == "new a" and b.read_text() == "b"
