@@ -1,4 +1,4 @@
-"""The ``fmoneshot`` command: demo, segment, localize.
+"""The ``fmoneshot`` command: demo, segment, localize, eval, bench.
 
 Every input is checked before anything runs or is written; a bad input ends with one line on stderr that
 names the problem and the fix, and exit code 2.
@@ -206,6 +206,82 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate, write_report
+
+    out = Path(args.json) if args.json else None
+    if out is not None:
+        if out.suffix != ".json":
+            raise FMOneShotError(f"Cannot write the results to {out}.", "end --json with .json.")
+        refuse_existing([out], args.force, "choose another --json file, or pass --force.")
+    with _progress("eval") as update:
+        summary, targets = evaluate(args.dataset, labels=args.labels, backend=args.backend, weights=args.weights,
+                                    adapter=args.adapter, segmenter=args.segmenter, template=args.template,
+                                    points=args.points, seed=args.seed, max_targets=args.max_targets,
+                                    progress=update, keep_pictures=bool(args.report))
+    print(f"{summary['dataset']} ({summary['task']}), backend {summary['backend']}, adapter {summary['adapter']}, "
+          f"segmenter {summary['segmenter']}, {summary['seconds']:.1f} s")
+
+    def f(v, d=3):
+        return "  n/a" if v is None else f"{v:.{d}f}"
+
+    if summary["task"] == "segmentation":
+        print(f"  {'label':24s} {'Dice':>6s} {'median':>6s} {'IoU':>6s} {'Acc+':>6s} {'Acc-':>6s} {'targets':>7s} "
+              f"{'empty ok':>8s}")
+        for name, r in summary["labels"].items():
+            print(f"  {name:24s} {f(r['dice']):>6s} {f(r['dice_median']):>6s} {f(r['iou']):>6s} "
+                  f"{f(r['acc_pos']):>6s} {f(r['acc_neg']):>6s} {r['targets']:7d} {f(r['empty_slice_accuracy']):>8s}")
+        print(f"  mean Dice {f(summary['mean_dice'])}")
+    else:
+        print(f"  {'landmark':24s} {'NED':>7s} {'px':>7s} {'mm':>7s} {'<=10px':>7s}")
+        for name, r in summary["landmarks"].items():
+            print(f"  {name:24s} {f(r['ned'], 4):>7s} {f(r['px'], 1):>7s} {f(r['mm'], 1):>7s} "
+                  f"{f(r['within_10px'], 2):>7s}")
+        print(f"  mean NED {f(summary['mean_ned'], 4)}, within 10 px {f(summary['within_10px'], 2)}")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_paths(out) as tmp:
+            tmp.write_text(json.dumps(summary, indent=1) + "\n")
+        print(f"  wrote {out}")
+    if args.report:
+        print(f"  wrote {write_report(summary, targets, args.report, force=args.force)}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import run_bench
+
+    out = Path(args.json) if args.json else None
+    if out is not None:
+        if out.suffix != ".json":
+            raise FMOneShotError(f"Cannot write the figures to {out}.", "end --json with .json.")
+        refuse_existing([out], args.force, "choose another --json file, or pass --force.")
+    options = {"device": args.device} if args.device != "cpu" else {}
+    with _progress("bench") as update:
+        r = run_bench(args.slices, args.size, backend=args.backend, segmenter=args.segmenter, adapter=args.adapter,
+                      backend_options=options, naive_slices=args.naive_slices, seed=args.seed, progress=update)
+    v, sec = r["volume"], r["seconds"]
+    print(f"FMOneShot bench: {v['slices']} slices of {v['size'][0]}x{v['size'][1]}, {v['structure']} on "
+          f"{v['slices_with_structure']} slices (found on {v['slices_found']}); backend {r['backend']}, adapter "
+          f"{r['adapter']}, segmenter {r['segmenter']}, {r['device']}, {r['threads']} threads")
+    print(f"  total {sec['total']:.2f} s = {r['seconds_per_slice'] * 1000:.1f} ms per slice")
+    for stage in ("io", "fit", "features", "adapter", "correspondence", "segmenter"):
+        print(f"    {stage:15s} {sec.get(stage, 0.0):8.2f} s")
+    ratio = "n/a" if r["overhead_ratio"] is None else f"{r['overhead_ratio']:.2f}"
+    print(f"  model forwards {r['model_forwards_seconds']:.2f} s, overhead ratio (total / forwards) {ratio}")
+    print(f"  peak memory {r['peak_memory_mb']:.0f} MB" + (f", GPU {r['peak_gpu_memory_mb']:.0f} MB"
+                                                          if "peak_gpu_memory_mb" in r else ""))
+    n = r["naive"]
+    print(f"  naive path ({n['slices_measured']} slices measured): {n['seconds_per_slice']:.3f} s per slice, "
+          f"{n['extrapolated_total']:.1f} s for the volume; speed-up {r['speedup_over_naive']:.1f}x")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_paths(out) as tmp:
+            tmp.write_text(json.dumps(r, indent=1) + "\n")
+        print(f"  wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fmoneshot", description="One-shot segmentation and landmark localisation "
                                 "of medical images: mark a structure once, find it on every slice.")
@@ -253,6 +329,31 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--landmark", action="append", metavar="NAME:X,Y", help="a landmark on the template (repeat)")
     lo.add_argument("--output", "-o", required=True, help="landmarks file (.json or .csv)")
     lo.set_defaults(func=cmd_localize, positive=None, negative=None, mask=None)
+
+    ev = sub.add_parser("eval", help="score the one-shot protocol on a dataset in the case format")
+    common(ev)
+    ev.add_argument("dataset", help="dataset folder with a dataset.json (docs/data-format.md)")
+    ev.add_argument("--labels", nargs="+", help="labels or landmarks to evaluate (default: all present)")
+    ev.add_argument("--weights", help="checkpoint of the feature backend (foundation-model backends)")
+    ev.add_argument("--adapter", default="auto", help="auto, none or an adapter name (segmentation)")
+    ev.add_argument("--segmenter", default="auto", help="auto, offline or none (segmentation)")
+    ev.add_argument("--template", metavar="CASE_ID", help="template case (default: the first case with the label)")
+    ev.add_argument("--points", type=int, default=5, help="positive and negative points each (default: %(default)s)")
+    ev.add_argument("--max-targets", type=int, help="at most N target slices (or images) per label, spread evenly")
+    ev.add_argument("--json", help="write the results to this .json file")
+    ev.add_argument("--report", metavar="DIR", help="write report.md with the table and overlays to this folder")
+    ev.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser("bench", help="time every stage on a large volume made from the sample CT")
+    common(b)
+    b.add_argument("--slices", type=int, default=100, help="slices of the volume (default: %(default)s)")
+    b.add_argument("--size", type=int, default=512, help="rows and columns of each slice (default: %(default)s)")
+    b.add_argument("--adapter", default="auto", help="auto, none or an adapter name")
+    b.add_argument("--segmenter", default="auto", help="auto, offline or none")
+    b.add_argument("--device", default="cpu", help="cpu or cuda (backends that run on a GPU)")
+    b.add_argument("--naive-slices", type=int, default=3, help="slices the naive path is measured on")
+    b.add_argument("--json", help="also write the figures to this .json file")
+    b.set_defaults(func=cmd_bench)
     return p
 
 

@@ -53,6 +53,9 @@ class Result:
     confidence: np.ndarray  # (n_slices, n_labels): mean probability / similarity behind each decision
     present: np.ndarray  # (n_slices, n_labels) bool
     prompts: dict = field(default_factory=dict)  # (slice, label) -> (positive (n, 2), negative (m, 2))
+    # (slice, label) -> the raw correspondences of the template's positive and negative points (paper A's
+    # Acc+ / Acc- are measured on these), on every slice processed, whether the label was found or not.
+    matches: dict = field(default_factory=dict)
     landmarks: dict = field(default_factory=dict)  # name -> [Landmark per slice]
     timings: dict = field(default_factory=dict)
 
@@ -169,7 +172,7 @@ class OneShot:
         labels = np.zeros(volume.array.shape, np.uint16)
         confidence = np.zeros((volume.n_slices, L))
         present = np.zeros((volume.n_slices, L), bool)
-        prompts, landmarks = {}, {n: [] for n in self.q_landmarks}
+        prompts, matches, landmarks = {}, {}, {n: [] for n in self.q_landmarks}
         timings = {"features": 0.0, "adapter": 0.0, "correspondence": 0.0, "segmenter": 0.0}
         window = intensity_window(volume, tpl.modality or volume.modality)
         spacing = volume.pixel_spacing
@@ -202,6 +205,7 @@ class OneShot:
                     timings["correspondence"] += time.perf_counter() - t
                     pos_xy = pos.xy if pos is not None else np.zeros((0, 2))
                     neg_xy = neg.xy if neg is not None else np.zeros((0, 2))
+                    matches[(z, name)] = (pos_xy, neg_xy)
                     prior = None
                     if probs is not None:
                         prior = probs[b, i + 1]
@@ -249,7 +253,7 @@ class OneShot:
                 if progress is not None:
                     progress(done, len(todo))
         out = label_volume(volume, labels, name=f"{volume.name}-labels" if volume.name else "labels")
-        return Result(out, names, confidence, present, prompts, landmarks, timings,
+        return Result(out, names, confidence, present, prompts, matches, landmarks, timings,
                       label_values=[lb.value for lb in tpl.labels])
 
     def _region(self, probs: np.ndarray, i: int, pixel_area: float, name: str) -> np.ndarray:

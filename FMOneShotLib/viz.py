@@ -1,4 +1,4 @@
-"""PNG pictures of results: a montage of every slice with the labels overlaid."""
+"""PNG pictures of results: slices with labels and points overlaid, and montages of every slice."""
 
 from __future__ import annotations
 
@@ -24,6 +24,31 @@ def overlay(image01: np.ndarray, labels: np.ndarray, colors: dict, reference: np
     return rgb.astype(np.uint8)
 
 
+def mark_points(rgb: np.ndarray, points, color, radius: int = 4) -> np.ndarray:
+    """Draw a plus sign of ``radius`` pixels at each (x, y) of ``points`` on an RGB picture, in place."""
+    h, w = rgb.shape[:2]
+    for x, y in np.round(np.asarray(points, float).reshape(-1, 2)).astype(int):
+        for dx, dy in [(d, 0) for d in range(-radius, radius + 1)] + [(0, d) for d in range(-radius, radius + 1)]:
+            if 0 <= x + dx < w and 0 <= y + dy < h:
+                rgb[y + dy, x + dx] = color
+    return rgb
+
+
+def radiological(picture: np.ndarray, direction: np.ndarray | None) -> np.ndarray:
+    """Flip an axial picture (y, x, ...) as radiologists read it: anterior at the top, the patient's left on
+    the right (LPS: +x to the right, +y downwards), given the volume's direction matrix."""
+    if direction is None:
+        return picture
+    step_y = -1 if direction[1, 1] < 0 else 1
+    step_x = -1 if direction[0, 0] < 0 else 1
+    return picture[::step_y, ::step_x]
+
+
+def write_png(rgb: np.ndarray, path) -> Path:
+    sitk.WriteImage(sitk.GetImageFromArray(np.ascontiguousarray(rgb), isVector=True), str(path))
+    return Path(path)
+
+
 def montage(images01: np.ndarray, labels: np.ndarray, colors: dict, path, reference: np.ndarray | None = None,
             columns: int = 6, direction: np.ndarray | None = None) -> Path:
     """Write a PNG grid of all slices (z, y, x) with labels overlaid; returns the path.
@@ -33,15 +58,11 @@ def montage(images01: np.ndarray, labels: np.ndarray, colors: dict, path, refere
     """
     tiles = [overlay(images01[z], labels[z], colors, None if reference is None else reference[z])
              for z in range(images01.shape[0])]
-    if direction is not None:
-        step_y = -1 if direction[1, 1] < 0 else 1
-        step_x = -1 if direction[0, 0] < 0 else 1
-        tiles = [t[::step_y, ::step_x] for t in tiles]
+    tiles = [radiological(t, direction) for t in tiles]
     h, w = tiles[0].shape[:2]
     rows = -(-len(tiles) // columns)
     canvas = np.zeros((rows * (h + 2), columns * (w + 2), 3), np.uint8)
     for k, tile in enumerate(tiles):
         r, c = divmod(k, columns)
         canvas[r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = tile
-    sitk.WriteImage(sitk.GetImageFromArray(canvas, isVector=True), str(path))
-    return Path(path)
+    return write_png(canvas, path)
