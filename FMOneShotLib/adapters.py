@@ -1,8 +1,16 @@
-"""Adapters of paper B: small networks trained on the template's pixel features that replace raw similarity.
+"""Adapters of paper B: learned (or thresholded) similarity to the template's ROI that replaces raw similarity.
 
 One interface for all: :meth:`Adapter.fit` on template feature grids with one mask per label, then
 :meth:`Adapter.predict` gives per-cell probabilities of background and every label at the feature grid (the
 chain upsamples the probabilities, never the features). Training is seeded and takes seconds on a CPU.
+
+- ``basic``: cosine similarity of every cell with its nearest template ROI feature, thresholded (no training);
+- ``classification``: a 3-layer feed-forward network, pixel feature -> background or label (cross-entropy);
+- ``contrastive``: paper B's Siamese network; two branches with shared weights whose outputs are concatenated
+  and fed to a linear + softmax layer, trained on ROI/ROI (same label) and ROI/outside (background) pairs.
+
+Every adapter saves its trained state as named tensors plus a small JSON-able description
+(:meth:`Adapter.state`, :func:`adapter_from_state`), stored inside the template.
 """
 
 from __future__ import annotations
@@ -45,6 +53,40 @@ class Adapter(ABC):
     @abstractmethod
     def predict(self, features: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) standardised features -> (B, L + 1, h, w) probabilities, channel 0 = background."""
+
+    def options(self) -> dict:
+        """The constructor arguments that rebuild this adapter (saved with its tensors)."""
+        return {"seed": self.seed}
+
+    def tensors(self) -> dict:
+        """The trained state as named tensors (safetensors-compatible)."""
+        return {}
+
+    def load_tensors(self, tensors: dict, n_labels: int) -> "Adapter":
+        self.n_labels = n_labels
+        return self
+
+    def state(self):
+        """``(description, tensors)``: what :func:`adapter_from_state` needs to rebuild the trained adapter."""
+        if not self.n_labels:
+            raise RuntimeError("fit() the adapter before saving it.")
+        return {"adapter": self.name, "options": self.options(), "n_labels": self.n_labels}, \
+            {k: v.detach().contiguous().clone() for k, v in self.tensors().items()}
+
+    def _roi_features(self, features: list, masks: list, limit: int) -> list:
+        """Per label, up to ``limit`` ROI cell features (seeded sample), (N_l, C)."""
+        rng = np.random.default_rng(self.seed)
+        out = []
+        for label in range(masks[0].shape[0]):
+            rows = [f.reshape(f.shape[0], -1).T[np.nonzero(m[label].reshape(-1))[0]] for f, m in zip(features, masks)]
+            roi = torch.cat(rows).float()
+            if len(roi) == 0:
+                raise FMOneShotError(f"Label #{label + 1} has no ROI on the template.",
+                                     "paint its mask or place positive points inside it.")
+            if len(roi) > limit:
+                roi = roi[torch.as_tensor(np.sort(rng.choice(len(roi), limit, replace=False)))]
+            out.append(roi)
+        return out
 
     def _training_pixels(self, features: list, masks: list):
         """Per label up to MAX_SAMPLES_PER_LABEL ROI cells; BACKGROUND_RATIO times as many outside every ROI."""
@@ -102,6 +144,63 @@ def train_adam(params, loss_fn, steps: int, lr: float, weight_decay: float = 1e-
     return float(loss.detach())
 
 
+def _with_background(label_probs: torch.Tensor) -> torch.Tensor:
+    """(N, L) per-label probabilities -> (N, L + 1) with background = 1 - the most probable label."""
+    return torch.cat([1.0 - label_probs.amax(dim=1, keepdim=True), label_probs], dim=1)
+
+
+def _cells(features: torch.Tensor) -> torch.Tensor:
+    B, C, h, w = features.shape
+    return features.permute(0, 2, 3, 1).reshape(-1, C)
+
+
+def _grid(values: torch.Tensor, shape) -> torch.Tensor:
+    B, _, h, w = shape
+    return values.reshape(B, h, w, -1).permute(0, 3, 1, 2)
+
+
+class BasicAdapter(Adapter):
+    """No training: the cosine similarity of each cell with its nearest template ROI feature, thresholded.
+
+    The similarity ``s`` is reported as the probability ``clip(0.5 + s - threshold, 0, 1)``, so the chain's
+    0.5 decision is exactly ``s > threshold``. The ROI is subsampled to ``max_roi`` features (seeded).
+    """
+
+    name = "basic"
+
+    def __init__(self, seed: int = 0, threshold: float = 0.5, max_roi: int = 512):
+        super().__init__(seed)
+        if not -1.0 <= threshold <= 1.0:
+            raise FMOneShotError(f"The basic adapter's threshold {threshold} is not a cosine similarity.",
+                                 "choose a threshold between -1 and 1 (default 0.5).")
+        self.threshold, self.max_roi = float(threshold), int(max_roi)
+        self.roi: list = []
+
+    def options(self) -> dict:
+        return {"seed": self.seed, "threshold": self.threshold, "max_roi": self.max_roi}
+
+    def fit(self, features: list, masks: list) -> "BasicAdapter":
+        self.n_labels = masks[0].shape[0]
+        self.roi = [F.normalize(r, dim=1) for r in self._roi_features(features, masks, self.max_roi)]
+        return self
+
+    @torch.inference_mode()
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        if not self.roi:
+            raise RuntimeError("fit() the adapter before predict().")
+        x = F.normalize(_cells(features).float(), dim=1)
+        sims = torch.stack([(x @ r.T).amax(dim=1) for r in self.roi], dim=1)
+        return _grid(_with_background((0.5 + sims - self.threshold).clamp(0.0, 1.0)), features.shape)
+
+    def tensors(self) -> dict:
+        return {f"roi.{i}": r for i, r in enumerate(self.roi)}
+
+    def load_tensors(self, tensors: dict, n_labels: int) -> "BasicAdapter":
+        self.n_labels = n_labels
+        self.roi = [tensors[f"roi.{i}"].float() for i in range(n_labels)]
+        return self
+
+
 class MLP(torch.nn.Module):
     """The 3-layer feed-forward network of paper B."""
 
@@ -146,11 +245,139 @@ class ClassificationAdapter(Adapter):
         logits = self.net(features.permute(0, 2, 3, 1).reshape(-1, C))
         return logits.softmax(dim=1).reshape(B, h, w, -1).permute(0, 3, 1, 2)
 
+    def options(self) -> dict:
+        return {"seed": self.seed, "hidden": self.hidden, "epochs": self.epochs, "lr": self.lr}
 
-ADAPTERS = {"classification": ClassificationAdapter}
+    def tensors(self) -> dict:
+        return dict(self.net.state_dict())
+
+    def load_tensors(self, tensors: dict, n_labels: int) -> "ClassificationAdapter":
+        self.n_labels = n_labels
+        self.net = MLP(tensors["net.0.weight"].shape[1], n_labels + 1, self.hidden)
+        self.net.load_state_dict(tensors)
+        self.net.eval()
+        return self
+
+
+class ContrastiveAdapter(Adapter):
+    """Paper B's Siamese adapter: is a target cell the same structure as a template ROI feature, or background?
+
+    A pair (target cell ``x``, template ROI feature ``t`` of label ``l``) goes through the shared branch ``f``
+    (3-layer feed-forward), and ``[f(x), f(t)]`` through a linear layer + softmax over background and the
+    labels. Training pairs per label: (ROI, ROI) -> label, (outside the label's ROI, ROI) -> background, with
+    BACKGROUND_RATIO times as many negative pairs. At inference each cell is paired with every template ROI
+    feature of a label and the pair logits are averaged; because the last layer is linear over the
+    concatenation, that equals ``W_x f(x) + mean_t W_t f(t) + b``: the branch runs once per cell and once per
+    template feature (:meth:`predict_pairs` is the literal per-pair computation, for tests).
+    """
+
+    name = "contrastive"
+
+    def __init__(self, seed: int = 0, hidden: int = 64, embedding: int = 32, epochs: int = 200, lr: float = 1e-2):
+        super().__init__(seed)
+        self.hidden, self.embedding, self.epochs, self.lr = hidden, embedding, epochs, lr
+        self.branch: MLP | None = None
+        self.head: torch.nn.Linear | None = None
+        self.roi: list = []
+
+    def options(self) -> dict:
+        return {"seed": self.seed, "hidden": self.hidden, "embedding": self.embedding, "epochs": self.epochs,
+                "lr": self.lr}
+
+    def _build(self, n_in: int):
+        self.branch = MLP(n_in, self.embedding, self.hidden)
+        self.head = torch.nn.Linear(2 * self.embedding, self.n_labels + 1)
+
+    def fit(self, features: list, masks: list) -> "ContrastiveAdapter":
+        self.n_labels = masks[0].shape[0]
+        rng = np.random.default_rng(self.seed)
+        self.roi = self._roi_features(features, masks, MAX_SAMPLES_PER_LABEL)
+        flat = [(f.reshape(f.shape[0], -1).T.float(), m.reshape(m.shape[0], -1)) for f, m in zip(features, masks)]
+        xs, ts, ys = [], [], []
+        for label, roi in enumerate(self.roi):
+            n = len(roi)
+            outside = torch.cat([f[np.nonzero(~m[label])[0]] for f, m in flat])
+            if len(outside) == 0:
+                raise FMOneShotError("The template mask covers the whole slice.",
+                                     "paint each structure on the template slice, leaving background around it.")
+            k = max(BACKGROUND_RATIO * n, 2000)  # negative pairs, as the classification adapter's background
+            p = max(n, k // BACKGROUND_RATIO)  # positive pairs: random (ROI, ROI), so a small ROI is not swamped
+            xs.append(roi[torch.as_tensor(rng.choice(n, p))])
+            ts.append(roi[torch.as_tensor(rng.choice(n, p))])
+            ys.append(torch.full((p,), label + 1))
+            xs.append(outside[torch.as_tensor(rng.choice(len(outside), k, replace=len(outside) < k))])
+            ts.append(roi[torch.as_tensor(rng.choice(n, k))])
+            ys.append(torch.zeros(k, dtype=torch.long))
+        x, t, y = torch.cat(xs), torch.cat(ts), torch.cat(ys).long()
+        with torch.random.fork_rng():
+            torch.manual_seed(self.seed)
+            self._build(x.shape[1])
+            params = list(self.branch.parameters()) + list(self.head.parameters())
+
+            def loss():
+                logits = self.head(torch.cat([self.branch(x), self.branch(t)], dim=1))
+                return F.cross_entropy(logits, y, label_smoothing=0.05)
+
+            train_adam(params, loss, self.epochs, self.lr)
+        self.branch.eval()
+        self._prepare()
+        return self
+
+    def _prepare(self):
+        """The template side of the linear layer, once: mean_t W_t f(t) + b per label, (L, L + 1)."""
+        E = self.embedding
+        with torch.inference_mode():
+            self.template_logits = torch.stack([(self.branch(r) @ self.head.weight[:, E:].T).mean(dim=0)
+                                                for r in self.roi]) + self.head.bias
+
+    @torch.inference_mode()
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        if self.branch is None:
+            raise RuntimeError("fit() the adapter before predict().")
+        cell = self.branch(_cells(features).float()) @ self.head.weight[:, :self.embedding].T  # (N, L + 1)
+        probs = torch.stack([(cell + self.template_logits[i]).softmax(dim=1)[:, i + 1]
+                             for i in range(self.n_labels)], dim=1)
+        return _grid(_with_background(probs), features.shape)
+
+    @torch.inference_mode()
+    def predict_pairs(self, features: torch.Tensor) -> torch.Tensor:
+        """The same probabilities computed pair by pair through the whole network (slow; for tests)."""
+        x = _cells(features).float()
+        probs = []
+        for i, roi in enumerate(self.roi):
+            logits = torch.stack([self.head(torch.cat([self.branch(x), self.branch(t[None]).expand(len(x), -1)], 1))
+                                  for t in roi]).mean(dim=0)
+            probs.append(logits.softmax(dim=1)[:, i + 1])
+        return _grid(_with_background(torch.stack(probs, dim=1)), features.shape)
+
+    def tensors(self) -> dict:
+        out = {f"branch.{k}": v for k, v in self.branch.state_dict().items()}
+        out.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
+        out.update({f"roi.{i}": r for i, r in enumerate(self.roi)})
+        return out
+
+    def load_tensors(self, tensors: dict, n_labels: int) -> "ContrastiveAdapter":
+        self.n_labels = n_labels
+        self.roi = [tensors[f"roi.{i}"].float() for i in range(n_labels)]
+        self._build(self.roi[0].shape[1])
+        self.branch.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("branch.")})
+        self.head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
+        self.branch.eval()
+        self._prepare()
+        return self
+
+
+ADAPTERS = {"basic": BasicAdapter, "classification": ClassificationAdapter, "contrastive": ContrastiveAdapter}
 
 
 def create_adapter(name: str, **options) -> Adapter:
     if name not in ADAPTERS:
-        raise FMOneShotError(f"Unknown adapter {name!r}.", f"choose one of: {', '.join(sorted(ADAPTERS))}.")
+        raise FMOneShotError(f"Unknown adapter {name!r}.",
+                             f"choose one of: auto, none, {', '.join(sorted(ADAPTERS))}.")
     return ADAPTERS[name](**options)
+
+
+def adapter_from_state(description: dict, tensors: dict) -> Adapter:
+    """Rebuild a trained adapter from :meth:`Adapter.state`."""
+    adapter = create_adapter(description["adapter"], **description.get("options", {}))
+    return adapter.load_tensors(tensors, int(description["n_labels"]))

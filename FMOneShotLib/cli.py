@@ -119,6 +119,14 @@ def _check_targets(targets):
         raise FMOneShotError(f"Target not found: {', '.join(missing)}.", "check the paths of the target volumes.")
 
 
+def _adapter_options(args) -> dict:
+    if args.threshold is None:
+        return {}
+    if args.adapter != "basic":
+        raise FMOneShotError("--threshold applies to the basic adapter only.", "add --adapter basic, or drop --threshold.")
+    return {"threshold": args.threshold}
+
+
 def cmd_segment(args) -> int:
     from .image import read_volume, write_volume
     from .pipeline import OneShot
@@ -132,7 +140,7 @@ def cmd_segment(args) -> int:
         refuse_existing([args.save_template], args.force, "choose another --save-template name, or pass --force.")
     volumes = [read_volume(t, args.modality or template.modality) for t in args.targets]
     engine = OneShot(template, backend=args.backend, adapter=args.adapter, segmenter=args.segmenter,
-                     seed=args.seed).fit()
+                     seed=args.seed, adapter_options=_adapter_options(args)).fit()
     results = []
     for volume in volumes:
         with _progress(volume.name) as update:
@@ -161,7 +169,8 @@ def cmd_localize(args) -> int:
         raise FMOneShotError(f"Cannot tell the format of {out}.", "end --output with .json or .csv.")
     refuse_existing([out], args.force, "choose another --output, or pass --force.")
     volumes = [read_volume(t, args.modality or template.modality) for t in args.targets]
-    engine = OneShot(template, backend=args.backend, adapter=None, seed=args.seed).fit()
+    engine = OneShot(template, backend=args.backend, adapter=args.adapter, seed=args.seed,
+                     adapter_options=_adapter_options(args)).fit()
     rows = []
     for target, volume in zip(args.targets, volumes):
         with _progress(volume.name) as update:
@@ -218,7 +227,8 @@ def cmd_eval(args) -> int:
         summary, targets = evaluate(args.dataset, labels=args.labels, backend=args.backend, weights=args.weights,
                                     adapter=args.adapter, segmenter=args.segmenter, template=args.template,
                                     points=args.points, seed=args.seed, max_targets=args.max_targets,
-                                    progress=update, keep_pictures=bool(args.report))
+                                    progress=update, keep_pictures=bool(args.report),
+                                    adapter_options=_adapter_options(args))
     print(f"{summary['dataset']} ({summary['task']}), backend {summary['backend']}, adapter {summary['adapter']}, "
           f"segmenter {summary['segmenter']}, {summary['seconds']:.1f} s")
 
@@ -317,7 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output", "-o", required=True, help="a folder (one file per target) or, for one target, a file")
     s.add_argument("--format", default=".nii.gz", choices=LABEL_FORMATS, help="label file format in a folder")
     s.add_argument("--adapter", default="auto", help="auto (classification, trained on the painted masks "
-                   "or on the masks drawn from the clicks), classification, or none (raw similarity)")
+                   "or on the masks drawn from the clicks), basic, classification, contrastive, or none (raw "
+                   "similarity)")
+    s.add_argument("--threshold", type=float, help="the basic adapter's cosine-similarity threshold (default 0.5)")
     s.add_argument("--segmenter", default="auto", help="auto, offline or none")
     s.add_argument("--save-template", help="also save the template used (.json) for reuse")
     s.set_defaults(func=cmd_segment)
@@ -328,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("targets", nargs="+", help="target images or volumes")
     lo.add_argument("--landmark", action="append", metavar="NAME:X,Y", help="a landmark on the template (repeat)")
     lo.add_argument("--output", "-o", required=True, help="landmarks file (.json or .csv)")
+    lo.add_argument("--adapter", default="none", help="none (correspondence of each landmark), or basic, "
+                    "classification, contrastive (centre of the adapter's localised region)")
+    lo.add_argument("--threshold", type=float, help="the basic adapter's cosine-similarity threshold (default 0.5)")
     lo.set_defaults(func=cmd_localize, positive=None, negative=None, mask=None)
 
     ev = sub.add_parser("eval", help="score the one-shot protocol on a dataset in the case format")
@@ -335,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("dataset", help="dataset folder with a dataset.json (docs/data-format.md)")
     ev.add_argument("--labels", nargs="+", help="labels or landmarks to evaluate (default: all present)")
     ev.add_argument("--weights", help="checkpoint of the feature backend (foundation-model backends)")
-    ev.add_argument("--adapter", default="auto", help="auto, none or an adapter name (segmentation)")
+    ev.add_argument("--adapter", default="auto", help="auto, none, basic, classification or contrastive")
+    ev.add_argument("--threshold", type=float, help="the basic adapter's cosine-similarity threshold (default 0.5)")
     ev.add_argument("--segmenter", default="auto", help="auto, offline or none (segmentation)")
     ev.add_argument("--template", metavar="CASE_ID", help="template case (default: the first case with the label)")
     ev.add_argument("--points", type=int, default=5, help="positive and negative points each (default: %(default)s)")
@@ -348,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(b)
     b.add_argument("--slices", type=int, default=100, help="slices of the volume (default: %(default)s)")
     b.add_argument("--size", type=int, default=512, help="rows and columns of each slice (default: %(default)s)")
-    b.add_argument("--adapter", default="auto", help="auto, none or an adapter name")
+    b.add_argument("--adapter", default="auto", help="auto, none, basic, classification or contrastive")
     b.add_argument("--segmenter", default="auto", help="auto, offline or none")
     b.add_argument("--device", default="cpu", help="cpu or cuda (backends that run on a GPU)")
     b.add_argument("--naive-slices", type=int, default=3, help="slices the naive path is measured on")

@@ -106,11 +106,12 @@ def _find_case(dataset: Dataset, case_id: str) -> Case:
 def evaluate(dataset_dir, labels=None, backend: str = "offline", weights: str | None = None,
              adapter: str | None = "auto", segmenter: str = "auto", template: str | None = None,
              points: int = 5, seed: int = 0, max_targets: int | None = None,
-             progress: Callable | None = None, keep_pictures: bool = False):
+             progress: Callable | None = None, keep_pictures: bool = False, adapter_options: dict | None = None):
     """Run the protocol on the dataset at ``dataset_dir``; returns ``(summary dict, [Target])``.
 
     ``max_targets`` limits the target slices per label (and, separately, the empty slices) or the target
-    images, spread evenly; ``progress(done, total)`` is called after each target case and label.
+    images, spread evenly; ``progress(done, total)`` is called after each target case and label. Landmarks use
+    the correspondences unless an adapter is named explicitly (then the centre of its localised region).
     """
     if points < 1:
         raise FMOneShotError(f"--points must be at least 1, not {points}.", "give the number of points per kind.")
@@ -123,16 +124,18 @@ def evaluate(dataset_dir, labels=None, backend: str = "offline", weights: str | 
     t0 = time.perf_counter()
     if dataset.task == "segmentation":
         summary, targets = _evaluate_segmentation(dataset, labels, backend, options, adapter, segmenter, template,
-                                                  points, seed, max_targets, progress, keep_pictures)
+                                                  points, seed, max_targets, progress, keep_pictures,
+                                                  adapter_options or {})
     else:
-        summary, targets = _evaluate_landmarks(dataset, labels, backend, options, template, seed, max_targets,
-                                               progress, keep_pictures)
+        adapter = None if adapter in (None, "none", "auto") else adapter
+        summary, targets = _evaluate_landmarks(dataset, labels, backend, options, adapter, template, seed,
+                                               max_targets, progress, keep_pictures, adapter_options or {})
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     return summary, targets
 
 
 def _evaluate_segmentation(dataset, labels, backend, options, adapter, segmenter, template_id, points, seed,
-                           max_targets, progress, keep_pictures):
+                           max_targets, progress, keep_pictures, adapter_options):
     cases = _Cases(dataset)
     present = {c.id: set(np.unique(cases.mask(c)).tolist()) for c in dataset.cases}
     if labels:
@@ -162,7 +165,7 @@ def _evaluate_segmentation(dataset, labels, backend, options, adapter, segmenter
         pos, neg = sample_prompts(mask, points, points, seed)
         tpl = Template.from_volume(vol, z, {name: pos}, {name: neg}, {name: mask}, labels=[Label(name, value)])
         engine = OneShot(tpl, backend=backend, adapter=adapter, segmenter=segmenter, backend_options=options,
-                         seed=seed).fit()
+                         seed=seed, adapter_options=adapter_options).fit()
         tpl_info[name] = {"case": tcase.id, "slice": z}
         # Targets: (case, slice) with the label, and without it, over the other cases.
         others = [c for c in dataset.cases if c.id != tcase.id] or [tcase]
@@ -221,7 +224,8 @@ def _evaluate_segmentation(dataset, labels, backend, options, adapter, segmenter
     return summary, pictures
 
 
-def _evaluate_landmarks(dataset, names, backend, options, template_id, seed, max_targets, progress, keep_pictures):
+def _evaluate_landmarks(dataset, names, backend, options, adapter, template_id, seed, max_targets, progress,
+                        keep_pictures, adapter_options):
     cases = _Cases(dataset)
     with_points = [c for c in dataset.cases if c.points is not None]
     if len(with_points) < 2:
@@ -236,7 +240,8 @@ def _evaluate_landmarks(dataset, names, backend, options, template_id, seed, max
                              f"choose landmarks it has: {', '.join(tpoints)}.")
     vol = cases.image(tcase)
     tpl = Template.from_volume(vol, 0, landmarks={n: tpoints[n] for n in names})
-    engine = OneShot(tpl, backend=backend, adapter=None, backend_options=options, seed=seed).fit()
+    engine = OneShot(tpl, backend=backend, adapter=adapter, backend_options=options, seed=seed,
+                     adapter_options=adapter_options).fit()
     targets = _spread([c for c in with_points if c.id != tcase.id], max_targets)
     rows = {n: {"ned": [], "px": [], "mm": []} for n in names}
     pictures = []
@@ -269,7 +274,7 @@ def _evaluate_landmarks(dataset, names, backend, options, template_id, seed, max
                   "within_10px": _round(_mean([d <= WITHIN_PX for d in r["px"]]))}
     all_px = [d for r in rows.values() for d in r["px"]]
     summary = {
-        "dataset": dataset.name, "task": "landmarks", "backend": backend, "adapter": "none",
+        "dataset": dataset.name, "task": "landmarks", "backend": backend, "adapter": adapter or "none",
         "segmenter": "none",
         "template": {"case": tcase.id, "seed": seed, "max_targets": max_targets, "targets": len(targets)},
         "landmarks": per,

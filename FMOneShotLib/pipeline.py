@@ -9,7 +9,11 @@ For each target slice and label:
      ten random pixels of it join the corresponding positive points as prompts (paper B);
      without one: the mean similarity of the positive correspondences decides presence;
   4. the segmenter turns the prompts into a mask; overlaps between labels go to the more probable label;
-  5. landmarks: the correspondence of every template landmark, in pixels and in mm.
+  5. landmarks: the correspondence of every template landmark, in pixels and in mm; with an adapter chosen
+     explicitly, the centre of the adapter's localised region of each landmark (paper B) instead.
+
+A trained adapter is stored in the template (``template.adapter``), so saving the template after ``fit`` keeps
+it, and a later ``fit`` with the same backend and adapter reuses it instead of training again.
 """
 
 from __future__ import annotations
@@ -21,10 +25,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .adapters import Adapter, create_adapter, mask_to_grid
+from .adapters import Adapter, adapter_from_state, create_adapter, mask_to_grid
 from .correspond import FeatureStandardizer, correspond, upsample
 from .errors import FMOneShotError
-from .features import create_extractor, sample_features
+from .features import create_extractor, pixel_to_grid, sample_features
 from .image import Volume, intensity_window, label_volume, normalize
 from .postprocess import keep_components
 from .segmenters import Segmenter, create_segmenter
@@ -75,11 +79,16 @@ class OneShot:
 
     def __init__(self, template: Template, backend: str = "offline", adapter: str | None = "auto",
                  segmenter: str | Segmenter = "auto", backend_options: dict | None = None, seed: int = 0,
-                 prompt_points: int = 10, min_area_fraction: float = 0.03, min_similarity: float = 0.3):
+                 prompt_points: int = 10, min_area_fraction: float = 0.03, min_similarity: float = 0.3,
+                 adapter_options: dict | None = None, landmark_radius: float = 2.0):
         self.template = template.validate()
         self.backend = backend
         self.backend_options = dict(backend_options or {})
         self.adapter_name = adapter
+        self.adapter_options = dict(adapter_options or {})
+        self.landmark_radius = landmark_radius  # feature cells: the ROI of a landmark for a landmark adapter
+        self.landmark_adapter: Adapter | None = None
+        self.adapter_reused = False
         self.segmenter = create_segmenter(segmenter) if isinstance(segmenter, str) else segmenter
         self.seed = seed
         self.prompt_points = prompt_points
@@ -132,11 +141,46 @@ class OneShot:
             self.reference_area[name] = float(np.mean(areas)) if areas else 0.0
         if use_adapter:
             kind = "classification" if self.adapter_name == "auto" else self.adapter_name
-            self.adapter = create_adapter(kind, seed=self.seed)
-            grids = [np.stack([mask_to_grid(m_i, f.shape[1:]) for m_i in m]) for m, f in zip(self.template_masks, feats)]
-            self.adapter.fit(std_feats, grids)
+            self.adapter = self._saved_adapter(kind)
+            self.adapter_reused = self.adapter is not None
+            if self.adapter is None:
+                self.adapter = create_adapter(kind, seed=self.seed, **self.adapter_options)
+                grids = [np.stack([mask_to_grid(m_i, f.shape[1:]) for m_i in m])
+                         for m, f in zip(self.template_masks, feats)]
+                self.adapter.fit(std_feats, grids)
+                description, tensors = self.adapter.state()
+                tpl.adapter = {"description": description, "backend": self.extractor.settings(), "labels": names}
+                tpl.adapter_tensors = tensors
+        if self.q_landmarks and self.adapter_name not in (None, "none", "auto"):
+            # Landmarks as regions: a disc of landmark_radius cells around each landmark is its ROI.
+            lm_names = list(self.q_landmarks)
+            grids = []
+            for s, f in zip(tpl.slices, std_feats):
+                h, w = f.shape[1:]
+                yy, xx = np.mgrid[:h, :w]
+                disc = []
+                for n in lm_names:
+                    if n in s.landmarks:
+                        gx, gy = pixel_to_grid(s.landmarks[n], s.image.shape, (h, w))
+                        disc.append((xx - gx) ** 2 + (yy - gy) ** 2 <= self.landmark_radius ** 2)
+                    else:
+                        disc.append(np.zeros((h, w), bool))
+                grids.append(np.stack(disc))
+            self.landmark_adapter = create_adapter(self.adapter_name, seed=self.seed, **self.adapter_options)
+            self.landmark_adapter.fit(std_feats, grids)
         self.fit_seconds = time.perf_counter() - t0
         return self
+
+    def _saved_adapter(self, kind: str) -> Adapter | None:
+        """The template's trained adapter when it was trained the same way on the same features, else None."""
+        saved = self.template.adapter
+        if not saved:
+            return None
+        same = (saved["description"].get("adapter") == kind and saved.get("backend") == self.extractor.settings()
+                and saved.get("labels") == self.template.label_names
+                and all(saved["description"]["options"].get(k) == v
+                        for k, v in {"seed": self.seed, **self.adapter_options}.items()))
+        return adapter_from_state(saved["description"], self.template.adapter_tensors) if same else None
 
     def _template_masks(self, s, feats) -> np.ndarray:
         """(L, H, W): the painted mask of each label, else the segmenter's mask from the template's own clicks."""
@@ -243,11 +287,22 @@ class OneShot:
                     t = time.perf_counter()
                     names_lm = list(self.q_landmarks)
                     c = correspond(torch.cat([self.q_landmarks[n] for n in names_lm]), feats[b], shape)
+                    lm_probs = None
+                    if self.landmark_adapter is not None:
+                        lm_probs = upsample(self.landmark_adapter.predict(std_feats[b:b + 1])[0], shape).numpy()
                     for k, n in enumerate(names_lm):
-                        x, y = c.xy[k]
+                        (x, y), score = c.xy[k], float(c.score[k])
+                        if lm_probs is not None:
+                            # paper B: the centre of the localised region; the correspondence where none is found
+                            win = (lm_probs.argmax(axis=0) == k + 1) & (lm_probs[k + 1] > 0.5)
+                            if win.any():
+                                region = keep_components(win, weights=lm_probs[k + 1])
+                                wts = lm_probs[k + 1][region]
+                                ys, xs = np.nonzero(region)
+                                x, y = float((xs * wts).sum() / wts.sum()), float((ys * wts).sum() / wts.sum())
+                                score = float(wts.mean())
                         landmarks[n].append(Landmark(n, z, (float(x), float(y)),
-                                                     tuple(volume.index_to_physical([x, y, z]).tolist()),
-                                                     float(c.score[k])))
+                                                     tuple(volume.index_to_physical([x, y, z]).tolist()), score))
                     timings["correspondence"] += time.perf_counter() - t
                 done += 1
                 if progress is not None:

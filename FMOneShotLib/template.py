@@ -78,6 +78,10 @@ class Template:
     slices: list = field(default_factory=list)
     modality: str | None = None
     settings: dict = field(default_factory=dict)
+    # A trained adapter, saved with the template so it need not be trained again: ``{"description": {...},
+    # "backend": the feature backend's settings it was trained on, "labels": [...]}`` and its named tensors.
+    adapter: dict | None = None
+    adapter_tensors: dict = field(default_factory=dict)
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -175,7 +179,8 @@ class Template:
             if s.masks:
                 stack = np.stack([s.masks.get(n, np.zeros(s.image.shape, bool)) for n in self.label_names])
                 side[f"{path.stem}.slice{k}.masks.nrrd"] = _image(stack.astype(np.uint8), s.pixel_spacing)
-        targets = [path.with_name(n) for n in side] + [path]
+        adapter_file = f"{path.stem}.adapter.safetensors"
+        targets = [path.with_name(n) for n in side] + ([path.with_name(adapter_file)] if self.adapter else []) + [path]
         refuse_existing(targets, force, "choose another template name, or pass --force (force=True) to overwrite.")
         doc = {
             "format": FORMAT, "version": VERSION, "modality": self.modality, "settings": self.settings,
@@ -192,9 +197,15 @@ class Template:
                 "landmarks": {n: p.tolist() for n, p in s.landmarks.items()},
             } for k, s in enumerate(self.slices)],
         }
+        if self.adapter:
+            doc["adapter"] = {**self.adapter, "file": adapter_file}
         with atomic_paths(*targets) as temps:
             for tmp, img in zip(temps, side.values()):
                 sitk.WriteImage(img, str(tmp), True)
+            if self.adapter:
+                from safetensors.torch import save_file
+
+                save_file(self.adapter_tensors, str(temps[-2]))
             temps[-1].write_text(json.dumps(doc, indent=1))
         return path
 
@@ -227,6 +238,9 @@ class Template:
                                             d.get("positive", {}), d.get("negative", {}), masks,
                                             d.get("landmarks", {}), d.get("source", "")))
             template = cls(labels, slices, doc.get("modality"), doc.get("settings", {}))
+            if doc.get("adapter"):
+                template.adapter = {k: v for k, v in doc["adapter"].items() if k != "file"}
+                template.adapter_tensors = _read_tensors(path.with_name(doc["adapter"]["file"]))
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, FMOneShotError):
                 raise
@@ -239,6 +253,21 @@ def _image(array: np.ndarray, pixel_spacing) -> sitk.Image:
     img = sitk.GetImageFromArray(array)
     img.SetSpacing(tuple(pixel_spacing) + ((1.0,) if array.ndim == 3 else ()))
     return img
+
+
+def _read_tensors(path: Path) -> dict:
+    """A trained adapter's tensors: safetensors only, never a pickle."""
+    if not path.is_file():
+        raise FMOneShotError(f"The template's adapter file {path} is missing.",
+                             "keep the .safetensors file next to the template .json, or re-create the template.")
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise FMOneShotError(f"The adapter file {path} is damaged ({exc}).",
+                             "restore it from a copy, or re-create the template.") from None
 
 
 def _read(path: Path):

@@ -1,0 +1,138 @@
+"""Paper B's adapters: each one where the answer is known, the separable contrastive inference against the
+per-pair network, multi-label in one pass against per-label runs, and a trained adapter saved in the template."""
+
+import numpy as np
+import pytest
+import torch
+
+from FMOneShotLib.adapters import ADAPTERS, BasicAdapter, ContrastiveAdapter, adapter_from_state, create_adapter
+from FMOneShotLib.cli import main
+from FMOneShotLib.errors import FMOneShotError
+from FMOneShotLib.image import Volume
+from FMOneShotLib.metrics import dice
+from FMOneShotLib.pipeline import OneShot
+from FMOneShotLib.template import Template, sample_prompts
+
+
+def _grid_features(rois, shape=(16, 16), seed=0, noise=0.3):
+    """(1, C, h, w) features: background cells near pattern 0, cells of ROI k near pattern k + 1."""
+    rng = np.random.default_rng(seed)
+    patterns = np.eye(6, dtype=np.float32) * 3 - 0.5
+    f = patterns[0][:, None, None] + noise * rng.standard_normal((6,) + shape).astype(np.float32)
+    for k, roi in enumerate(rois):
+        f[:, roi] = patterns[k + 1][:, None] + noise * rng.standard_normal((6, roi.sum())).astype(np.float32)
+    return torch.from_numpy(f)[None]
+
+
+def _box(y0, y1, x0, x1, shape=(16, 16)):
+    m = np.zeros(shape, bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+@pytest.mark.parametrize("name", sorted(ADAPTERS))
+def test_each_adapter_finds_the_structure_where_it_moved(name):
+    a, b = _box(2, 7, 2, 8), _box(9, 14, 10, 15)  # two labels on the template
+    template = _grid_features([a, b], seed=1)
+    adapter = create_adapter(name, seed=0).fit([template[0]], [np.stack([a, b])])
+    a2, b2 = _box(8, 13, 1, 7), _box(1, 6, 9, 14)  # swapped places on the target
+    probs = adapter.predict(_grid_features([a2, b2], seed=2))
+    assert probs.shape == (1, 3, 16, 16)
+    win = probs[0].argmax(0).numpy()
+    assert dice(win == 1, a2) >= 0.95 and dice(win == 2, b2) >= 0.95
+    assert (probs[0, 1:].amax(0).numpy()[~(a2 | b2)] < 0.5).mean() > 0.97  # background stays below 0.5
+
+
+def test_basic_threshold_decides_and_is_checked():
+    roi = _box(4, 10, 4, 10)
+    feats = _grid_features([roi])
+    loose = BasicAdapter(threshold=-1.0).fit([feats[0]], [roi[None]]).predict(feats)
+    strict = BasicAdapter(threshold=0.5).fit([feats[0]], [roi[None]]).predict(feats)
+    assert (loose[0, 1] > 0.5).all()  # every cell is at least -1 similar
+    assert dice((strict[0, 1] > 0.5).numpy(), roi) >= 0.95
+    with pytest.raises(FMOneShotError, match="between -1 and 1"):
+        BasicAdapter(threshold=2.0)
+
+
+def test_separable_contrastive_equals_the_per_pair_network():
+    a, b = _box(2, 5, 2, 6, (8, 8)), _box(5, 8, 5, 8, (8, 8))
+    feats = _grid_features([a, b], shape=(8, 8))
+    adapter = ContrastiveAdapter(seed=3, epochs=30).fit([feats[0]], [np.stack([a, b])])
+    target = _grid_features([b, a], shape=(8, 8), seed=5)
+    fast, slow = adapter.predict(target), adapter.predict_pairs(target)
+    assert fast.shape == slow.shape == (1, 3, 8, 8)
+    assert torch.allclose(fast, slow, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(ADAPTERS))
+def test_trained_adapter_state_round_trip(name):
+    roi = _box(3, 9, 3, 9)
+    feats = _grid_features([roi])
+    adapter = create_adapter(name, seed=4).fit([feats[0]], [roi[None]])
+    description, tensors = adapter.state()
+    again = adapter_from_state(description, tensors)
+    target = _grid_features([_box(6, 12, 5, 11)], seed=9)
+    assert torch.equal(adapter.predict(target), again.predict(target))
+
+
+def _two_discs(n_slices=4):
+    """A body with two bright discs that move between slices (they never overlap)."""
+    yy, xx = np.mgrid[:64, :64]
+    img = np.full((n_slices, 64, 64), 10.0, np.float32)
+    ref = np.zeros(img.shape, np.uint8)
+    for z in range(n_slices):
+        img[z][(yy - 32) ** 2 + (xx - 32) ** 2 <= 29 ** 2] = 80
+        d1 = (yy - 22 - z) ** 2 + (xx - 20) ** 2 <= 7 ** 2
+        d2 = (yy - 42) ** 2 + (xx - 42 + z) ** 2 <= 5 ** 2
+        img[z][d1], img[z][d2] = 200, 140
+        ref[z][d1], ref[z][d2] = 1, 2
+    return Volume(img, (1.0, 1.0, 2.0), modality="MR"), ref
+
+
+@pytest.mark.parametrize("name", ["classification", "contrastive"])
+def test_multilabel_in_one_pass_equals_per_label_runs(name):
+    vol, ref = _two_discs()
+    prompts = {n: sample_prompts(ref[0] == v, 4, 4, 0) for n, v in (("a", 1), ("b", 2))}
+    masks = {n: ref[0] == v for n, v in (("a", 1), ("b", 2))}
+
+    def run(names):
+        tpl = Template.from_volume(vol, 0, {n: prompts[n][0] for n in names}, {n: prompts[n][1] for n in names},
+                                   {n: masks[n] for n in names})
+        return OneShot(tpl, adapter=name).fit().apply(vol)
+
+    both = run(["a", "b"])
+    for n, v in (("a", 1), ("b", 2)):
+        alone = run([n]).mask(n)
+        assert np.array_equal(both.mask(n), alone), n
+        assert np.mean([dice(alone[z], ref[z] == v) for z in range(vol.n_slices)]) >= 0.9
+
+
+def test_adapter_saved_in_the_template_is_reused(tmp_path):
+    vol, ref = _two_discs()
+    pos, neg = sample_prompts(ref[0] == 1, 4, 4, 0)
+    tpl = Template.from_volume(vol, 0, {"a": pos}, {"a": neg}, {"a": ref[0] == 1})
+    first = OneShot(tpl, adapter="contrastive").fit()
+    assert not first.adapter_reused and tpl.adapter["description"]["adapter"] == "contrastive"
+    expected = first.apply(vol).labels.array
+    tpl.save(tmp_path / "t.json")
+    assert (tmp_path / "t.adapter.safetensors").is_file()
+    loaded = Template.load(tmp_path / "t.json")
+    again = OneShot(loaded, adapter="contrastive").fit()
+    assert again.adapter_reused
+    assert np.array_equal(again.apply(vol).labels.array, expected)
+    # another adapter, or another seed, trains anew rather than reusing a mismatched one
+    assert not OneShot(loaded, adapter="classification").fit().adapter_reused
+    assert not OneShot(Template.load(tmp_path / "t.json"), adapter="contrastive", seed=1).fit().adapter_reused
+    # a damaged adapter file is refused with a clear message, never half-loaded
+    (tmp_path / "t.adapter.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(FMOneShotError, match="damaged"):
+        Template.load(tmp_path / "t.json")
+
+
+def test_threshold_option_needs_the_basic_adapter(tmp_path, sample, capsys):
+    args = ["segment", str(sample / "images" / "ct-small.nii.gz"), "--template-image",
+            str(sample / "images" / "ct-small.nii.gz"), "--slice", "20", "--positive", "liver:100,40",
+            "--output", str(tmp_path / "x.nii.gz"), "--threshold", "0.4"]
+    assert main(args) == 2
+    assert "--threshold applies to the basic adapter only" in capsys.readouterr().err
+    assert not (tmp_path / "x.nii.gz").exists()
