@@ -115,6 +115,7 @@ def run_bench(slices: int = 100, size: int = 512, backend: str = "offline", segm
         "threads": torch.get_num_threads(),
         "seconds": {"total": round(total, 2), **stages},
         "seconds_per_slice": round(total / volume.n_slices, 4),
+        "adapter_ms_per_slice": round(1000 * result.timings["adapter"] / volume.n_slices, 2),
         "model_forwards_seconds": round(forwards, 3),
         "overhead_ratio": round(total / forwards, 2) if forwards > 0 else None,
         "peak_memory_mb": round(_peak_mb(), 1),

@@ -215,14 +215,30 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _json_output(args) -> Path | None:
+    """The --json file, checked before anything runs."""
+    if not args.json:
+        return None
+    out = Path(args.json)
+    if out.suffix != ".json":
+        raise FMOneShotError(f"Cannot write JSON to {out}.", "end --json with .json.")
+    refuse_existing([out], args.force, "choose another --json file, or pass --force.")
+    return out
+
+
+def _write_json(out: Path | None, doc: dict) -> None:
+    if out is None:
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_paths(out) as tmp:
+        tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"  wrote {out}")
+
+
 def cmd_eval(args) -> int:
     from .evaluate import evaluate, write_report
 
-    out = Path(args.json) if args.json else None
-    if out is not None:
-        if out.suffix != ".json":
-            raise FMOneShotError(f"Cannot write the results to {out}.", "end --json with .json.")
-        refuse_existing([out], args.force, "choose another --json file, or pass --force.")
+    out = _json_output(args)
     with _progress("eval") as update:
         summary, targets = evaluate(args.dataset, labels=args.labels, backend=args.backend, weights=args.weights,
                                     adapter=args.adapter, segmenter=args.segmenter, template=args.template,
@@ -248,11 +264,7 @@ def cmd_eval(args) -> int:
             print(f"  {name:24s} {f(r['ned'], 4):>7s} {f(r['px'], 1):>7s} {f(r['mm'], 1):>7s} "
                   f"{f(r['within_10px'], 2):>7s}")
         print(f"  mean NED {f(summary['mean_ned'], 4)}, within 10 px {f(summary['within_10px'], 2)}")
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_paths(out) as tmp:
-            tmp.write_text(json.dumps(summary, indent=1) + "\n")
-        print(f"  wrote {out}")
+    _write_json(out, summary)
     if args.report:
         print(f"  wrote {write_report(summary, targets, args.report, force=args.force)}")
     return 0
@@ -261,11 +273,7 @@ def cmd_eval(args) -> int:
 def cmd_bench(args) -> int:
     from .bench import run_bench
 
-    out = Path(args.json) if args.json else None
-    if out is not None:
-        if out.suffix != ".json":
-            raise FMOneShotError(f"Cannot write the figures to {out}.", "end --json with .json.")
-        refuse_existing([out], args.force, "choose another --json file, or pass --force.")
+    out = _json_output(args)
     options = {"device": args.device} if args.device != "cpu" else {}
     with _progress("bench") as update:
         r = run_bench(args.slices, args.size, backend=args.backend, segmenter=args.segmenter, adapter=args.adapter,
@@ -278,17 +286,14 @@ def cmd_bench(args) -> int:
     for stage in ("io", "fit", "features", "adapter", "correspondence", "segmenter"):
         print(f"    {stage:15s} {sec.get(stage, 0.0):8.2f} s")
     ratio = "n/a" if r["overhead_ratio"] is None else f"{r['overhead_ratio']:.2f}"
+    print(f"  adapter inference {r['adapter_ms_per_slice']:.1f} ms per slice at the feature grid")
     print(f"  model forwards {r['model_forwards_seconds']:.2f} s, overhead ratio (total / forwards) {ratio}")
     print(f"  peak memory {r['peak_memory_mb']:.0f} MB" + (f", GPU {r['peak_gpu_memory_mb']:.0f} MB"
                                                           if "peak_gpu_memory_mb" in r else ""))
     n = r["naive"]
     print(f"  naive path ({n['slices_measured']} slices measured): {n['seconds_per_slice']:.3f} s per slice, "
           f"{n['extrapolated_total']:.1f} s for the volume; speed-up {r['speedup_over_naive']:.1f}x")
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_paths(out) as tmp:
-            tmp.write_text(json.dumps(r, indent=1) + "\n")
-        print(f"  wrote {out}")
+    _write_json(out, r)
     return 0
 
 
