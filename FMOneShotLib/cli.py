@@ -308,6 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--seed", type=int, default=0, help="random seed (prompt sampling, adapter training)")
         sp.add_argument("--force", action="store_true", help="overwrite existing output files")
 
+    def adapter_args(sp, default, text):
+        sp.add_argument("--adapter", default=default, help=text)
+        sp.add_argument("--threshold", type=float, help="the basic adapter's cosine-similarity threshold (default 0.5)")
+
     def template_args(sp):
         sp.add_argument("--template", help="a template saved by FMOneShot (.json)")
         sp.add_argument("--template-image", help="the template volume or image, with points given inline")
@@ -331,10 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mask", action="append", metavar="NAME:FILE", help="a painted mask of the template slice")
     s.add_argument("--output", "-o", required=True, help="a folder (one file per target) or, for one target, a file")
     s.add_argument("--format", default=".nii.gz", choices=LABEL_FORMATS, help="label file format in a folder")
-    s.add_argument("--adapter", default="auto", help="auto (classification, trained on the painted masks "
-                   "or on the masks drawn from the clicks), basic, classification, contrastive, or none (raw "
-                   "similarity)")
-    s.add_argument("--threshold", type=float, help="the basic adapter's cosine-similarity threshold (default 0.5)")
+    adapter_args(s, "auto", "auto (classification, trained on the painted masks or on the masks drawn from the "
+                 "clicks), basic, classification, contrastive, or none (raw similarity)")
     s.add_argument("--segmenter", default="auto", help="auto, offline or none")
     s.add_argument("--save-template", help="also save the template used (.json) for reuse")
     s.set_defaults(func=cmd_segment)
@@ -345,9 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("targets", nargs="+", help="target images or volumes")
     lo.add_argument("--landmark", action="append", metavar="NAME:X,Y", help="a landmark on the template (repeat)")
     lo.add_argument("--output", "-o", required=True, help="landmarks file (.json or .csv)")
-    lo.add_argument("--adapter", default="none", help="none (correspondence of each landmark), or basic, "
-                    "classification, contrastive (centre of the adapter's localised region)")
-    lo.add_argument("--threshold", type=float, help="the basic adapter's cosine-similarity threshold (default 0.5)")
+    adapter_args(lo, "none", "none (correspondence of each landmark), or basic, classification, contrastive "
+                 "(centre of the adapter's localised region)")
     lo.set_defaults(func=cmd_localize, positive=None, negative=None, mask=None)
 
     ev = sub.add_parser("eval", help="score the one-shot protocol on a dataset in the case format")
@@ -355,8 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("dataset", help="dataset folder with a dataset.json (docs/data-format.md)")
     ev.add_argument("--labels", nargs="+", help="labels or landmarks to evaluate (default: all present)")
     ev.add_argument("--weights", help="checkpoint of the feature backend (foundation-model backends)")
-    ev.add_argument("--adapter", default="auto", help="auto, none, basic, classification or contrastive")
-    ev.add_argument("--threshold", type=float, help="the basic adapter's cosine-similarity threshold (default 0.5)")
+    adapter_args(ev, "auto", "auto, none, basic, classification or contrastive")
     ev.add_argument("--segmenter", default="auto", help="auto, offline or none (segmentation)")
     ev.add_argument("--template", metavar="CASE_ID", help="template case (default: the first case with the label)")
     ev.add_argument("--points", type=int, default=5, help="positive and negative points each (default: %(default)s)")
