@@ -231,6 +231,12 @@ class OneShot:
             std_feats = self._features(images, spacing)
             feats = self.standardizer.for_similarity(std_feats)
             timings["features"] += time.perf_counter() - t
+            # the landmark adapter runs once per batch at the grid; its maps are upsampled slice by slice
+            lm_grid = None
+            if self.landmark_adapter is not None:
+                t = time.perf_counter()
+                lm_grid = self.landmark_adapter.predict(std_feats)
+                timings["adapter"] += time.perf_counter() - t
             probs = None
             if self.adapter is not None:
                 t = time.perf_counter()
@@ -287,16 +293,13 @@ class OneShot:
                     t = time.perf_counter()
                     names_lm = list(self.q_landmarks)
                     c = correspond(torch.cat([self.q_landmarks[n] for n in names_lm]), feats[b], shape)
-                    lm_probs = None
-                    if self.landmark_adapter is not None:
-                        lm_probs = upsample(self.landmark_adapter.predict(std_feats[b:b + 1])[0], shape).numpy()
+                    lm_probs = None if lm_grid is None else upsample(lm_grid[b], shape).numpy()
                     for k, n in enumerate(names_lm):
                         (x, y), score = c.xy[k], float(c.score[k])
                         if lm_probs is not None:
                             # paper B: the centre of the localised region; the correspondence where none is found
-                            win = (lm_probs.argmax(axis=0) == k + 1) & (lm_probs[k + 1] > 0.5)
-                            if win.any():
-                                region = keep_components(win, weights=lm_probs[k + 1])
+                            region = localised_region(lm_probs, k)
+                            if region.any():
                                 wts = lm_probs[k + 1][region]
                                 ys, xs = np.nonzero(region)
                                 x, y = float((xs * wts).sum() / wts.sum()), float((ys * wts).sum() / wts.sum())
@@ -312,11 +315,15 @@ class OneShot:
                       label_values=[lb.value for lb in tpl.labels])
 
     def _region(self, probs: np.ndarray, i: int, pixel_area: float, name: str) -> np.ndarray:
-        """The adapter's localised region of label i: the most probable component where it wins the argmax."""
-        win = (probs.argmax(axis=0) == i + 1) & (probs[i + 1] > 0.5)
-        if not win.any():
-            return win
-        region = keep_components(win, weights=probs[i + 1])
+        """The adapter's localised region of label i, or nothing when it is too small to be the structure."""
+        region = localised_region(probs, i)
         if region.sum() * pixel_area < self.min_area_fraction * self.reference_area.get(name, 0.0):
             return np.zeros_like(region)
         return region
+
+
+def localised_region(probs: np.ndarray, i: int) -> np.ndarray:
+    """(L + 1, H, W) adapter probabilities -> the most probable component where label i wins the argmax
+    with a probability above 0.5 (paper B's connected-component step); empty when it wins nowhere."""
+    win = (probs.argmax(axis=0) == i + 1) & (probs[i + 1] > 0.5)
+    return keep_components(win, weights=probs[i + 1]) if win.any() else win
