@@ -1,4 +1,4 @@
-"""The ``fmoneshot`` command: demo, segment, localize, eval, bench.
+"""The ``fmoneshot`` command: demo, segment, localize, eval, bench, weights.
 
 Every input is checked before anything runs or is written; a bad input ends with one line on stderr that
 names the problem and the fix, and exit code 2.
@@ -21,6 +21,7 @@ from .features import available_backends
 from .files import atomic_paths, refuse_existing
 from .image import LABEL_EXTENSIONS
 
+SEGMENTER_HELP = "auto (SAM when its weights are in the cache, else offline), sam, offline or none"
 # Label volumes are 3D: every format the image writer knows except PNG.
 LABEL_FORMATS = tuple(e for e in LABEL_EXTENSIONS if e != ".png")
 
@@ -127,6 +128,53 @@ def _adapter_options(args) -> dict:
     return {"threshold": args.threshold}
 
 
+FOUNDATION_OPTIONS = {"weights": "--weights", "block": "--block", "stride": "--stride",
+                      "log_bin_levels": "--log-bin", "input_size": "--input-size"}
+
+
+def _backend_options(args) -> dict:
+    """The feature backend's options from --weights, --block, --stride, --log-bin, --input-size, --device,
+    --precision and --sam-model, checked against the backend before anything runs."""
+    given = {k: getattr(args, k, None) for k in FOUNDATION_OPTIONS}
+    given = {k: v for k, v in given.items() if v is not None}
+    if args.backend == "offline":
+        if given:
+            flags = ", ".join(FOUNDATION_OPTIONS[k] for k in given)
+            raise FMOneShotError(f"{flags} apply to foundation-model backends, not to the offline backend.",
+                                 "choose a backend such as --backend d2s14, or drop those options.")
+        return {}
+    if args.backend == "sam":
+        wrong = [FOUNDATION_OPTIONS[k] for k in ("block", "stride", "input_size") if k in given]
+        if wrong:
+            raise FMOneShotError(f"{', '.join(wrong)} do not apply to the SAM encoder backend (fixed 1024 input, "
+                                 "its output layer).", "drop them, or choose a ViT backend such as d2s14.")
+        given["model"] = args.sam_model
+    if given.get("weights") == "random":
+        print("fmoneshot: warning: randomly initialised weights (--weights random): for tests and benchmarks "
+              "only; the results mean nothing.", file=sys.stderr)
+    return {**given, "device": args.device, "precision": args.precision}
+
+
+def _segmenter_options(args) -> dict:
+    """SAM's options (--sam-model, --sam-weights, --device, --precision) when the segmenter can be SAM."""
+    if getattr(args, "segmenter", "auto") not in ("auto", "sam"):
+        if args.sam_weights is not None:
+            raise FMOneShotError("--sam-weights applies to the SAM segmenter only.",
+                                 "add --segmenter sam, or drop --sam-weights.")
+        return {}
+    options = {"device": args.device, "precision": args.precision}
+    if args.segmenter == "sam" or args.sam_weights is not None:
+        options["model"] = args.sam_model
+    if args.sam_weights is not None:
+        if args.segmenter == "auto":
+            args.segmenter = "sam"
+        options["weights"] = args.sam_weights
+        if args.sam_weights == "random":
+            print("fmoneshot: warning: SAM with randomly initialised weights (--sam-weights random): for tests "
+                  "and benchmarks only; the masks mean nothing.", file=sys.stderr)
+    return options
+
+
 def cmd_segment(args) -> int:
     from .image import read_volume, write_volume
     from .pipeline import OneShot
@@ -140,7 +188,8 @@ def cmd_segment(args) -> int:
         refuse_existing([args.save_template], args.force, "choose another --save-template name, or pass --force.")
     volumes = [read_volume(t, args.modality or template.modality) for t in args.targets]
     engine = OneShot(template, backend=args.backend, adapter=args.adapter, segmenter=args.segmenter,
-                     seed=args.seed, adapter_options=_adapter_options(args)).fit()
+                     seed=args.seed, adapter_options=_adapter_options(args), backend_options=_backend_options(args),
+                     segmenter_options=_segmenter_options(args)).fit()
     results = []
     for volume in volumes:
         with _progress(volume.name) as update:
@@ -169,8 +218,8 @@ def cmd_localize(args) -> int:
         raise FMOneShotError(f"Cannot tell the format of {out}.", "end --output with .json or .csv.")
     refuse_existing([out], args.force, "choose another --output, or pass --force.")
     volumes = [read_volume(t, args.modality or template.modality) for t in args.targets]
-    engine = OneShot(template, backend=args.backend, adapter=args.adapter, seed=args.seed,
-                     adapter_options=_adapter_options(args)).fit()
+    engine = OneShot(template, backend=args.backend, adapter=args.adapter, seed=args.seed, segmenter="offline",
+                     adapter_options=_adapter_options(args), backend_options=_backend_options(args)).fit()
     rows = []
     for target, volume in zip(args.targets, volumes):
         with _progress(volume.name) as update:
@@ -200,10 +249,11 @@ def cmd_demo(args) -> int:
 
     with _progress("demo") as update:
         report = run_demo(args.output, data=args.data or SAMPLE, labels=args.labels, backend=args.backend,
-                          segmenter=args.segmenter, seed=args.seed, force=args.force, progress=update)
+                          segmenter=args.segmenter, seed=args.seed, force=args.force, progress=update,
+                          backend_options=_backend_options(args), segmenter_options=_segmenter_options(args))
+    weights = "no downloaded weights" if args.backend == "offline" and report.segmenter != "sam" else "SAM weights"
     print(f"FMOneShot demo: {' and '.join(args.labels)} marked on slice {report.template_slice} of the sample CT "
-          f"(offline backend, no downloaded weights)" if args.backend == "offline" else
-          f"FMOneShot demo: template slice {report.template_slice}, backend {args.backend}")
+          f"(backend {args.backend}, segmenter {report.segmenter}, {weights})")
     for name, d in report.dice.items():
         e = report.empty[name]
         empty = "every slice contains it" if math.isnan(e) else f"{100 * e:.0f}% of the slices without it left empty"
@@ -240,7 +290,9 @@ def cmd_eval(args) -> int:
 
     out = _json_output(args)
     with _progress("eval") as update:
-        summary, targets = evaluate(args.dataset, labels=args.labels, backend=args.backend, weights=args.weights,
+        summary, targets = evaluate(args.dataset, labels=args.labels, backend=args.backend,
+                                    backend_options=_backend_options(args),
+                                    segmenter_options=_segmenter_options(args),
                                     adapter=args.adapter, segmenter=args.segmenter, template=args.template,
                                     points=args.points, seed=args.seed, max_targets=args.max_targets,
                                     progress=update, keep_pictures=bool(args.report),
@@ -274,10 +326,10 @@ def cmd_bench(args) -> int:
     from .bench import run_bench
 
     out = _json_output(args)
-    options = {"device": args.device} if args.device != "cpu" else {}
     with _progress("bench") as update:
         r = run_bench(args.slices, args.size, backend=args.backend, segmenter=args.segmenter, adapter=args.adapter,
-                      backend_options=options, naive_slices=args.naive_slices, seed=args.seed, progress=update)
+                      backend_options=_backend_options(args), segmenter_options=_segmenter_options(args),
+                      naive_slices=args.naive_slices, seed=args.seed, progress=update)
     v, sec = r["volume"], r["seconds"]
     print(f"FMOneShot bench: {v['slices']} slices of {v['size'][0]}x{v['size'][1]}, {v['structure']} on "
           f"{v['slices_with_structure']} slices (found on {v['slices_found']}); backend {r['backend']}, adapter "
@@ -297,6 +349,51 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_weights(args) -> int:
+    from . import weights as W
+
+    folder = args.cache
+    if args.action == "list":
+        rows = W.status(folder)
+        if args.json:
+            print(json.dumps(rows, indent=1))
+            return 0
+        print(f"cache: {Path(folder) if folder else W.cache_dir()} (set ${W.CACHE_ENV} or --cache to change)")
+        print(f"  {'name':10s} {'model':24s} {'present':7s} {'checked by':32s} licence")
+        for r in rows:
+            print(f"  {r['name']:10s} {r['description']:24s} {'yes' if r['present'] else 'no':7s} {r['check']:32s} "
+                  f"{r['licence']}{' (opt-in)' if r['opt_in'] else ''}")
+        return 0
+    if args.action == "import":
+        if len(args.items) != 1 or not args.name:
+            raise FMOneShotError("weights import takes one FILE and --name NAME.",
+                                 "e.g. fmoneshot weights import ~/Downloads/sam_vit_b_01ec64.pth --name sam_vit_b")
+        path = W.import_file(args.items[0], args.name, folder, force=args.force)
+        print(f"{args.name}: imported to {path}")
+        return 0
+    names = args.items or ([r["name"] for r in W.status(folder) if r["present"]] if args.action == "verify" else [])
+    if not names and args.action == "verify":
+        print(f"no checkpoint in the cache {Path(folder) if folder else W.cache_dir()}; nothing to verify")
+        return 0
+    if not names:
+        raise FMOneShotError(f"weights {args.action} needs the name of a checkpoint.",
+                             "see fmoneshot weights list for the names.")
+    failed = 0
+    for name in names:
+        entry = W.checkpoint(name)
+        if args.action == "download":
+            print(f"{name}: {entry.description}, licence {entry.licence}; {entry.url}")
+            path = W.download(name, folder, url=args.url, timeout=args.timeout, accept_licence=args.accept_licence)
+            print(f"{name}: {path} (sha256 {'verified' if entry.verified else 'pinned on first use'})")
+        else:
+            try:
+                print(f"{name}: ok, {W.verify(name, folder)}")
+            except FMOneShotError as exc:
+                print(f"{name}: {exc}")
+                failed += 1
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fmoneshot", description="One-shot segmentation and landmark localisation "
                                 "of medical images: mark a structure once, find it on every slice.")
@@ -307,6 +404,25 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--backend", default="offline", choices=available_backends(), help="feature backend")
         sp.add_argument("--seed", type=int, default=0, help="random seed (prompt sampling, adapter training)")
         sp.add_argument("--force", action="store_true", help="overwrite existing output files")
+
+    def model_args(sp, segmenter=True):
+        g = sp.add_argument_group("foundation models (backends other than offline; SAM)")
+        g.add_argument("--weights", help="backend weights: pretrained (default: the verified cache), a checkpoint "
+                       "file, or random (tests and benchmarks only)")
+        g.add_argument("--block", type=int, help="transformer block whose token embeddings are the features "
+                       "(default -1, the last)")
+        g.add_argument("--stride", type=int, help="patch-embedding stride; below the patch size the patches "
+                       "overlap (denser features)")
+        g.add_argument("--log-bin", dest="log_bin_levels", type=int, metavar="LEVELS",
+                       help="log-binning levels of the neighbourhood (0: off, the default; Amir et al. use 2)")
+        g.add_argument("--input-size", type=int, help="longest side of a slice fed to a ViT (default 448)")
+        g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+        g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                       help="auto: bf16 on CUDA and on CPUs with AMX, else fp32")
+        g.add_argument("--sam-model", default="vit_b", choices=["vit_b", "vit_l", "vit_h"],
+                       help="SAM model of the sam segmenter and backend (default %(default)s)")
+        if segmenter:
+            g.add_argument("--sam-weights", help="SAM weights: pretrained (default), a checkpoint file, or random")
 
     def adapter_args(sp, default, text):
         sp.add_argument("--adapter", default=default, help=text)
@@ -322,8 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     common(d)
     d.add_argument("--output", default="fmoneshot-demo", help="folder for the results (default: %(default)s)")
     d.add_argument("--data", help="a dataset folder in the case format (default: the bundled sample CT)")
-    d.add_argument("--segmenter", default="auto", help="auto, offline or none")
+    d.add_argument("--segmenter", default="auto", help=SEGMENTER_HELP)
     d.add_argument("--labels", nargs="+", default=["liver", "spleen"], help="labels of the dataset to mark")
+    model_args(d)
     d.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("segment", help="segment the template's labels on every slice of target volumes")
@@ -337,8 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", default=".nii.gz", choices=LABEL_FORMATS, help="label file format in a folder")
     adapter_args(s, "auto", "auto (classification, trained on the painted masks or on the masks drawn from the "
                  "clicks), basic, classification, contrastive, or none (raw similarity)")
-    s.add_argument("--segmenter", default="auto", help="auto, offline or none")
+    s.add_argument("--segmenter", default="auto", help=SEGMENTER_HELP)
     s.add_argument("--save-template", help="also save the template used (.json) for reuse")
+    model_args(s)
     s.set_defaults(func=cmd_segment)
 
     lo = sub.add_parser("localize", help="find the template's landmarks on target images and volumes")
@@ -349,20 +467,21 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--output", "-o", required=True, help="landmarks file (.json or .csv)")
     adapter_args(lo, "none", "none (correspondence of each landmark), or basic, classification, contrastive "
                  "(centre of the adapter's localised region)")
+    model_args(lo, segmenter=False)
     lo.set_defaults(func=cmd_localize, positive=None, negative=None, mask=None)
 
     ev = sub.add_parser("eval", help="score the one-shot protocol on a dataset in the case format")
     common(ev)
     ev.add_argument("dataset", help="dataset folder with a dataset.json (docs/data-format.md)")
     ev.add_argument("--labels", nargs="+", help="labels or landmarks to evaluate (default: all present)")
-    ev.add_argument("--weights", help="checkpoint of the feature backend (foundation-model backends)")
     adapter_args(ev, "auto", "auto, none, basic, classification or contrastive")
-    ev.add_argument("--segmenter", default="auto", help="auto, offline or none (segmentation)")
+    ev.add_argument("--segmenter", default="auto", help=SEGMENTER_HELP)
     ev.add_argument("--template", metavar="CASE_ID", help="template case (default: the first case with the label)")
     ev.add_argument("--points", type=int, default=5, help="positive and negative points each (default: %(default)s)")
     ev.add_argument("--max-targets", type=int, help="at most N target slices (or images) per label, spread evenly")
     ev.add_argument("--json", help="write the results to this .json file")
     ev.add_argument("--report", metavar="DIR", help="write report.md with the table and overlays to this folder")
+    model_args(ev)
     ev.set_defaults(func=cmd_eval)
 
     b = sub.add_parser("bench", help="time every stage on a large volume made from the sample CT")
@@ -370,11 +489,23 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--slices", type=int, default=100, help="slices of the volume (default: %(default)s)")
     b.add_argument("--size", type=int, default=512, help="rows and columns of each slice (default: %(default)s)")
     b.add_argument("--adapter", default="auto", help="auto, none, basic, classification or contrastive")
-    b.add_argument("--segmenter", default="auto", help="auto, offline or none")
-    b.add_argument("--device", default="cpu", help="cpu or cuda (backends that run on a GPU)")
+    b.add_argument("--segmenter", default="auto", help=SEGMENTER_HELP)
     b.add_argument("--naive-slices", type=int, default=3, help="slices the naive path is measured on")
     b.add_argument("--json", help="also write the figures to this .json file")
+    model_args(b)
     b.set_defaults(func=cmd_bench)
+
+    w = sub.add_parser("weights", help="list, download, import or verify pretrained checkpoints")
+    w.add_argument("action", choices=["list", "download", "import", "verify"])
+    w.add_argument("items", nargs="*", help="checkpoint names (download, verify) or the FILE to import")
+    w.add_argument("--name", help="the checkpoint a file is imported as (import)")
+    w.add_argument("--cache", help="cache folder (default: $FMONESHOT_CACHE or ~/.cache/fmoneshot)")
+    w.add_argument("--url", help="download from this mirror instead of the registry's URL")
+    w.add_argument("--timeout", type=float, default=30.0, help="seconds without data before a download gives up")
+    w.add_argument("--accept-licence", action="store_true", help="accept an opt-in licence (DINOv3)")
+    w.add_argument("--json", action="store_true", help="list as JSON")
+    w.add_argument("--force", action="store_true", help="replace a different file already in the cache (import)")
+    w.set_defaults(func=cmd_weights)
     return p
 
 

@@ -38,10 +38,12 @@ class DemoReport:
     fit_seconds: float
     peak_memory_mb: float
     files: list
+    segmenter: str = "offline"
 
 
 def run_demo(output_dir, data=SAMPLE, labels=DEMO_LABELS, backend: str = "offline", segmenter: str = "auto",
-             n_points: int = 5, seed: int = 0, force: bool = False, progress=None) -> DemoReport:
+             n_points: int = 5, seed: int = 0, force: bool = False, progress=None, backend_options: dict | None = None,
+             segmenter_options: dict | None = None) -> DemoReport:
     data = Path(data)
     if not (data / "dataset.json").is_file():
         raise FMOneShotError(f"The sample data is not at {data}.",
@@ -63,7 +65,8 @@ def run_demo(output_dir, data=SAMPLE, labels=DEMO_LABELS, backend: str = "offlin
                                     labels=[Label(n, v) for n, v in zip(labels, values)],
                                     settings={"backend": backend, "segmenter": segmenter})
     t0 = time.perf_counter()
-    engine = OneShot(template, backend=backend, segmenter=segmenter, seed=seed).fit()
+    engine = OneShot(template, backend=backend, segmenter=segmenter, seed=seed, backend_options=backend_options,
+                     segmenter_options=segmenter_options).fit()
     result = engine.apply(volume, progress=progress)
     seconds = time.perf_counter() - t0
     scores, empty = {}, {}
@@ -81,4 +84,5 @@ def run_demo(output_dir, data=SAMPLE, labels=DEMO_LABELS, backend: str = "offlin
             direction=volume.direction)
     template.save(files[2], force=force)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    return DemoReport(z, volume.n_slices, scores, empty, seconds, engine.fit_seconds, peak, [str(f) for f in files])
+    return DemoReport(z, volume.n_slices, scores, empty, seconds, engine.fit_seconds, peak, [str(f) for f in files],
+                      engine.segmenter.name)

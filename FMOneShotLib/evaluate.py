@@ -103,11 +103,15 @@ def _find_case(dataset: Dataset, case_id: str) -> Case:
                          f"use one of: {', '.join(c.id for c in dataset.cases)}.")
 
 
-def evaluate(dataset_dir, labels=None, backend: str = "offline", weights: str | None = None,
+def evaluate(dataset_dir, labels=None, backend: str = "offline", backend_options: dict | None = None,
              adapter: str | None = "auto", segmenter: str = "auto", template: str | None = None,
              points: int = 5, seed: int = 0, max_targets: int | None = None,
-             progress: Callable | None = None, keep_pictures: bool = False, adapter_options: dict | None = None):
+             progress: Callable | None = None, keep_pictures: bool = False, adapter_options: dict | None = None,
+             segmenter_options: dict | None = None):
     """Run the protocol on the dataset at ``dataset_dir``; returns ``(summary dict, [Target])``.
+
+    ``backend_options`` go to the feature backend (weights, block, stride, ...), ``segmenter_options`` to the
+    segmenter (SAM's model and weights).
 
     ``max_targets`` limits the target slices per label (and, separately, the empty slices) or the target
     images, spread evenly; ``progress(done, total)`` is called after each target case and label. Landmarks use
@@ -120,12 +124,12 @@ def evaluate(dataset_dir, labels=None, backend: str = "offline", weights: str | 
     dataset = load_dataset(dataset_dir)
     if not dataset.cases:
         raise FMOneShotError(f"Dataset {dataset.name} has no cases.", "add cases to its dataset.json.")
-    options = {"weights": weights} if weights else {}
+    options = dict(backend_options or {})
     t0 = time.perf_counter()
     if dataset.task == "segmentation":
         summary, targets = _evaluate_segmentation(dataset, labels, backend, options, adapter, segmenter, template,
                                                   points, seed, max_targets, progress, keep_pictures,
-                                                  adapter_options or {})
+                                                  adapter_options or {}, dict(segmenter_options or {}))
     else:
         adapter = None if adapter in (None, "none", "auto") else adapter
         summary, targets = _evaluate_landmarks(dataset, labels, backend, options, adapter, template, seed,
@@ -135,7 +139,7 @@ def evaluate(dataset_dir, labels=None, backend: str = "offline", weights: str | 
 
 
 def _evaluate_segmentation(dataset, labels, backend, options, adapter, segmenter, template_id, points, seed,
-                           max_targets, progress, keep_pictures, adapter_options):
+                           max_targets, progress, keep_pictures, adapter_options, segmenter_options):
     cases = _Cases(dataset)
     present = {c.id: set(np.unique(cases.mask(c)).tolist()) for c in dataset.cases}
     if labels:
@@ -165,7 +169,7 @@ def _evaluate_segmentation(dataset, labels, backend, options, adapter, segmenter
         pos, neg = sample_prompts(mask, points, points, seed)
         tpl = Template.from_volume(vol, z, {name: pos}, {name: neg}, {name: mask}, labels=[Label(name, value)])
         engine = OneShot(tpl, backend=backend, adapter=adapter, segmenter=segmenter, backend_options=options,
-                         seed=seed, adapter_options=adapter_options).fit()
+                         seed=seed, adapter_options=adapter_options, segmenter_options=segmenter_options).fit()
         tpl_info[name] = {"case": tcase.id, "slice": z}
         # Targets: (case, slice) with the label, and without it, over the other cases.
         others = [c for c in dataset.cases if c.id != tcase.id] or [tcase]
@@ -217,7 +221,8 @@ def _evaluate_segmentation(dataset, labels, backend, options, adapter, segmenter
     summary = {
         "dataset": dataset.name, "task": "segmentation", "backend": backend,
         "adapter": adapter or "none", "segmenter": engine.segmenter.name,
-        "template": {"points": points, "seed": seed, "max_targets": max_targets, "labels": tpl_info},
+        "template": {"points": points, "seed": seed, "max_targets": max_targets, "labels": tpl_info,
+                     "features": engine.extractor.settings()},
         "labels": per_label,
         "mean_dice": _round(_mean([v["dice"] for v in per_label.values()])),
     }
@@ -276,7 +281,8 @@ def _evaluate_landmarks(dataset, names, backend, options, adapter, template_id, 
     summary = {
         "dataset": dataset.name, "task": "landmarks", "backend": backend, "adapter": adapter or "none",
         "segmenter": "none",
-        "template": {"case": tcase.id, "seed": seed, "max_targets": max_targets, "targets": len(targets)},
+        "template": {"case": tcase.id, "seed": seed, "max_targets": max_targets, "targets": len(targets),
+                     "features": engine.extractor.settings()},
         "landmarks": per,
         "mean_ned": _round(_mean([d for r in rows.values() for d in r["ned"]]), 5),
         "within_10px": _round(_mean([d <= WITHIN_PX for d in all_px])),

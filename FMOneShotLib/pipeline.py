@@ -80,7 +80,8 @@ class OneShot:
     def __init__(self, template: Template, backend: str = "offline", adapter: str | None = "auto",
                  segmenter: str | Segmenter = "auto", backend_options: dict | None = None, seed: int = 0,
                  prompt_points: int = 10, min_area_fraction: float = 0.03, min_similarity: float = 0.3,
-                 adapter_options: dict | None = None, landmark_radius: float = 2.0):
+                 adapter_options: dict | None = None, landmark_radius: float = 2.0,
+                 segmenter_options: dict | None = None):
         self.template = template.validate()
         self.backend = backend
         self.backend_options = dict(backend_options or {})
@@ -89,7 +90,8 @@ class OneShot:
         self.landmark_radius = landmark_radius  # feature cells: the ROI of a landmark for a landmark adapter
         self.landmark_adapter: Adapter | None = None
         self.adapter_reused = False
-        self.segmenter = create_segmenter(segmenter) if isinstance(segmenter, str) else segmenter
+        self.segmenter = (create_segmenter(segmenter, **(segmenter_options or {})) if isinstance(segmenter, str)
+                          else segmenter)
         self.seed = seed
         self.prompt_points = prompt_points
         self.min_area_fraction = min_area_fraction

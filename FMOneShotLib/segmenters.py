@@ -1,18 +1,23 @@
 """Segmenters turn point prompts on a target slice into a mask.
 
-SAM (with downloaded weights) arrives with the backends issue behind this same interface. The offline
-refiner needs no weights: it grows the region of pixels whose features resemble the positive prompts more
+SAM (segment-anything's predictor) encodes a slice once, only where prompts exist, and keeps the
+best-scoring of its three masks; it is the default (``auto``) whenever a SAM checkpoint is in the cache. The
+offline refiner needs no weights: it grows the region of pixels whose features resemble the positive prompts more
 than the negative ones, keeps what is connected to a positive prompt, and respects a localisation prior
 (an adapter's probability map) where one exists.
 """
 
 from __future__ import annotations
 
+import hashlib
+import time
 from abc import ABC, abstractmethod
 
 import numpy as np
 import torch
 
+from . import models
+from . import weights as W
 from .correspond import similarity_maps, upsample
 from .errors import FMOneShotError
 from .features import sample_features
@@ -73,13 +78,83 @@ class RegionSegmenter(Segmenter):
         return keep_components(np.asarray(prior) > 0.5, seeds=positive)
 
 
-SEGMENTERS = {"offline": OfflineRefiner, "none": RegionSegmenter}
+class SamSegmenter(Segmenter):
+    """Segment Anything: point prompts (label 1 positive, 0 negative) -> the best of its three masks.
+
+    The slice is encoded once (``SamPredictor.set_image``) and the encoding is reused for every label
+    prompted on the same slice. ``weights``: 'pretrained' (the verified cache), a file, or 'random' (tests).
+    """
+
+    name = "sam"
+
+    def __init__(self, model: str = "vit_b", weights: str = "pretrained", device: str = "auto",
+                 precision: str = "auto", multimask: bool = True, overrides: dict | None = None):
+        from segment_anything import SamPredictor
+
+        self.model_type = model
+        self.device = models.resolve_device(device)
+        self.precision = models.resolve_precision(precision, self.device)
+        sam = models.sam(model, weights, overrides).to(self.device)
+        self.predictor = SamPredictor(sam)
+        self.multimask = multimask
+        self._key = None
+        self.encodings = 0  # slices encoded (the expensive step)
+        self.forward_seconds = 0.0
+
+    def _encode(self, image: np.ndarray) -> None:
+        key = (image.shape, hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).digest())
+        if key == self._key:
+            return
+        rgb = np.repeat((np.clip(image, 0, 1) * 255).round().astype(np.uint8)[..., None], 3, axis=2)
+        t = time.perf_counter()
+        with torch.inference_mode(), models.autocast(self.device, self.precision):
+            self.predictor.set_image(rgb)
+        self.predictor.features = self.predictor.features.float()
+        self.forward_seconds += time.perf_counter() - t
+        self.encodings += 1
+        self._key = key
+
+    def segment(self, image, features, positive, negative, prior=None):
+        positive = np.asarray(positive, float).reshape(-1, 2)
+        negative = np.asarray(negative, float).reshape(-1, 2)
+        if len(positive) == 0:
+            return np.zeros(image.shape, bool)
+        self._encode(image)
+        coords = np.concatenate([positive, negative])
+        labels = np.concatenate([np.ones(len(positive)), np.zeros(len(negative))])
+        with torch.inference_mode():
+            masks, scores, _ = self.predictor.predict(point_coords=coords, point_labels=labels,
+                                                      multimask_output=self.multimask)
+        return masks[int(np.argmax(scores))].astype(bool)
+
+
+SEGMENTERS = {"offline": OfflineRefiner, "none": RegionSegmenter, "sam": SamSegmenter}
+
+
+def available_sam(folder=None) -> str | None:
+    """The SAM model whose checkpoint is in the cache (ViT-B first: the fastest), else None."""
+    for model in models.SAM_TYPES:
+        if W.is_present(f"sam_{model}", folder):
+            return model
+    return None
+
+
+def resolve_segmenter(name: str = "auto") -> tuple:
+    """``auto`` -> ('sam', {'model': ...}) when a SAM checkpoint is in the cache, else ('offline', {})."""
+    if name != "auto":
+        return name, {}
+    model = available_sam()
+    return ("sam", {"model": model}) if model else ("offline", {})
 
 
 def create_segmenter(name: str = "auto", **options) -> Segmenter:
-    """``auto`` is the best available: SAM when its weights are present (backends issue), else offline."""
-    if name == "auto":
-        name = "offline"
+    """``auto`` is the best available: SAM when its weights are in the cache, else the offline refiner."""
+    name, defaults = resolve_segmenter(name)
     if name not in SEGMENTERS:
         raise FMOneShotError(f"Unknown segmenter {name!r}.", f"choose one of: auto, {', '.join(sorted(SEGMENTERS))}.")
-    return SEGMENTERS[name](**options)
+    if name != "sam":
+        options = {k: v for k, v in options.items() if k not in SAM_OPTIONS}
+    return SEGMENTERS[name](**{**defaults, **options})
+
+
+SAM_OPTIONS = ("model", "weights", "device", "precision", "multimask", "overrides")

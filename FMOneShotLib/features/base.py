@@ -80,3 +80,29 @@ def sample_features(features: torch.Tensor, xy, image_shape) -> torch.Tensor:
     out = torch.nn.functional.grid_sample(features[None], norm[None, :, None, :], mode="bilinear",
                                           padding_mode="border", align_corners=False)
     return out[0, :, :, 0].T.contiguous()
+
+
+def log_bin(features: torch.Tensor, levels: int = 2) -> torch.Tensor:
+    """Log-binning of Amir et al. (METHOD.md): enrich each cell with the mean of its neighbourhood in bins of
+    log-spaced sizes. ``features`` (B, C, h, w) -> (B, C * (1 + 8 * levels), h, w).
+
+    Level k (0 .. levels-1) averages the features over 3^k x 3^k cells (cells beyond the border not counted)
+    and samples that average at the 3 x 3 offsets {-3^k, 0, 3^k}; the centre is taken at level 0 only.
+    Offsets beyond the border take the nearest cell inside. Bins are in that order: level, then row, column.
+    """
+    B, C, h, w = features.shape
+    out = []
+    for k in range(levels):
+        size = 3 ** k
+        pooled = features if size == 1 else torch.nn.functional.avg_pool2d(
+            features, size, stride=1, padding=size // 2, count_include_pad=False)
+        ys = torch.arange(h)
+        xs = torch.arange(w)
+        for dy in (-size, 0, size):
+            for dx in (-size, 0, size):
+                if k > 0 and dy == 0 and dx == 0:
+                    continue
+                iy = (ys + dy).clamp(0, h - 1)
+                ix = (xs + dx).clamp(0, w - 1)
+                out.append(pooled[:, :, iy][:, :, :, ix])
+    return torch.cat(out, dim=1)

@@ -1,0 +1,206 @@
+"""Checkpoint download, resume, verification, offline import and safe loading, against a server on 127.0.0.1."""
+
+import hashlib
+import http.server
+import threading
+import time
+
+import pytest
+import torch
+
+from FMOneShotLib import weights as W
+from FMOneShotLib.cli import main
+from FMOneShotLib.errors import FMOneShotError
+
+PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
+DIGEST = hashlib.sha256(PAYLOAD).hexdigest()
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        srv = self.server
+        srv.requests.append(dict(self.headers))
+        mode = srv.mode
+        if mode == "error":
+            self.send_error(503, "Service Unavailable")
+            return
+        start = 0
+        rng = self.headers.get("Range")
+        if rng and mode != "norange":
+            start = int(rng.split("=")[1].split("-")[0])
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(srv.payload) - 1}/{len(srv.payload)}")
+        else:
+            self.send_response(200)
+        body = srv.payload[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if mode == "slow":
+            time.sleep(2.0)
+        if mode == "truncate":  # the connection drops after half the body
+            self.wfile.write(body[:len(body) // 2])
+            self.wfile.flush()
+            self.connection.shutdown(2)
+            return
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def server():
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    srv.mode, srv.payload, srv.requests = "ok", PAYLOAD, []
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    srv.url = f"http://127.0.0.1:{srv.server_address[1]}/model.bin"
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def entry(url, sha256=DIGEST, name="test_model"):
+    return W.Checkpoint(name, "model.bin", url, "Apache-2.0", sha256=sha256, description="test model")
+
+
+def test_download_verifies_and_reports_progress(server, tmp_path):
+    seen = []
+    path = W.download(entry(server.url), tmp_path, progress=lambda done, total: seen.append((done, total)),
+                      chunk=1 << 16)
+    assert path == tmp_path / "test_model" / "model.bin"
+    assert path.read_bytes() == PAYLOAD
+    assert seen[0] == (0, len(PAYLOAD)) and seen[-1] == (len(PAYLOAD), len(PAYLOAD))
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+    assert not path.with_name("model.bin.part").exists()
+    # a second call finds the verified file and does not download again
+    W.download(entry(server.url), tmp_path, progress=False)
+    assert len(server.requests) == 1
+
+
+def test_interrupted_download_resumes_where_it_stopped(server, tmp_path):
+    server.mode = "truncate"
+    with pytest.raises(FMOneShotError, match="run the same download again|Cannot download"):
+        W.download(entry(server.url), tmp_path, progress=False)
+    part = tmp_path / "test_model" / "model.bin.part"
+    assert 0 < part.stat().st_size < len(PAYLOAD)
+    kept = part.stat().st_size
+    server.mode = "ok"
+    path = W.download(entry(server.url), tmp_path, progress=False)
+    assert server.requests[-1]["Range"] == f"bytes={kept}-"
+    assert path.read_bytes() == PAYLOAD
+
+
+def test_server_that_ignores_the_range_restarts_cleanly(server, tmp_path):
+    part = tmp_path / "test_model" / "model.bin.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(b"garbage" * 100)
+    server.mode = "norange"
+    assert W.download(entry(server.url), tmp_path, progress=False).read_bytes() == PAYLOAD
+
+
+def test_checksum_mismatch_is_refused_and_deleted(server, tmp_path):
+    with pytest.raises(FMOneShotError, match="deleted and not loaded"):
+        W.download(entry(server.url, sha256="0" * 64), tmp_path, progress=False)
+    assert not any((tmp_path / "test_model").iterdir())
+
+
+def test_server_error_and_timeout_give_clear_messages(server, tmp_path):
+    server.mode = "error"
+    with pytest.raises(FMOneShotError, match="HTTP 503.*weights import"):
+        W.download(entry(server.url), tmp_path, progress=False)
+    server.mode = "slow"
+    with pytest.raises(FMOneShotError, match="Cannot download .*timed out.*resumes"):
+        W.download(entry(server.url), tmp_path, progress=False, timeout=0.5)
+    assert not (tmp_path / "test_model" / "model.bin").exists()
+
+
+def test_unpublished_digest_is_pinned_on_first_download_and_checked_after(server, tmp_path):
+    e = entry(server.url, sha256=None)
+    path = W.download(e, tmp_path, progress=False)
+    assert W.expected_digest(e, path) == DIGEST
+    assert W.verify(e, tmp_path) == path
+    path.write_bytes(PAYLOAD[:-10])  # damaged later (another size, so not the memoised check)
+    with pytest.raises(FMOneShotError, match="damaged"):
+        W.verify(e, tmp_path)
+
+
+def test_opt_in_licence_must_be_accepted(server, tmp_path):
+    e = W.Checkpoint("lic", "model.bin", server.url, "DINOv3 License", opt_in=True, description="DINOv3")
+    with pytest.raises(FMOneShotError, match="accept-licence"):
+        W.download(e, tmp_path, progress=False)
+    assert server.requests == []
+    assert W.download(e, tmp_path, progress=False, accept_licence=True).read_bytes() == PAYLOAD
+
+
+def test_import_checks_the_published_digest(tmp_path, monkeypatch):
+    sam = W.REGISTRY["sam_vit_b"]
+    fake = W.Checkpoint(sam.name, sam.file, sam.url, sam.licence, sha256=DIGEST, description=sam.description)
+    monkeypatch.setitem(W.REGISTRY, "sam_vit_b", fake)
+    good, bad = tmp_path / "good.pth", tmp_path / "bad.pth"
+    good.write_bytes(PAYLOAD)
+    bad.write_bytes(PAYLOAD[:1000])  # truncated
+    cache = tmp_path / "cache"
+    with pytest.raises(FMOneShotError, match="nothing was imported"):
+        W.import_file(bad, "sam_vit_b", cache)
+    assert not W.is_present("sam_vit_b", cache)
+    path = W.import_file(good, "sam_vit_b", cache)
+    assert path == cache / "sam_vit_b" / "sam_vit_b_01ec64.pth" and path.read_bytes() == PAYLOAD
+    assert W.verify("sam_vit_b", cache) == path
+
+
+def test_missing_checkpoint_says_which_file_where_to_get_it_and_where_to_put_it(tmp_path):
+    with pytest.raises(FMOneShotError) as err:
+        W.verify("sam_vit_b", tmp_path)
+    text = str(err.value)
+    assert "sam_vit_b_01ec64.pth" in text and W.REGISTRY["sam_vit_b"].url in text
+    assert str(tmp_path / "sam_vit_b" / "sam_vit_b_01ec64.pth") in text and "weights import" in text
+
+
+def test_registry_holds_the_published_facts_only():
+    sam = {e.file: e.sha256 for e in W.REGISTRY.values() if e.name.startswith("sam_")}
+    assert sam["sam_vit_b_01ec64.pth"].startswith("ec2df627") and sam["sam_vit_h_4b8939.pth"].startswith("a7bf3b02")
+    timm_entries = [e for e in W.REGISTRY.values() if e.timm_name]
+    assert timm_entries and all(e.sha256 is None for e in timm_entries)  # no invented digests
+    assert all(e.url == f"https://huggingface.co/timm/{e.timm_name}/resolve/main/model.safetensors"
+               for e in timm_entries)
+    assert [e.name for e in W.REGISTRY.values() if e.opt_in] == ["d3s16", "d3b16"]
+
+
+def test_loading_is_safe_and_refuses_damaged_files(tmp_path):
+    from safetensors.torch import save_file
+
+    state = {"w": torch.arange(6.0).reshape(2, 3)}
+    torch.save(state, tmp_path / "ok.pth")
+    save_file(state, str(tmp_path / "ok.safetensors"))
+    assert torch.equal(W.load_state_dict(tmp_path / "ok.pth")["w"], state["w"])
+    assert torch.equal(W.load_state_dict(tmp_path / "ok.safetensors")["w"], state["w"])
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "ok.safetensors").read_bytes()[:40])
+    with pytest.raises(FMOneShotError, match="damaged"):
+        W.load_state_dict(tmp_path / "cut.safetensors")
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pickle code ran",))
+
+    torch.save({"w": Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(FMOneShotError, match="Cannot read the checkpoint"):
+        W.load_state_dict(tmp_path / "evil.pth")
+
+
+def test_cli_weights_list_import_verify(tmp_path, capsys, monkeypatch):
+    sam = W.REGISTRY["sam_vit_b"]
+    monkeypatch.setitem(W.REGISTRY, "sam_vit_b", W.Checkpoint(sam.name, sam.file, sam.url, sam.licence,
+                                                              sha256=DIGEST, description=sam.description))
+    cache = tmp_path / "cache"
+    src = tmp_path / "sam_vit_b_01ec64.pth"
+    src.write_bytes(PAYLOAD)
+    assert main(["weights", "import", str(src), "--name", "sam_vit_b", "--cache", str(cache)]) == 0
+    assert main(["weights", "verify", "--cache", str(cache)]) == 0
+    assert "sam_vit_b: ok" in capsys.readouterr().out
+    assert main(["weights", "list", "--json", "--cache", str(cache)]) == 0
+    rows = {r["name"]: r for r in __import__("json").loads(capsys.readouterr().out)}
+    assert rows["sam_vit_b"]["present"] and not rows["sam_vit_h"]["present"]
+    (cache / "sam_vit_b" / sam.file).write_bytes(PAYLOAD[:-1])  # damaged in the cache
+    assert main(["weights", "verify", "sam_vit_b", "--cache", str(cache)]) == 1
+    assert "damaged" in capsys.readouterr().out
