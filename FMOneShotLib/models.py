@@ -85,6 +85,16 @@ def _state(weights, entry_name):
     return W.load_state_dict(path)
 
 
+@contextlib.contextmanager
+def _seeded(seed: int = 0):
+    """Random initialisation that is the same in every run, without touching the caller's random state."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def _load(model, state, what):
     try:
         model.load_state_dict(state, strict=True)
@@ -102,8 +112,9 @@ def timm_vit(entry_name: str, weights: str = "pretrained", overrides: dict | Non
         import timm
 
         entry = W.checkpoint(entry_name)
-        model = timm.create_model(entry.timm_name, pretrained=False, dynamic_img_size=True, num_classes=0,
-                                  **overrides)
+        with _seeded():
+            model = timm.create_model(entry.timm_name, pretrained=False, dynamic_img_size=True, num_classes=0,
+                                      **overrides)
         if weights != "random":
             _load(model, _state(weights, entry_name), entry.description)
         _MODELS[key] = model.eval()
@@ -125,14 +136,14 @@ def sam(model_type: str = "vit_b", weights: str = "pretrained", overrides: dict 
     if key not in _MODELS:
         from segment_anything.build_sam import _build_sam, sam_model_registry
 
-        if overrides:
-            model = _build_sam(encoder_embed_dim=overrides["embed_dim"],
-                                         encoder_depth=overrides["depth"], encoder_num_heads=overrides["num_heads"],
-                                         encoder_global_attn_indexes=list(overrides["global_attn_indexes"]),
-                                         checkpoint=None)
-        else:
-            # checkpoint=None: segment-anything's own loader uses torch.load without weights_only.
-            model = sam_model_registry[model_type](checkpoint=None)
+        with _seeded():
+            if overrides:
+                model = _build_sam(encoder_embed_dim=overrides["embed_dim"], encoder_depth=overrides["depth"],
+                                   encoder_num_heads=overrides["num_heads"],
+                                   encoder_global_attn_indexes=list(overrides["global_attn_indexes"]), checkpoint=None)
+            else:
+                # checkpoint=None: segment-anything's own loader uses torch.load without weights_only.
+                model = sam_model_registry[model_type](checkpoint=None)
         if weights != "random":
             _load(model, _state(weights, entry_name), W.checkpoint(entry_name).description)
         _MODELS[key] = model.eval()

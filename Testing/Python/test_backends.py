@@ -1,0 +1,249 @@
+"""Every foundation-model backend with its real architecture, randomly initialised and made small; the SAM
+segmenter; overlapping patches and log-binning against straightforward reference implementations."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from FMOneShotLib import models
+from FMOneShotLib.cli import main
+from FMOneShotLib.datasets import load_dataset
+from FMOneShotLib.demo import SAMPLE
+from FMOneShotLib.errors import FMOneShotError
+from FMOneShotLib.features import create_extractor, log_bin
+from FMOneShotLib.features.vit import TIMM_BACKENDS
+from FMOneShotLib.image import read_volume
+from FMOneShotLib.pipeline import OneShot
+from FMOneShotLib.segmenters import SamSegmenter, create_segmenter
+from FMOneShotLib.template import Template, sample_prompts
+
+SMALL_VIT = {"depth": 2, "embed_dim": 48, "num_heads": 2}
+SMALL_SAM = {"embed_dim": 32, "depth": 2, "num_heads": 2, "global_attn_indexes": [1]}
+PATCH = {"d1s8": 8, "d1b8": 8, "d1s16": 16, "d1b16": 16, "d3s16": 16, "d3b16": 16, "clip": 16}
+
+
+def vit(name, **kw):
+    return create_extractor(name, weights="random", overrides=SMALL_VIT, precision="fp32", device="cpu", **kw)
+
+
+@pytest.fixture(scope="module")
+def slices():
+    rng = np.random.default_rng(0)
+    return rng.random((3, 90, 120)).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", TIMM_BACKENDS)
+def test_vit_backend_shapes_strides_and_determinism(name, slices):
+    p = PATCH.get(name, 14)
+    e = vit(name, input_size=8 * p)
+    f = e.extract(slices)
+    assert e.patch == p
+    # longest side 120 -> 8 patches; 90 -> 6
+    assert f.shape == (3, 48, 6, 8) and f.dtype == torch.float32
+    assert torch.equal(f, vit(name, input_size=8 * p).extract(slices))  # deterministic
+    assert torch.allclose(f[1], e.extract(slices[1:2])[0], atol=1e-5)  # batch-independent
+    dense = vit(name, input_size=8 * p, stride=p // 2).extract(slices)
+    assert dense.shape == (3, 48, 12, 16)  # overlapping patches: twice the grid
+    binned = vit(name, input_size=8 * p, log_bin_levels=2).extract(slices)
+    assert binned.shape == (3, 48 * 17, 6, 8) and torch.allclose(binned[:, 4 * 48:5 * 48], f, atol=1e-5)
+
+
+def test_block_choice_and_bad_options(slices):
+    last = vit("d2s14", input_size=112).extract(slices)
+    first = vit("d2s14", input_size=112, block=0).extract(slices)
+    assert first.shape == last.shape and not torch.allclose(first, last)
+    assert torch.equal(vit("d2s14", input_size=112, block=1).extract(slices), last)
+    with pytest.raises(FMOneShotError, match="block 5 does not exist"):
+        vit("d2s14", block=5)
+    with pytest.raises(FMOneShotError, match="Stride 20"):
+        vit("d2s14", stride=20)
+    with pytest.raises(FMOneShotError, match="need weights='random'"):
+        create_extractor("d2s14", overrides=SMALL_VIT)
+
+
+def test_pretrained_weights_missing_gives_one_clear_message(tmp_path, monkeypatch):
+    monkeypatch.setenv("FMONESHOT_CACHE", str(tmp_path))
+    with pytest.raises(FMOneShotError, match=r"model.safetensors \(DINOv2 ViT-S/14\) is not in the cache"):
+        create_extractor("d2s14")
+
+
+def test_pretrained_weights_load_from_the_verified_cache(tmp_path, monkeypatch):
+    """A checkpoint in the cache is verified and loaded: the features are those of the saved model."""
+    from safetensors.torch import save_file
+
+    import timm
+
+    monkeypatch.setenv("FMONESHOT_CACHE", str(tmp_path))
+    model = timm.create_model("vit_small_patch14_dinov2.lvd142m", pretrained=False, num_classes=0,
+                              dynamic_img_size=True)
+    (tmp_path / "d2s14").mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "d2s14" / "model.safetensors"))
+    e = create_extractor("d2s14", precision="fp32", input_size=112)
+    assert (tmp_path / "d2s14" / "model.safetensors.sha256").exists()  # pinned at first use
+    x = e.preprocess(np.random.default_rng(1).random((1, 112, 112)).astype(np.float32))
+    with torch.inference_mode():
+        ref = model.forward_features(x)[:, model.num_prefix_tokens:]
+        ref = model.blocks[-1](model.blocks[:-1](model.norm_pre(model._pos_embed(model.patch_embed(x)))))
+        ref = ref[:, model.num_prefix_tokens:].reshape(1, 8, 8, -1).permute(0, 3, 1, 2)
+        assert torch.allclose(e.forward(x), ref, atol=1e-4)
+
+
+def test_overlapping_patches_match_a_reference_implementation():
+    """Stride s < patch p: each token is the patch embedding of the p x p window starting at (s*i, s*j) of the
+    padded image, plus the position embedding resampled (bicubic) to the denser grid."""
+    e = vit("d1s16", input_size=64, stride=8)
+    m = e.model
+    img = np.random.default_rng(2).random((1, 64, 64)).astype(np.float32)
+    x = e.preprocess(img)
+    assert x.shape[-1] == 64 + 8  # padded by patch - stride
+    tokens = e.patch_tokens(x)  # (1, h, w, C)
+    h, w = tokens.shape[1:3]
+    assert (h, w) == (8, 8) == e.grid_shape(img.shape[1:])
+    weight = m.patch_embed.proj.weight.reshape(m.embed_dim, -1)
+    for i, j in [(0, 0), (3, 5), (7, 7)]:
+        window = x[0, :, 8 * i:8 * i + 16, 8 * j:8 * j + 16].reshape(-1)
+        ref = weight @ window + m.patch_embed.proj.bias
+        assert torch.allclose(tokens[0, i, j], ref, atol=1e-4)
+    with torch.inference_mode():
+        embedded = m._pos_embed(tokens)[:, m.num_prefix_tokens:]
+    grid = m.pos_embed[:, m.num_prefix_tokens:].reshape(1, 14, 14, -1).permute(0, 3, 1, 2)
+    ref_pos = F.interpolate(grid, size=(8, 8), mode="bicubic", align_corners=False, antialias=True)
+    ref_pos = ref_pos.permute(0, 2, 3, 1).reshape(1, 64, -1)
+    assert torch.allclose(embedded, tokens.reshape(1, 64, -1) + ref_pos, atol=1e-4)
+
+
+def test_overlapping_patch_cells_are_centred_where_the_grid_convention_says():
+    """A bright dot in the image lights up the cell whose centre is nearest, with overlapping patches too."""
+    e = vit("d1s16", input_size=64, stride=8)
+    img = np.zeros((1, 64, 64), np.float32)
+    img[0, 44, 20] = 1.0
+    x = e.preprocess(img)
+    resp = e.patch_tokens(x)[0].abs().sum(-1) - e.patch_tokens(e.preprocess(np.zeros_like(img)))[0].abs().sum(-1)
+    rows, cols = np.nonzero(resp.abs().detach().numpy() > 1e-6)
+    # cells covering pixel 44 (rows) and 20 (columns): centres (k + 0.5) * 8 within half a patch (8 px)
+    assert set(rows.tolist()) == {k for k in range(8) if abs((k + 0.5) * 8 - 44.5) < 8}
+    assert set(cols.tolist()) == {k for k in range(8) if abs((k + 0.5) * 8 - 20.5) < 8}
+
+
+def reference_log_bin(x, levels):
+    """Amir et al.'s loop, cell by cell."""
+    B, C, h, w = x.shape
+    pools = [F.avg_pool2d(x, 3 ** k, stride=1, padding=3 ** k // 2, count_include_pad=False) for k in range(levels)]
+    out = torch.zeros(B, C * (1 + 8 * levels), h, w)
+    for y in range(h):
+        for xx in range(w):
+            part = 0
+            for k in range(levels):
+                size = 3 ** k
+                for i in range(y - size, y + size + 1, size):
+                    for j in range(xx - size, xx + size + 1, size):
+                        if i == y and j == xx and k != 0:
+                            continue
+                        ii, jj = min(max(i, 0), h - 1), min(max(j, 0), w - 1)
+                        out[:, part * C:(part + 1) * C, y, xx] = pools[k][:, :, ii, jj]
+                        part += 1
+    return out
+
+
+@pytest.mark.parametrize("levels", [1, 2, 3])
+def test_log_binning_matches_the_reference_loop(levels):
+    x = torch.randn(2, 5, 7, 11)
+    assert torch.allclose(log_bin(x, levels), reference_log_bin(x, levels), atol=1e-6)
+
+
+def test_sam_encoder_backend_grid_covers_the_slice(slices):
+    e = create_extractor("sam", weights="random", overrides=SMALL_SAM, precision="fp32", device="cpu")
+    f = e.extract(slices)
+    assert f.shape == (3, 256, 48, 64)  # 1024 / 16 = 64 columns; 90 / 120 of that = 48 rows (padding dropped)
+    assert torch.equal(f, e.extract(slices))
+    assert create_extractor("sam", weights="random", overrides=SMALL_SAM, precision="fp32",
+                            log_bin_levels=1).extract(slices[:1]).shape == (1, 256 * 9, 48, 64)
+
+
+def test_sam_segmenter_equals_segment_anything_and_encodes_each_slice_once():
+    from segment_anything import SamPredictor
+
+    seg = SamSegmenter(weights="random", overrides=SMALL_SAM, precision="fp32", device="cpu")
+    rng = np.random.default_rng(3)
+    image = rng.random((90, 120)).astype(np.float32)
+    pos, neg = np.array([[60.0, 40.0], [70.0, 45.0]]), np.array([[5.0, 5.0]])
+    mask = seg.segment(image, None, pos, neg)
+    seg.segment(image, None, pos[:1], neg)  # a second label on the same slice
+    assert seg.encodings == 1 and mask.shape == image.shape and mask.dtype == bool
+    ref = SamPredictor(models.sam("vit_b", "random", SMALL_SAM))
+    ref.set_image(np.repeat((image * 255).round().astype(np.uint8)[..., None], 3, axis=2))
+    masks, scores, _ = ref.predict(np.concatenate([pos, neg]), np.array([1, 1, 0]), multimask_output=True)
+    assert np.array_equal(mask, masks[np.argmax(scores)])
+    assert not seg.segment(image, None, np.zeros((0, 2)), neg).any()
+    seg.segment(image[::-1].copy(), None, pos, neg)
+    assert seg.encodings == 2
+
+
+def test_auto_segmenter_is_sam_only_when_its_weights_are_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("FMONESHOT_CACHE", str(tmp_path))
+    assert create_segmenter("auto").name == "offline"
+    (tmp_path / "sam_vit_b").mkdir()
+    (tmp_path / "sam_vit_b" / "sam_vit_b_01ec64.pth").write_bytes(b"not the real file")
+    with pytest.raises(FMOneShotError, match="damaged or not the published file"):  # verified before use
+        create_segmenter("auto")
+
+
+@pytest.fixture(scope="module")
+def ct():
+    case = load_dataset(SAMPLE).cases[0]
+    return case.read_image(), case.read_mask()
+
+
+def test_d2s14_and_sam_in_the_whole_chain(ct):
+    vol, ref = ct
+    z = int(np.argmax((ref == 1).sum(axis=(1, 2))))
+    pos, neg = sample_prompts(ref[z] == 1, 5, 5, 0)
+    tpl = Template.from_volume(vol, z, {"liver": pos}, {"liver": neg}, {"liver": ref[z] == 1},
+                               landmarks={"tip": (60.0, 50.0)})
+    for backend, options in [("d2s14", {"overrides": SMALL_VIT}), ("sam", {"overrides": SMALL_SAM})]:
+        engine = OneShot(tpl, backend=backend, backend_options={"weights": "random", "precision": "fp32", **options},
+                         segmenter="sam", segmenter_options={"weights": "random", "overrides": SMALL_SAM,
+                                                             "precision": "fp32"}).fit()
+        result = engine.apply(vol, slices=[z - 1, z, z + 1])
+        assert result.labels.array.shape == vol.array.shape
+        assert not result.labels.array[:z - 1].any() and not result.labels.array[z + 2:].any()
+        assert engine.segmenter.encodings >= 1 and engine.segmenter.name == "sam"
+        assert result.timings["segmenter"] > 0
+        lm = result.best_landmarks()["tip"]
+        assert lm.slice in (z - 1, z, z + 1) and 0 <= lm.xy[0] < 122 and 0 <= lm.xy[1] < 101
+        # on the template slice itself the template's own features are there: the best match is close to 1
+        # (below it only by interpolation between cells). Random features are alike over uniform tissue, so
+        # where the match lies is not asserted.
+        on_template = [m for m in result.landmarks["tip"] if m.slice == z][0]
+        assert on_template.confidence > 0.85
+
+
+def test_cli_segment_and_localize_with_d2s14(tmp_path, capsys):
+    ct_path = SAMPLE / "images" / "ct-small.nii.gz"
+    out = tmp_path / "liver.nii.gz"
+    argv = ["segment", str(ct_path), "--template-image", str(ct_path), "--slice", "22",
+            "--positive", "liver:45,60", "--negative", "liver:100,30", "--backend", "d2s14", "--weights", "random",
+            "--input-size", "112", "--precision", "fp32", "--device", "cpu", "--segmenter", "offline", "-o", str(out)]
+    assert main(argv) == 0
+    assert "randomly initialised" in capsys.readouterr().err
+    labels, image = read_volume(out), read_volume(ct_path)
+    assert labels.array.shape == image.array.shape and np.allclose(labels.spacing, image.spacing)
+    lms = tmp_path / "lm.json"
+    assert main(["localize", str(ct_path), "--template-image", str(ct_path), "--slice", "22", "--landmark",
+                 "tip:60,50", "--backend", "d2s14", "--weights", "random", "--input-size", "112", "-o",
+                 str(lms)]) == 0
+    (row,) = json.loads(lms.read_text())["landmarks"]
+    assert row["landmark"] == "tip" and 0 <= row["slice"] < 30
+    physical = image.index_to_physical([row["x"], row["y"], row["slice"]])
+    assert np.allclose(physical, [row["physical_x"], row["physical_y"], row["physical_z"]], atol=0.01)
+
+
+def test_cli_refuses_foundation_options_for_the_offline_backend(tmp_path, capsys):
+    ct_path = SAMPLE / "images" / "ct-small.nii.gz"
+    assert main(["segment", str(ct_path), "--template-image", str(ct_path), "--positive", "liver:45,60",
+                 "--stride", "7", "-o", str(tmp_path / "x.nii.gz")]) == 2
+    assert "--stride apply to foundation-model backends" in capsys.readouterr().err
+    assert not (tmp_path / "x.nii.gz").exists()
