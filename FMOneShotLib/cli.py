@@ -333,7 +333,8 @@ def cmd_bench(args) -> int:
     v, sec = r["volume"], r["seconds"]
     print(f"FMOneShot bench: {v['slices']} slices of {v['size'][0]}x{v['size'][1]}, {v['structure']} on "
           f"{v['slices_with_structure']} slices (found on {v['slices_found']}); backend {r['backend']}, adapter "
-          f"{r['adapter']}, segmenter {r['segmenter']}, {r['device']}, {r['threads']} threads")
+          f"{r['adapter']}, segmenter {r['segmenter']}, {r['device']}, {r['threads']} threads, precision "
+          f"{r['precision']['features']} (features) / {r['precision']['segmenter']} (segmenter)")
     print(f"  total {sec['total']:.2f} s = {r['seconds_per_slice'] * 1000:.1f} ms per slice")
     for stage in ("io", "fit", "features", "adapter", "correspondence", "segmenter"):
         print(f"    {stage:15s} {sec.get(stage, 0.0):8.2f} s")
