@@ -32,3 +32,16 @@ def chaos():
 @pytest.fixture
 def sample():
     return SAMPLE
+
+
+@pytest.fixture(autouse=True, scope="session")
+def empty_weights_cache(tmp_path_factory):
+    """The tests never see the user's checkpoint cache: with SAM weights there, 'auto' would pick SAM and
+    the offline figures the tests assert would change. Tests that need a cache set their own."""
+    saved = os.environ.get("FMONESHOT_CACHE")
+    os.environ["FMONESHOT_CACHE"] = str(tmp_path_factory.mktemp("weights-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("FMONESHOT_CACHE", None)
+    else:
+        os.environ["FMONESHOT_CACHE"] = saved
