@@ -35,6 +35,11 @@ class FMOneShotWidget(ScriptedLoadableModuleWidget):
 class FMOneShotLogic(ScriptedLoadableModuleLogic):
     """Runs the FMOneShotLib chain on MRML volume nodes. Imports the library (and torch) only when used."""
 
+    def __init__(self):
+        ScriptedLoadableModuleLogic.__init__(self)
+        # Model weights go to Slicer's cache folder unless the user chose another one (FMOneShotLib.weights).
+        os.environ.setdefault("FMONESHOT_CACHE", os.path.join(slicer.app.cachePath, "FMOneShot"))
+
     def segment(self, template, volume_node, **options):
         """Segment ``volume_node`` with a FMOneShotLib Template; returns the library's Result."""
         from FMOneShotLib.image import Volume
