@@ -423,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--sam-model", default="vit_b", choices=["vit_b", "vit_l", "vit_h"],
                        help="SAM model of the sam segmenter and backend (default %(default)s)")
         if segmenter:
+            sp.add_argument("--segmenter", default="auto", help=SEGMENTER_HELP)
             g.add_argument("--sam-weights", help="SAM weights: pretrained (default), a checkpoint file, or random")
 
     def adapter_args(sp, default, text):
@@ -439,7 +440,6 @@ def build_parser() -> argparse.ArgumentParser:
     common(d)
     d.add_argument("--output", default="fmoneshot-demo", help="folder for the results (default: %(default)s)")
     d.add_argument("--data", help="a dataset folder in the case format (default: the bundled sample CT)")
-    d.add_argument("--segmenter", default="auto", help=SEGMENTER_HELP)
     d.add_argument("--labels", nargs="+", default=["liver", "spleen"], help="labels of the dataset to mark")
     model_args(d)
     d.set_defaults(func=cmd_demo)
@@ -455,7 +455,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", default=".nii.gz", choices=LABEL_FORMATS, help="label file format in a folder")
     adapter_args(s, "auto", "auto (classification, trained on the painted masks or on the masks drawn from the "
                  "clicks), basic, classification, contrastive, or none (raw similarity)")
-    s.add_argument("--segmenter", default="auto", help=SEGMENTER_HELP)
     s.add_argument("--save-template", help="also save the template used (.json) for reuse")
     model_args(s)
     s.set_defaults(func=cmd_segment)
@@ -476,7 +475,6 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("dataset", help="dataset folder with a dataset.json (docs/data-format.md)")
     ev.add_argument("--labels", nargs="+", help="labels or landmarks to evaluate (default: all present)")
     adapter_args(ev, "auto", "auto, none, basic, classification or contrastive")
-    ev.add_argument("--segmenter", default="auto", help=SEGMENTER_HELP)
     ev.add_argument("--template", metavar="CASE_ID", help="template case (default: the first case with the label)")
     ev.add_argument("--points", type=int, default=5, help="positive and negative points each (default: %(default)s)")
     ev.add_argument("--max-targets", type=int, help="at most N target slices (or images) per label, spread evenly")
@@ -490,7 +488,6 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--slices", type=int, default=100, help="slices of the volume (default: %(default)s)")
     b.add_argument("--size", type=int, default=512, help="rows and columns of each slice (default: %(default)s)")
     b.add_argument("--adapter", default="auto", help="auto, none, basic, classification or contrastive")
-    b.add_argument("--segmenter", default="auto", help=SEGMENTER_HELP)
     b.add_argument("--naive-slices", type=int, default=3, help="slices the naive path is measured on")
     b.add_argument("--json", help="also write the figures to this .json file")
     model_args(b)
