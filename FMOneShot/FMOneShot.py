@@ -42,18 +42,12 @@ class FMOneShotLogic(ScriptedLoadableModuleLogic):
 
     def segment(self, template, volume_node, **options):
         """Segment ``volume_node`` with a FMOneShotLib Template; returns the library's Result."""
-        from FMOneShotLib.image import Volume
+        from FMOneShotLib.mrml import volume_from_node
         from FMOneShotLib.pipeline import OneShot
 
         if volume_node is None:
             raise ValueError("Select a target volume first.")
-        array = slicer.util.arrayFromVolume(volume_node)
-        ijk_to_ras = [[0.0] * 3 for _ in range(3)]
-        volume_node.GetIJKToRASDirections(ijk_to_ras)
-        lps = [[-ijk_to_ras[0][j] for j in range(3)], [-ijk_to_ras[1][j] for j in range(3)], list(ijk_to_ras[2])]
-        origin = volume_node.GetOrigin()
-        volume = Volume(array, volume_node.GetSpacing(), (-origin[0], -origin[1], origin[2]), lps,
-                        name=volume_node.GetName())
+        volume = volume_from_node(volume_node)
         return OneShot(template, **options).fit().apply(volume)
 
 
