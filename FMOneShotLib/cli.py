@@ -165,9 +165,7 @@ def _segmenter_options(args) -> dict:
     options = {"device": args.device, "precision": args.precision}
     if args.segmenter == "sam" or args.sam_weights is not None:
         options["model"] = args.sam_model
-    if args.sam_weights is not None:
-        if args.segmenter == "auto":
-            args.segmenter = "sam"
+    if args.sam_weights is not None:  # SAM weights named: 'auto' resolves to SAM (segmenters.resolve_segmenter)
         options["weights"] = args.sam_weights
         if args.sam_weights == "random":
             print("fmoneshot: warning: SAM with randomly initialised weights (--sam-weights random): for tests "

@@ -139,17 +139,20 @@ def available_sam(folder=None) -> str | None:
     return None
 
 
-def resolve_segmenter(name: str = "auto") -> tuple:
-    """``auto`` -> ('sam', {'model': ...}) when a SAM checkpoint is in the cache, else ('offline', {})."""
+def resolve_segmenter(name: str = "auto", options: dict | None = None) -> tuple:
+    """``auto`` -> ('sam', {'model': ...}) when SAM weights are named in ``options`` or a SAM checkpoint is in
+    the cache, else ('offline', {})."""
     if name != "auto":
         return name, {}
+    if (options or {}).get("weights") is not None:
+        return "sam", {}
     model = available_sam()
     return ("sam", {"model": model}) if model else ("offline", {})
 
 
 def create_segmenter(name: str = "auto", **options) -> Segmenter:
     """``auto`` is the best available: SAM when its weights are in the cache, else the offline refiner."""
-    name, defaults = resolve_segmenter(name)
+    name, defaults = resolve_segmenter(name, options)
     if name not in SEGMENTERS:
         raise FMOneShotError(f"Unknown segmenter {name!r}.", f"choose one of: auto, {', '.join(sorted(SEGMENTERS))}.")
     if name != "sam":

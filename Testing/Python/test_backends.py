@@ -247,3 +247,17 @@ def test_cli_refuses_foundation_options_for_the_offline_backend(tmp_path, capsys
                  "--stride", "7", "-o", str(tmp_path / "x.nii.gz")]) == 2
     assert "--stride apply to foundation-model backends" in capsys.readouterr().err
     assert not (tmp_path / "x.nii.gz").exists()
+
+
+def test_sam_weights_named_make_auto_choose_sam(tmp_path, monkeypatch):
+    """--sam-weights with the default --segmenter auto runs SAM, even with an empty cache."""
+    from FMOneShotLib.cli import _segmenter_options, build_parser
+
+    monkeypatch.setenv("FMONESHOT_CACHE", str(tmp_path))
+    assert create_segmenter("auto").name == "offline"
+    seg = create_segmenter("auto", weights="random", overrides=SMALL_SAM, precision="fp32", device="cpu")
+    assert seg.name == "sam"
+    args = build_parser().parse_args(["segment", "t.nii.gz", "--template", "t.json", "-o", "out",
+                                      "--sam-weights", "random"])
+    assert args.segmenter == "auto"
+    assert create_segmenter(args.segmenter, **_segmenter_options(args)).name == "sam"
