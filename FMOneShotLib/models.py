@@ -77,11 +77,8 @@ def _state(weights, entry_name):
         return W.load_state_dict(W.verify(entry_name))
     path = Path(weights)
     entry = W.checkpoint(entry_name)
-    if entry.sha256 and path.name == entry.file:  # the official file under its own name: check it
-        digest = W.sha256_of(path)
-        if digest != entry.sha256:
-            raise FMOneShotError(f"{path} is not {entry.file} as published (sha256 {digest[:12]}...); "
-                                 "it was not loaded.", f"download it again from {entry.url}.")
+    if path.name == entry.file:  # the official file under its own name: check it
+        W.check_published(entry, path, str(path), "it was not loaded", f"download it again from {entry.url}.")
     return W.load_state_dict(path)
 
 

@@ -113,6 +113,23 @@ def sha256_of(path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def check_published(entry: Checkpoint, path, what: str, consequence: str, fix: str) -> str:
+    """The file's sha256, after checking it against the entry's published digest where there is one."""
+    digest = sha256_of(path)
+    if entry.sha256 and digest != entry.sha256:
+        raise FMOneShotError(f"{what} is not {entry.file} as published (sha256 {digest[:12]}..., expected "
+                             f"{entry.sha256[:12]}...); {consequence}.", fix)
+    return digest
+
+
+def _accept(entry: Checkpoint, path: Path, digest: str) -> None:
+    """A checked file now in the cache: pin its digest where none is published, and remember it as verified."""
+    if not entry.sha256 and expected_digest(entry, path) != digest:  # a read-only cache stays unwritten
+        _pin_path(path).write_text(f"{digest}  {entry.file}\n")
+    st = path.stat()
+    _VERIFIED[(str(path), st.st_size, st.st_mtime_ns)] = digest
+
+
 def expected_digest(entry: Checkpoint, path: Path) -> str | None:
     """The published digest, else the one pinned beside the file at its first download or import."""
     if entry.sha256:
@@ -148,14 +165,11 @@ def verify(name, folder=None) -> Path:
         return path
     expected = expected_digest(entry, path)
     digest = sha256_of(path)
-    if expected is None:
-        # A file put there by hand without a pin: pin it now (trust on first use), as an import would.
-        _pin_path(path).write_text(f"{digest}  {entry.file}\n")
-    elif digest != expected:
+    if expected is not None and digest != expected:
         raise FMOneShotError(
             f"The checkpoint {path} is damaged or not the published file (sha256 {digest[:12]}..., expected "
             f"{expected[:12]}...); it was not loaded.", f"delete it and {how_to_get(entry, folder)}")
-    _VERIFIED[key] = digest
+    _accept(entry, path, digest)  # a file put there by hand without a pin is pinned now, as an import would
     return path
 
 
@@ -228,17 +242,14 @@ def download(name, folder=None, url: str | None = None, progress: Callable | boo
         raise FMOneShotError(f"Cannot download {url}: {reason}. The partial file {part} is kept.",
                              f"check the connection and run the download again (it resumes), or "
                              f"{how_to_get(entry, folder)}") from None
-    digest = sha256_of(part)
-    if entry.sha256 and digest != entry.sha256:
+    try:
+        digest = check_published(entry, part, f"The downloaded {url}", "it was deleted and not loaded",
+                                 f"download again; if it keeps failing, {how_to_get(entry, folder)}")
+    except FMOneShotError:
         part.unlink()
-        raise FMOneShotError(f"The downloaded {entry.file} has sha256 {digest[:12]}..., not the published "
-                             f"{entry.sha256[:12]}...; it was deleted and not loaded.",
-                             f"download again; if it keeps failing, {how_to_get(entry, folder)}")
+        raise
     os.replace(part, path)
-    if not entry.sha256:
-        _pin_path(path).write_text(f"{digest}  {entry.file}\n")
-    st = path.stat()
-    _VERIFIED[(str(path), st.st_size, st.st_mtime_ns)] = digest
+    _accept(entry, path, digest)
     return path
 
 
@@ -248,10 +259,7 @@ def import_file(source, name, folder=None, force: bool = False) -> Path:
     source = Path(source)
     if not source.is_file():
         raise FMOneShotError(f"{source} is not a file.", f"give the path of the downloaded {entry.file}.")
-    digest = sha256_of(source)
-    if entry.sha256 and digest != entry.sha256:
-        raise FMOneShotError(f"{source} is not {entry.file} as published (sha256 {digest[:12]}..., expected "
-                             f"{entry.sha256[:12]}...); nothing was imported.",
+    digest = check_published(entry, source, str(source), "nothing was imported",
                              f"download it again from {entry.url}: the file is damaged, truncated or another one.")
     path = local_path(entry, folder)
     if path.exists() and not force:
@@ -263,8 +271,7 @@ def import_file(source, name, folder=None, force: bool = False) -> Path:
     tmp = path.with_name(path.name + ".import")
     shutil.copyfile(source, tmp)
     os.replace(tmp, path)
-    if not entry.sha256:
-        _pin_path(path).write_text(f"{digest}  {entry.file}\n")
+    _accept(entry, path, digest)
     return path
 
 
