@@ -2,11 +2,12 @@
 
 The volume is the bundled sample CT resampled to ``slices`` x ``size`` x ``size`` (default 100 x 512 x 512);
 the structure is the gallbladder, which lies on 13 of its 30 slices (44 of the 100; a typical organ search
-over a whole scan finds its structure on a third to a half of the slices), marked on its largest slice. The chain runs as the product runs it (features at
-the grid in batches, similarity maps upsampled, the segmenter only where the adapter localised the
-structure). The naive path (features upsampled to every pixel, similarity at pixel level, the segmenter on
-every slice, float32 even where the chain runs bf16, one slice at a time) runs in the same process on a few slices and is extrapolated to
-the whole volume.
+over a whole scan finds its structure on a third to a half of the slices), marked on its largest slice. The
+chain runs as the product runs it (features at the grid in batches, similarity maps upsampled, the segmenter
+only where the adapter localised the structure). The naive path (features upsampled to every pixel,
+similarity at pixel level, the segmenter on every slice and encoding it afresh, float32 even where the chain
+runs bf16, one slice at a time) runs in the same process on a few slices and is extrapolated to the whole
+volume.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def _peak_mb() -> float:
 def naive_slice(engine: OneShot, image01: np.ndarray, spacing, name: str) -> dict:
     """One slice the naive way (float32, pixel-level features, the segmenter whatever the slice holds);
     returns the seconds spent per stage."""
+    if hasattr(engine.segmenter, "forget_encoding"):  # the naive path encodes every slice, even one the chain did
+        engine.segmenter.forget_encoding()
     parts = [p for p in (engine.extractor, engine.segmenter) if hasattr(p, "precision")]
     saved = [p.precision for p in parts]
     for p in parts:

@@ -114,6 +114,10 @@ class SamSegmenter(Segmenter):
         self.encodings += 1
         self._key = key
 
+    def forget_encoding(self) -> None:
+        """The next slice is encoded even if it is the one encoded last."""
+        self._key = None
+
     def segment(self, image, features, positive, negative, prior=None):
         positive = np.asarray(positive, float).reshape(-1, 2)
         negative = np.asarray(negative, float).reshape(-1, 2)
