@@ -23,6 +23,10 @@ LABEL_EXTENSIONS = (".nrrd", ".nii.gz", ".nii", ".mha", ".png")
 CT_WINDOW = (-160.0, 240.0)
 # MR, ultrasound and X-ray have no absolute scale: robust percentiles of the whole volume.
 PERCENTILES = (0.5, 99.5)
+# Anatomical slicing planes and the LPS axis each plane is normal to.
+ORIENTATIONS = {"sagittal": 0, "coronal": 1, "axial": 2}
+# For slices along index axis a (x=0, y=1, z=2): the index axes that become the slice's columns and rows.
+_IN_PLANE = {0: (1, 2), 1: (0, 2), 2: (0, 1)}
 
 
 @dataclass
@@ -73,6 +77,43 @@ class Volume:
                 "give an array on the same (z, y, x) grid.",
             )
         return replace(self, array=array, name=self.name if name is None else name)
+
+    def slice_axis(self, orientation: str | None = None) -> int:
+        """The index axis (x=0, y=1, z=2) to slice along for an anatomical ``orientation``: the axis whose
+        direction is closest to the plane's normal; ``None`` means the volume's own slices (z)."""
+        if orientation is None:
+            return 2
+        if orientation not in ORIENTATIONS:
+            raise FMOneShotError(f"Unknown slice orientation {orientation!r}.",
+                                 f"use one of: {', '.join(ORIENTATIONS)} (or none for the volume's own slices).")
+        return int(np.argmax(np.abs(self.direction[ORIENTATIONS[orientation]])))
+
+    def orientation_of(self, axis: int) -> str:
+        """The anatomical plane of the slices along index axis ``axis`` (x=0, y=1, z=2)."""
+        lps = int(np.argmax(np.abs(self.direction[:, axis])))
+        return next(name for name, a in ORIENTATIONS.items() if a == lps)
+
+    def resliced(self, axis: int) -> "Volume":
+        """The same voxels and geometry, sliced along index axis ``axis`` (x=0, y=1, z=2): slice k of the
+        result is the plane index[axis] == k, its columns and rows follow the other two axes in x, y, z order.
+        Physical positions are unchanged, so ``index_to_physical`` of the result places every voxel where it
+        was. ``axis`` 2 gives the volume itself; :meth:`unslice` turns arrays of the result back."""
+        if axis == 2:
+            return self
+        cols, rows = _IN_PLANE[axis]
+        order = (axis, rows, cols)  # new (z, y, x) as index axes
+        return replace(self, array=self.array.transpose([2 - a for a in order]),
+                       spacing=tuple(self.spacing[a] for a in order[::-1]),
+                       direction=self.direction[:, list(order[::-1])], is_2d=False)
+
+    @staticmethod
+    def unslice(array: np.ndarray, axis: int) -> np.ndarray:
+        """An array of ``volume.resliced(axis)`` back in the volume's own (z, y, x) order."""
+        if axis == 2:
+            return array
+        cols, rows = _IN_PLANE[axis]
+        perm = [2 - a for a in (axis, rows, cols)]
+        return np.ascontiguousarray(array.transpose(np.argsort(perm)))
 
     def index_to_physical(self, index) -> np.ndarray:
         """(x, y, z) continuous index -> LPS mm. Accepts one point or an (N, 3) array."""

@@ -68,6 +68,10 @@ class Result:
         return {n: max(per_slice, key=lambda lm: lm.confidence) for n, per_slice in self.landmarks.items()}
 
     label_values: list = field(default_factory=list)
+    # The slices that ``confidence``, ``present``, ``prompts`` and landmarks count: slice k is the plane
+    # index[slice_axis] == k of the target volume (x=0, y=1, z=2), in the anatomical plane ``orientation``.
+    orientation: str = "axial"
+    slice_axis: int = 2
 
     def mask(self, name: str) -> np.ndarray:
         """(z, y, x) bool mask of one label."""
@@ -202,6 +206,8 @@ class OneShot:
               slices=None) -> Result:
         """Run the chain on ``volume`` (all slices, or the indices in ``slices``).
 
+        Slices are taken in the template's plane (``Template.orientation``: for a sagittal template, the
+        volume's sagittal slices); the label volume comes back on the volume's own grid.
         ``progress(done, total)`` is called after each slice; ``cancel()`` returning True stops within one
         slice by raising :class:`Cancelled`.
         """
@@ -210,6 +216,8 @@ class OneShot:
         tpl = self.template
         names = tpl.label_names
         L = len(names)
+        axis = volume.slice_axis(tpl.orientation)
+        source, volume = volume, volume.resliced(axis)
         todo = list(range(volume.n_slices)) if slices is None else [int(z) for z in slices]
         bad = [z for z in todo if not 0 <= z < volume.n_slices]
         if bad:
@@ -312,9 +320,11 @@ class OneShot:
                 done += 1
                 if progress is not None:
                     progress(done, len(todo))
-        out = label_volume(volume, labels, name=f"{volume.name}-labels" if volume.name else "labels")
+        out = label_volume(source, Volume.unslice(labels, axis),
+                           name=f"{volume.name}-labels" if volume.name else "labels")
         return Result(out, names, confidence, present, prompts, matches, landmarks, timings,
-                      label_values=[lb.value for lb in tpl.labels])
+                      label_values=[lb.value for lb in tpl.labels], orientation=volume.orientation_of(2),
+                      slice_axis=axis)
 
     def _region(self, probs: np.ndarray, i: int, pixel_area: float, name: str) -> np.ndarray:
         """The adapter's localised region of label i, or nothing when it is too small to be the structure."""

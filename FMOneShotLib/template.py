@@ -20,7 +20,7 @@ from scipy import ndimage as ndi
 
 from .errors import FMOneShotError
 from .files import atomic_paths, refuse_existing
-from .image import Volume, intensity_window
+from .image import ORIENTATIONS, Volume, intensity_window
 
 FORMAT = "fmoneshot-template"
 VERSION = 1
@@ -82,13 +82,21 @@ class Template:
     # "backend": the feature backend's settings it was trained on, "labels": [...]}`` and its named tensors.
     adapter: dict | None = None
     adapter_tensors: dict = field(default_factory=dict)
+    # The plane of the template slices ("axial", "coronal", "sagittal"): target volumes are processed in
+    # slices of the same plane. None: the volumes' own slices (the third index axis), whatever their plane.
+    orientation: str | None = None
 
     # ------------------------------------------------------------------ building
     @classmethod
     def from_volume(cls, volume: Volume, slice_index: int, positive: dict | None = None,
                     negative: dict | None = None, masks: dict | None = None, landmarks: dict | None = None,
-                    labels: list | None = None, settings: dict | None = None) -> "Template":
-        """A template from one slice of ``volume``; labels default to the names used, numbered 1, 2, ..."""
+                    labels: list | None = None, settings: dict | None = None,
+                    orientation: str | None = None) -> "Template":
+        """A template from one slice of ``volume``; labels default to the names used, numbered 1, 2, ...
+
+        With an ``orientation`` ("axial", "coronal", "sagittal") the slice is ``slice_index`` of that plane
+        (``Volume.resliced``) and points are pixels of it; without one, of the volume's own slices."""
+        volume = volume.resliced(volume.slice_axis(orientation))
         if not 0 <= int(slice_index) < volume.n_slices:
             raise FMOneShotError(f"Slice {slice_index} is outside the volume {volume.name!r} "
                                  f"(slices 0 to {volume.n_slices - 1}).", "choose a slice inside the volume.")
@@ -98,7 +106,7 @@ class Template:
             labels = [Label(n, i + 1) for i, n in enumerate(names)]
         ts = TemplateSlice(volume.array[int(slice_index)], int(slice_index), volume.pixel_spacing,
                            intensity_window(volume), positive, negative, masks, landmarks or {}, volume.name)
-        template = cls(list(labels), [ts], volume.modality, dict(settings or {}))
+        template = cls(list(labels), [ts], volume.modality, dict(settings or {}), orientation=orientation)
         template.validate()
         return template
 
@@ -125,6 +133,9 @@ class Template:
         """Raise FMOneShotError naming the first problem found, with its fix."""
         if not self.slices:
             raise FMOneShotError("The template has no slice.", "mark points on one slice of the template volume.")
+        if self.orientation is not None and self.orientation not in ORIENTATIONS:
+            raise FMOneShotError(f"Unknown template orientation {self.orientation!r}.",
+                                 f"use one of: {', '.join(ORIENTATIONS)}, or none for the volumes' own slices.")
         names = self.label_names
         if len(set(names)) != len(names):
             raise FMOneShotError(f"Label names repeat: {names}.", "give every label its own name.")
@@ -184,6 +195,7 @@ class Template:
         refuse_existing(targets, force, "choose another template name, or pass --force (force=True) to overwrite.")
         doc = {
             "format": FORMAT, "version": VERSION, "modality": self.modality, "settings": self.settings,
+            "orientation": self.orientation,
             "labels": [{"name": lb.name, "value": lb.value, "color": list(lb.color)} for lb in self.labels],
             "slices": [{
                 "image": f"{path.stem}.slice{k}.nrrd",
@@ -237,7 +249,8 @@ class Template:
                 slices.append(TemplateSlice(image, d["index"], d.get("pixel_spacing", spacing), d["window"],
                                             d.get("positive", {}), d.get("negative", {}), masks,
                                             d.get("landmarks", {}), d.get("source", "")))
-            template = cls(labels, slices, doc.get("modality"), doc.get("settings", {}))
+            template = cls(labels, slices, doc.get("modality"), doc.get("settings", {}),
+                           orientation=doc.get("orientation"))
             if doc.get("adapter"):
                 template.adapter = {k: v for k, v in doc["adapter"].items() if k != "file"}
                 template.adapter_tensors = _read_tensors(path.with_name(doc["adapter"]["file"]))
