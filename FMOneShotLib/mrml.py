@@ -7,10 +7,17 @@ the PyPI package slicer-core.
 
 from __future__ import annotations
 
+import contextlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 
 from .errors import FMOneShotError
-from .image import Volume
+from .files import atomic_paths, refuse_existing
+from .image import MODALITIES, Volume, guess_modality, write_volume
+from .template import Label, Template
 
 # LPS <-> RAS: x and y change sign, z stays. The same matrix converts both ways.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
@@ -34,7 +41,11 @@ def volume_from_node(node) -> Volume:
     node.GetIJKToRASDirections(ras)
     direction = LPS_TO_RAS @ ras  # columns: index axes in LPS
     origin = LPS_TO_RAS @ np.asarray(node.GetOrigin(), float)
-    return Volume(array, node.GetSpacing(), tuple(origin), direction, name=node.GetName())
+    # the modality as a file read gives it: the DICOM tag Slicer keeps, else CT when values look like HU
+    modality = (node.GetAttribute("DICOM.Modality") or "").upper() or None
+    if modality not in MODALITIES:
+        modality = guess_modality(array)
+    return Volume(array, node.GetSpacing(), tuple(origin), direction, name=node.GetName(), modality=modality)
 
 
 def node_from_volume(scene, volume: Volume, name: str | None = None, node=None):
@@ -54,3 +65,421 @@ def node_from_volume(scene, volume: Volume, name: str | None = None, node=None):
     ras = LPS_TO_RAS @ volume.direction
     node.SetIJKToRASDirections(ras)
     return node
+
+
+# ---------------------------------------------------------------------------------------------------- prompts
+@dataclass
+class LabelPrompt:
+    """One label as the user marked it in Slicer: its name and colour (0-255), a markups node of positive
+    points, one of negative points, and optionally a painted segment (``segmentation`` node + ``segment_id``)."""
+
+    name: str
+    color: tuple | None = None
+    positive: object = None
+    negative: object = None
+    segmentation: object = None
+    segment_id: str | None = None
+
+
+def control_points(node) -> list:
+    """[(label, RAS (3,))] of the placed control points of a markups node (None: no points)."""
+    if node is None:
+        return []
+    if not node.IsA("vtkMRMLMarkupsNode"):
+        raise FMOneShotError(f"{node.GetName()!r} is not a markups node.", "pick a point list (markups) node.")
+    out = []
+    for i in range(node.GetNumberOfControlPoints()):
+        if node.GetNthControlPointPositionStatus(i) != node.PositionDefined:
+            continue  # a point still being placed
+        ras = np.zeros(3)
+        node.GetNthControlPointPositionWorld(i, ras)
+        out.append((node.GetNthControlPointLabel(i) or f"#{i + 1}", ras))
+    return out
+
+
+def ras_to_index(volume: Volume, ras) -> np.ndarray:
+    """RAS (Slicer world) -> continuous (x, y, z) index of ``volume``; accepts (3,) or (N, 3)."""
+    return volume.physical_to_index(np.asarray(ras, float) @ LPS_TO_RAS)
+
+
+def index_to_ras(volume: Volume, index) -> np.ndarray:
+    return volume.index_to_physical(index) @ LPS_TO_RAS
+
+
+def _painted(volume_node, prompt: LabelPrompt) -> np.ndarray:
+    """The painted segment of ``prompt`` on the volume's grid, (z, y, x) bool (Segmentations logic)."""
+    seg = prompt.segmentation
+    if seg is None or not seg.IsA("vtkMRMLSegmentationNode"):
+        raise FMOneShotError(f"The painted mask of label {prompt.name!r} is not a segmentation node.",
+                             "choose a segmentation node and one of its segments.")
+    if prompt.segment_id is None or seg.GetSegmentation().GetSegment(prompt.segment_id) is None:
+        raise FMOneShotError(f"The segmentation {seg.GetName()!r} has no segment {prompt.segment_id!r} "
+                             f"for label {prompt.name!r}.", "choose one of its segments.")
+    return _export_labelmap(seg, [prompt.segment_id], volume_node, [Label(prompt.name, 1)]).array > 0
+
+
+def template_from_markups(volume_node, labels: list, landmarks=None, orientation: str | None = None,
+                          settings: dict | None = None) -> Template:
+    """A Template from what was marked in Slicer on ``volume_node``.
+
+    ``labels``: :class:`LabelPrompt` per label (values 1, 2, ... in this order); ``landmarks``: a markups
+    node whose control point labels name the landmarks. The template slice is the one all points lie on:
+    in ``orientation`` ("axial", "coronal", "sagittal") when given, else whichever plane of the volume they
+    share (the volume's own slices first). Without points, the slice where the painted masks are largest.
+    Points outside the volume, points on different slices, repeated names and a label with neither a
+    positive point nor a painted mask are refused with the fix, before anything runs.
+    """
+    if volume_node is not None and volume_node.GetParentTransformNode() is not None:
+        raise FMOneShotError(f"The template volume {volume_node.GetName()!r} is under a transform.",
+                             "harden the transform (Data module: right-click > Harden transform) first.")
+    volume = volume_from_node(volume_node)
+    names = [p.name for p in labels]
+    if len(set(names)) != len(names):
+        raise FMOneShotError(f"Label names repeat: {names}.", "give every label its own name.")
+    points = []  # (kind, owner, point label, continuous index)
+    for p in labels:
+        for kind, node in (("positive", p.positive), ("negative", p.negative)):
+            points += [(kind, p.name, lab, ras_to_index(volume, ras)) for lab, ras in control_points(node)]
+    lm_points = control_points(landmarks)
+    lm_names = [lab for lab, _ in lm_points]
+    if len(set(lm_names)) != len(lm_names):
+        raise FMOneShotError(f"Landmark names repeat: {lm_names}.", "rename the control points so each is unique.")
+    points += [("landmark", lab, lab, ras_to_index(volume, ras)) for lab, ras in lm_points]
+    size = np.array(volume.array.shape[::-1])
+    for kind, owner, lab, ijk in points:
+        if np.any(ijk < -0.5) or np.any(ijk >= size - 0.5):
+            what = f"landmark {owner!r}" if kind == "landmark" else f"{kind} point {lab!r} of label {owner!r}"
+            raise FMOneShotError(f"The {what} lies outside the volume {volume.name!r}.",
+                                 "place it on the template volume, or delete it.")
+    painted = {p.name: _painted(volume_node, p) for p in labels if p.segmentation is not None}
+
+    axes = [volume.slice_axis(orientation)] if orientation else [2, 0, 1]
+    if points:
+        idx = np.round(np.array([ijk for *_, ijk in points])).astype(int)
+        shared = [a for a in axes if len(set(idx[:, a])) == 1]
+        if not shared:
+            a = axes[0]
+            where = ", ".join(f"{kind} {lab!r} of {owner!r}: slice {int(round(ijk[a]))}"
+                              if kind != "landmark" else f"landmark {owner!r}: slice {int(round(ijk[a]))}"
+                              for kind, owner, lab, ijk in points)
+            plane = orientation or "any one plane"
+            raise FMOneShotError(f"The points lie on different slices ({volume.orientation_of(a)} slices: {where}).",
+                                 f"place all points of the template on one slice ({plane}), or move the stray ones.")
+        axis = shared[0]
+        k = int(idx[0, axis])
+    elif painted:
+        axis = axes[0]
+        areas = sum(volume.like(m).resliced(axis).array.sum(axis=(1, 2)) for m in painted.values())
+        k = int(np.argmax(areas))
+    else:
+        raise FMOneShotError("Nothing is marked on the template volume.",
+                             "place positive points for a label (or paint it), or place named landmarks.")
+    cols, rows = (1, 2) if axis == 0 else (0, 2) if axis == 1 else (0, 1)
+
+    def pixels(kind, owner):
+        return [[ijk[cols], ijk[rows]] for kd, ow, _, ijk in points if kd == kind and ow == owner]
+
+    positive = {n: pixels("positive", n) for n in names if pixels("positive", n)}
+    negative = {n: pixels("negative", n) for n in names if pixels("negative", n)}
+    marks = {lab: pixels("landmark", lab)[0] for lab in lm_names}
+    masks = {}
+    for n, m in painted.items():
+        plane = volume.like(m).resliced(axis).array[k]
+        if not plane.any():
+            raise FMOneShotError(f"The painted segment of label {n!r} is empty on the template slice "
+                                 f"({volume.orientation_of(axis)} slice {k}).",
+                                 "paint it on the slice where the points are.")
+        masks[n] = plane
+    label_list = [Label(p.name, i + 1, p.color) for i, p in enumerate(labels)]
+    return Template.from_volume(volume, k, positive, negative, masks, marks, labels=label_list,
+                                settings=settings, orientation=volume.orientation_of(axis))
+
+
+# ---------------------------------------------------------------------------------------------------- results
+def _segmentations_logic(scene):
+    import slicer
+
+    logic = slicer.vtkSlicerSegmentationsModuleLogic()
+    logic.SetMRMLScene(scene)
+    return logic
+
+
+def _remove(scene, node) -> None:
+    if node is not None and node.GetScene() is scene:
+        for i in range(node.GetNumberOfDisplayNodes()):
+            if node.GetNthDisplayNode(i) is not None:
+                scene.RemoveNode(node.GetNthDisplayNode(i))
+        scene.RemoveNode(node)
+
+
+@contextlib.contextmanager
+def _scratch(scene):
+    """Nodes added to ``scene`` inside the block (temporary labelmaps, the colour tables Slicer adds for
+    them) are removed when it ends, so the user's scene only gains the nodes meant for it."""
+    before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+    try:
+        yield
+    finally:
+        added = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
+        for node in added:
+            if node.GetID() not in before and not node.GetSingletonTag():
+                scene.RemoveNode(node)
+
+
+def _labelmap_node(scene, volume: Volume, name: str):
+    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", name)
+    return node_from_volume(scene, volume, node=node)
+
+
+def segmentation_from_labels(scene, labels: Volume, template_labels: list, reference_node, name: str):
+    """A new segmentation node ``name`` with one segment per template label (ID and name the label's name,
+    its colour), the voxels of ``labels`` (a label volume on ``reference_node``'s grid), and
+    ``reference_node`` as its geometry. Labels absent from the volume get an empty segment, so that every
+    result of one template has the same segments."""
+    seg_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    try:
+        seg_node.CreateDefaultDisplayNodes()
+        seg_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_node)
+        segmentation = seg_node.GetSegmentation()
+        with _scratch(scene):
+            staging = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "FMOneShot staging (temporary)")
+            labelmap = _labelmap_node(scene, labels, "FMOneShot labels (temporary)")
+            if labels.array.any() and not _segmentations_logic(scene).ImportLabelmapToSegmentationNode(labelmap,
+                                                                                                        staging):
+                raise FMOneShotError(f"Slicer could not import the labels of {name!r}.", "report this as a bug.")
+            staged = staging.GetSegmentation()
+            by_value = {staged.GetNthSegment(i).GetLabelValue(): staged.GetNthSegmentID(i)
+                        for i in range(staged.GetNumberOfSegments())}
+            for lb in template_labels:
+                color = tuple(c / 255.0 for c in lb.color)
+                if lb.value in by_value:  # the staged segment, renamed and moved under the label's name
+                    segment = staged.GetSegment(by_value[lb.value])
+                    segment.SetName(lb.name)
+                    segment.SetColor(*color)
+                    segmentation.AddSegment(segment, lb.name)
+                else:
+                    segmentation.AddEmptySegment(lb.name, lb.name, color)
+    except Exception:
+        _remove(scene, seg_node)
+        raise
+    return seg_node
+
+
+def _color_table(labels: list):
+    """A colour table (not in any scene) mapping each label's name to its value, for labelmap export."""
+    import slicer
+
+    table = slicer.vtkMRMLColorTableNode()
+    table.SetTypeToUser()
+    table.SetNumberOfColors(max(lb.value for lb in labels) + 1)
+    table.SetColor(0, "background", 0.0, 0.0, 0.0, 0.0)
+    for lb in labels:
+        table.SetColor(lb.value, lb.name, *(c / 255.0 for c in lb.color), 1.0)
+    return table
+
+
+def labels_from_segmentation(seg_node, template_labels: list, reference_node) -> Volume:
+    """The label volume of a segmentation node on ``reference_node``'s grid: the segment named after each
+    template label is written with that label's value (through the Segmentations logic)."""
+    segmentation = seg_node.GetSegmentation()
+    ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+    volume = _export_labelmap(seg_node, ids, reference_node, template_labels)
+    volume.name = reference_node.GetName()
+    return volume
+
+
+def _export_labelmap(seg_node, segment_ids: list, reference_node, labels: list) -> Volume:
+    """Segments -> a label volume on ``reference_node``'s grid, values from ``labels`` by segment name."""
+    import slicer
+    import vtk
+
+    scene = seg_node.GetScene() or reference_node.GetScene()
+    with _scratch(scene):
+        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "FMOneShot export (temporary)")
+        ids = vtk.vtkStringArray()
+        for segment_id in segment_ids:
+            ids.InsertNextValue(segment_id)
+        ok = _segmentations_logic(scene).ExportSegmentsToLabelmapNode(
+            seg_node, ids, labelmap, reference_node, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY,
+            _color_table(labels))
+        if not ok:
+            raise FMOneShotError(f"Slicer could not turn {seg_node.GetName()!r} into a labelmap on "
+                                 f"{reference_node.GetName()!r}.", "check the segmentation's reference volume.")
+        return volume_from_node(labelmap)
+
+
+def fiducials_from_landmarks(scene, landmarks: dict, name: str, per_slice: bool = False):
+    """A markups fiducial node ``name``: one control point per landmark on the slice where it is found with
+    the highest confidence (label: the landmark's name; description: slice and confidence), or with
+    ``per_slice`` one per landmark and slice (label ``name@slice``). ``landmarks``: Result.landmarks."""
+    node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
+    try:
+        node.CreateDefaultDisplayNodes()
+        for lm_name, per in landmarks.items():
+            chosen = per if per_slice else [max(per, key=lambda lm: lm.confidence)] if per else []
+            for lm in chosen:
+                ras = np.asarray(lm.physical, float) @ LPS_TO_RAS
+                i = node.AddControlPoint(*ras.tolist(), f"{lm_name}@{lm.slice}" if per_slice else lm_name)
+                node.SetNthControlPointDescription(i, f"slice {lm.slice}, confidence {lm.confidence:.3f}")
+                node.SetNthControlPointLocked(i, False)
+    except Exception:
+        _remove(scene, node)
+        raise
+    return node
+
+
+def confidence_table(scene, result, name: str):
+    """A table node ``name``: per slice of the result, whether each label was found and with what confidence."""
+    import vtk
+
+    node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
+    table = node.GetTable()
+    col = vtk.vtkIntArray()
+    col.SetName("slice")
+    table.AddColumn(col)
+    for j, label in enumerate(result.label_names):
+        for suffix, kind in (("found", vtk.vtkIntArray), ("confidence", vtk.vtkDoubleArray)):
+            c = kind()
+            c.SetName(f"{label} {suffix}")
+            table.AddColumn(c)
+    n = result.confidence.shape[0]
+    table.SetNumberOfRows(n)
+    for z in range(n):
+        table.SetValue(z, 0, vtk.vtkVariant(z))
+        for j in range(len(result.label_names)):
+            table.SetValue(z, 1 + 2 * j, vtk.vtkVariant(int(result.present[z, j])))
+            table.SetValue(z, 2 + 2 * j, vtk.vtkVariant(float(result.confidence[z, j])))
+    node.SetAttribute("FMOneShot.orientation", result.orientation)
+    node.Modified()
+    return node
+
+
+# ---------------------------------------------------------------------------------------------------- export
+EXPORT_FORMATS = {".nrrd": "-labels.nrrd", ".nii.gz": "-labels.nii.gz", ".seg.nrrd": ".seg.nrrd"}
+
+
+def _file_stem(name: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._ -]+", "_", name).strip(" .") or "volume"
+    return stem
+
+
+def export_segmentations(seg_nodes: list, folder, fmt: str = ".nrrd", overwrite: bool = False,
+                         labels: list | None = None) -> list:
+    """Write each segmentation node to ``folder``: a labelmap on its reference volume's grid
+    (``VOLUME-labels.nrrd`` or ``VOLUME-labels.nii.gz``, segment k of the node -> value k, or the value of the
+    template label of the same name when ``labels`` are given) or Slicer's segmentation file
+    (``VOLUME.seg.nrrd``). Existing files are refused before anything is written unless ``overwrite``.
+    Returns the paths written."""
+    import slicer
+
+    if fmt not in EXPORT_FORMATS:
+        raise FMOneShotError(f"Unknown export format {fmt!r}.", f"use one of: {', '.join(EXPORT_FORMATS)}.")
+    if not seg_nodes:
+        raise FMOneShotError("There is no segmentation to export.", "apply the template to a volume first.")
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FMOneShotError(f"The export folder {folder} does not exist.", "choose an existing folder.")
+    jobs = []
+    for seg in seg_nodes:
+        if seg is None or not seg.IsA("vtkMRMLSegmentationNode"):
+            raise FMOneShotError("One of the nodes to export is not a segmentation.", "export segmentation nodes.")
+        ref = seg.GetNodeReference(seg.GetReferenceImageGeometryReferenceRole())
+        if ref is None:
+            raise FMOneShotError(f"The segmentation {seg.GetName()!r} has no reference volume.",
+                                 "set its reference geometry to the volume it belongs to (Segmentations module).")
+        jobs.append((seg, ref, folder / (_file_stem(ref.GetName()) + EXPORT_FORMATS[fmt])))
+    paths = [p for *_, p in jobs]
+    clash = sorted({str(p) for p in paths if paths.count(p) > 1})
+    if clash:
+        raise FMOneShotError(f"Several segmentations would be written to {', '.join(clash)}.",
+                             "give the volumes different names, or export them separately.")
+    refuse_existing(paths, overwrite, "choose another folder, or confirm overwriting (overwrite=True).")
+    for seg, ref, path in jobs:
+        if fmt == ".seg.nrrd":
+            storage = slicer.vtkMRMLSegmentationStorageNode()
+            with atomic_paths(path) as tmp:
+                storage.SetFileName(str(tmp))
+                if not storage.WriteData(seg):
+                    raise FMOneShotError(f"Could not write {path}.", "check that the folder is writable.")
+        else:
+            seg_labels = labels or _segment_labels(seg)
+            volume = labels_from_segmentation(seg, seg_labels, ref)
+            top = int(volume.array.max()) if volume.array.size else 0
+            volume.array = volume.array.astype(np.uint8 if top < 256 else np.uint16)
+            write_volume(volume, path, force=True)
+    return paths
+
+
+def _segment_labels(seg_node) -> list:
+    segmentation = seg_node.GetSegmentation()
+    out = []
+    for i in range(segmentation.GetNumberOfSegments()):
+        segment = segmentation.GetNthSegment(i)
+        out.append(Label(segment.GetName() or segmentation.GetNthSegmentID(i), i + 1,
+                         tuple(int(round(255 * c)) for c in segment.GetColor())))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- batch
+@dataclass
+class NodeResult:
+    """What one target volume node got: the library's Result and the nodes made from it."""
+
+    volume: object
+    result: object
+    segmentation: object = None
+    landmarks: object = None
+    confidence: object = None
+
+    def nodes(self) -> list:
+        return [n for n in (self.segmentation, self.landmarks, self.confidence) if n is not None]
+
+
+def apply_to_nodes(template: Template, volume_nodes: list, progress=None, cancel=None,
+                   per_slice_landmarks: bool = False, oneshot=None, **options) -> list:
+    """Apply ``template`` to every volume node; then, and only then, add the results to the scene.
+
+    Per volume: a segmentation node "VOLUME segmentation" (one segment per label, with its name and colour),
+    a fiducial node "VOLUME landmarks" when the template has landmarks, and a table node
+    "VOLUME FMOneShot confidence" with the per-slice decisions. ``progress(volume_index, n_volumes,
+    slices_done, n_slices, volume_name)``; ``cancel()`` returning True raises ``pipeline.Cancelled`` within
+    one slice, and since nodes are added only after the last volume, a cancelled (or failed) run leaves the
+    scene as it was. ``options`` go to :class:`pipeline.OneShot` (or pass a fitted ``oneshot``)."""
+    from .pipeline import OneShot
+
+    nodes = [n for n in volume_nodes if n is not None]
+    if not nodes:
+        raise FMOneShotError("No target volume is selected.", "choose a target volume, or apply to all volumes.")
+    scene = nodes[0].GetScene()
+    volumes = [volume_from_node(n) for n in nodes]
+    oneshot = oneshot or OneShot(template, **options)
+    if oneshot.extractor is None:
+        oneshot.fit()
+    out = []
+    for v, (node, volume) in enumerate(zip(nodes, volumes)):
+        def step(done, total, v=v, name=node.GetName()):
+            if progress is not None:
+                progress(v, len(nodes), done, total, name)
+        out.append(NodeResult(node, oneshot.apply(volume, progress=step, cancel=cancel)))
+    made = []
+    try:
+        for item in out:
+            name = item.volume.GetName()
+            if template.labels:
+                item.segmentation = segmentation_from_labels(
+                    scene, item.result.labels, template.labels, item.volume,
+                    scene.GenerateUniqueName(f"{name} segmentation"))
+                made.append(item.segmentation)
+            if item.result.landmarks:
+                item.landmarks = fiducials_from_landmarks(scene, item.result.landmarks,
+                                                          scene.GenerateUniqueName(f"{name} landmarks"),
+                                                          per_slice_landmarks)
+                made.append(item.landmarks)
+            item.confidence = confidence_table(scene, item.result,
+                                               scene.GenerateUniqueName(f"{name} FMOneShot confidence"))
+            made.append(item.confidence)
+    except Exception:
+        for node in made:
+            _remove(scene, node)
+        raise
+    return out

@@ -5,6 +5,7 @@ import pytest
 
 from FMOneShotLib.errors import FMOneShotError
 from FMOneShotLib.image import Volume, read_volume, write_volume
+from FMOneShotLib.template import Label
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is part of the [test] extra")
 from FMOneShotLib import mrml  # noqa: E402
@@ -49,3 +50,259 @@ def test_volume_from_node_refuses_what_is_not_a_scalar_volume():
         mrml.volume_from_node(seg)
     with pytest.raises(FMOneShotError, match="holds no image data"):
         mrml.volume_from_node(scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode"))
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def scene_with(volume):
+    scene = slicer.vtkMRMLScene()
+    return scene, mrml.node_from_volume(scene, volume)
+
+
+def points_node(scene, volume, name, indices, labels=None):
+    """A markups point list with control points at the RAS of the given (x, y, z) voxel indices."""
+    node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
+    for k, ijk in enumerate(indices):
+        ras = mrml.index_to_ras(volume, ijk)
+        node.AddControlPoint(*ras.tolist(), labels[k] if labels else f"{name}-{k + 1}")
+    return node
+
+
+def node_names(scene):
+    return sorted((scene.GetNthNode(i).GetClassName(), scene.GetNthNode(i).GetName())
+                  for i in range(scene.GetNumberOfNodes()))
+
+
+def test_points_on_an_axial_slice_become_its_pixels():
+    vol = Volume(np.zeros((12, 20, 16), np.int16), (0.7, 0.9, 3.0), (10.0, -20.0, 35.5), oblique(), name="ct")
+    scene, node = scene_with(vol)
+    pos = points_node(scene, vol, "liver +", [(3, 4, 5), (7.2, 8.4, 5.3)])
+    neg = points_node(scene, vol, "liver -", [(12, 15, 5)])
+    marks = points_node(scene, vol, "landmarks", [(1, 2, 5)], ["apex"])
+    tpl = mrml.template_from_markups(node, [mrml.LabelPrompt("liver", (200, 10, 10), pos, neg)], marks)
+    s = tpl.slices[0]
+    assert tpl.orientation == "axial" and s.index == 5 and s.image.shape == (20, 16)
+    assert np.allclose(s.positive["liver"], [[3, 4], [7.2, 8.4]], atol=1e-6)
+    assert np.allclose(s.negative["liver"], [[12, 15]], atol=1e-6)
+    assert np.allclose(s.landmarks["apex"], [1, 2], atol=1e-6)
+    assert tpl.labels[0].color == (200, 10, 10) and tpl.labels[0].value == 1
+
+
+def test_points_on_a_sagittal_slice_become_its_pixels():
+    rng = np.random.default_rng(1)
+    vol = Volume(rng.integers(0, 100, (12, 20, 16)).astype(np.int16), (0.7, 0.9, 3.0), (0, 0, 0), oblique(),
+                 name="ct")
+    scene, node = scene_with(vol)
+    # all on the plane x = 6: a sagittal slice of this volume; its pixels are (column y, row z)
+    pos = points_node(scene, vol, "p", [(6, 4, 2), (6, 10, 7)])
+    tpl = mrml.template_from_markups(node, [mrml.LabelPrompt("kidney", None, pos)])
+    s = tpl.slices[0]
+    assert tpl.orientation == "sagittal" and s.index == 6 and s.image.shape == (12, 20)
+    assert np.allclose(s.positive["kidney"], [[4, 2], [10, 7]], atol=1e-6)
+    assert np.array_equal(s.image, vol.array[:, :, 6])
+    assert s.pixel_spacing == (0.9, 3.0)
+    # an explicit orientation that the points do not share is refused with the slices named
+    with pytest.raises(FMOneShotError, match=r"different slices \(axial slices: positive 'p-1' of 'kidney': slice 2"):
+        mrml.template_from_markups(node, [mrml.LabelPrompt("kidney", None, pos)], orientation="axial")
+
+
+def test_bad_marks_are_refused_before_anything_runs():
+    vol = Volume(np.zeros((6, 10, 10), np.int16), (1.0, 1.0, 2.0), name="ct")
+    scene, node = scene_with(vol)
+    stray = points_node(scene, vol, "stray", [(2, 2, 1), (5, 5, 3)])  # differ in x, y and z
+    with pytest.raises(FMOneShotError, match="different slices"):
+        mrml.template_from_markups(node, [mrml.LabelPrompt("liver", None, stray)])
+    outside = points_node(scene, vol, "out", [(2, 2, 1), (2, 12, 1)])
+    with pytest.raises(FMOneShotError, match="positive point 'out-2' of label 'liver' lies outside the volume 'ct'"):
+        mrml.template_from_markups(node, [mrml.LabelPrompt("liver", None, outside)])
+    pos = points_node(scene, vol, "pos", [(2, 2, 1)])
+    neg_only = points_node(scene, vol, "neg", [(4, 4, 1)])
+    with pytest.raises(FMOneShotError, match="Label 'spleen' has no positive point"):
+        mrml.template_from_markups(node, [mrml.LabelPrompt("liver", None, pos),
+                                          mrml.LabelPrompt("spleen", None, None, neg_only)])
+    with pytest.raises(FMOneShotError, match="Nothing is marked"):
+        mrml.template_from_markups(node, [mrml.LabelPrompt("liver")])
+    with pytest.raises(FMOneShotError, match="Label names repeat"):
+        mrml.template_from_markups(node, [mrml.LabelPrompt("liver", None, pos), mrml.LabelPrompt("liver", None, pos)])
+
+
+def test_a_painted_segment_is_the_template_mask():
+    vol = Volume(np.zeros((6, 10, 12), np.int16), (1.0, 1.0, 2.0), (5.0, 5.0, 5.0), name="ct")
+    scene, node = scene_with(vol)
+    painted = np.zeros(vol.array.shape, np.uint8)
+    painted[4, 2:6, 3:9] = 1  # largest on slice 4
+    painted[3, 3:4, 3:4] = 1
+    seg = mrml.segmentation_from_labels(scene, vol.like(painted), [Label("liver", 1)], node, "painted")
+    before = node_names(scene)
+    tpl = mrml.template_from_markups(node, [mrml.LabelPrompt("liver", None, None, None, seg, "liver")])
+    assert node_names(scene) == before  # the temporary labelmap is gone
+    s = tpl.slices[0]
+    assert s.index == 4 and np.array_equal(s.masks["liver"], painted[4] > 0)
+    with pytest.raises(FMOneShotError, match="has no segment 'spleen'"):
+        mrml.template_from_markups(node, [mrml.LabelPrompt("liver", None, None, None, seg, "spleen")])
+    pos = points_node(scene, vol, "pos", [(4, 4, 1)])  # points on slice 1, where nothing is painted
+    with pytest.raises(FMOneShotError, match="painted segment of label 'liver' is empty on the template slice"):
+        mrml.template_from_markups(node, [mrml.LabelPrompt("liver", None, pos, None, seg, "liver")])
+
+
+# ---------------------------------------------------------------------------------------------------- results
+LABELS = [Label("liver", 1, (221, 130, 101)), Label("spleen", 2, (157, 108, 162)), Label("kidney", 5, (10, 20, 30))]
+
+
+def test_segmentation_node_equals_the_label_volume_voxel_for_voxel():
+    rng = np.random.default_rng(2)
+    vol = Volume(np.zeros((5, 7, 9), np.int16), (0.7, 0.9, 3.0), (10.0, -20.0, 35.5), oblique(), name="ct")
+    scene, node = scene_with(vol)
+    labels = rng.choice([0, 1, 2], size=vol.array.shape, p=[0.6, 0.3, 0.1]).astype(np.uint16)  # no kidney
+    seg = mrml.segmentation_from_labels(scene, vol.like(labels), LABELS, node, "ct segmentation")
+    segmentation = seg.GetSegmentation()
+    assert [segmentation.GetNthSegmentID(i) for i in range(3)] == ["liver", "spleen", "kidney"]
+    assert segmentation.GetSegment("kidney").GetName() == "kidney"
+    assert np.allclose(segmentation.GetSegment("spleen").GetColor(), np.array((157, 108, 162)) / 255)
+    back = mrml.labels_from_segmentation(seg, LABELS, node)
+    assert np.array_equal(back.array, labels)
+    assert np.allclose(back.origin, vol.origin) and np.allclose(back.direction, vol.direction)
+
+
+def test_fiducials_land_within_half_a_voxel_of_the_landmarks():
+    from FMOneShotLib.pipeline import Landmark
+
+    vol = Volume(np.zeros((5, 7, 9), np.int16), (0.7, 0.9, 3.0), (10.0, -20.0, 35.5), oblique(), name="ct")
+    scene = slicer.vtkMRMLScene()
+    per = {"apex": [Landmark("apex", z, (2.25 + z, 3.5), tuple(vol.index_to_physical([2.25 + z, 3.5, z])), c)
+                    for z, c in [(1, 0.2), (3, 0.9), (4, 0.5)]]}
+    node = mrml.fiducials_from_landmarks(scene, per, "ct landmarks")
+    assert node.GetNumberOfControlPoints() == 1 and node.GetNthControlPointLabel(0) == "apex"
+    ras = np.zeros(3)
+    node.GetNthControlPointPositionWorld(0, ras)
+    ijk = mrml.ras_to_index(vol, ras)
+    assert np.all(np.abs(ijk - [5.25, 3.5, 3]) <= 0.5) and np.allclose(ijk, [5.25, 3.5, 3], atol=1e-6)
+    every = mrml.fiducials_from_landmarks(scene, per, "ct landmarks per slice", per_slice=True)
+    assert [every.GetNthControlPointLabel(i) for i in range(3)] == ["apex@1", "apex@3", "apex@4"]
+
+
+def test_export_reads_back_with_simpleitk(tmp_path):
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(3)
+    vol = Volume(np.zeros((5, 7, 9), np.int16), (0.7, 0.9, 3.0), (10.0, -20.0, 35.5), oblique(), name="CT 1/a")
+    scene, node = scene_with(vol)
+    labels = rng.choice([0, 1, 2, 5], size=vol.array.shape).astype(np.uint16)
+    seg = mrml.segmentation_from_labels(scene, vol.like(labels), LABELS, node, "seg")
+    for fmt in (".nrrd", ".nii.gz"):
+        (path,) = mrml.export_segmentations([seg], tmp_path, fmt, labels=LABELS)
+        assert path.name == f"CT 1_a-labels{fmt}"
+        back = read_volume(path)
+        assert np.array_equal(back.array, labels), fmt
+        assert np.allclose(back.spacing, vol.spacing) and np.allclose(back.origin, vol.origin, atol=1e-4)
+        assert np.allclose(back.direction, vol.direction, atol=1e-6)
+    (path,) = mrml.export_segmentations([seg], tmp_path, ".seg.nrrd")
+    img = sitk.ReadImage(str(path))
+    names = {img.GetMetaData(f"Segment{i}_Name"): int(img.GetMetaData(f"Segment{i}_LabelValue")) for i in range(3)}
+    assert set(names) == {"liver", "spleen", "kidney"}
+    seg_back = read_volume(path)  # one layer: each segment has its value in it
+    for lb in LABELS:
+        assert np.array_equal(seg_back.array == names[lb.name], labels == lb.value), lb.name
+    assert np.allclose(seg_back.origin, vol.origin, atol=1e-4) and np.allclose(seg_back.direction, vol.direction)
+    # never over an existing file without asking
+    before = path.stat().st_mtime_ns
+    with pytest.raises(FMOneShotError, match="already exists; nothing was written"):
+        mrml.export_segmentations([seg], tmp_path, ".seg.nrrd")
+    assert path.stat().st_mtime_ns == before
+    mrml.export_segmentations([seg], tmp_path, ".seg.nrrd", overwrite=True)
+    with pytest.raises(FMOneShotError, match="Unknown export format"):
+        mrml.export_segmentations([seg], tmp_path, ".png")
+
+
+# ---------------------------------------------------------------------------------------------------- batch
+LIVER, SPLEEN = 5, 1  # values in the bundled CT's reference (Testing/Data/totalseg-ct-small/dataset.json)
+
+
+def sample_scene(sample, n_volumes=1):
+    """The bundled CT loaded n times into a scene (as a user would load several cases), with its reference."""
+    from FMOneShotLib.datasets import load_dataset
+
+    case = load_dataset(sample).cases[0]
+    volume, reference = case.read_image(), case.read_mask()
+    scene = slicer.vtkMRMLScene()
+    nodes = [mrml.node_from_volume(scene, volume, name=f"case{k}") for k in range(n_volumes)]
+    return scene, nodes, volume, reference
+
+
+def clicks(scene, volume, reference, z, value, name, seed=0):
+    """Positive and negative markups on slice z, drawn from the reference mask as a radiologist would click."""
+    from FMOneShotLib.template import sample_prompts
+
+    pos, neg = sample_prompts(reference[z] == value, 5, 5, seed)
+    return (points_node(scene, volume, f"{name} +", [(x, y, z) for x, y in pos]),
+            points_node(scene, volume, f"{name} -", [(x, y, z) for x, y in neg]))
+
+
+def test_marks_in_the_scene_segment_every_slice(sample):
+    """Clicks plus a mask painted on the template slice (as with the Segment Editor), applied in the scene:
+    the segmentation node holds the library's labels, and they match the reference like the demo does."""
+    from FMOneShotLib.demo import choose_template_slice
+    from FMOneShotLib.metrics import dice
+
+    scene, (node,), volume, reference = sample_scene(sample)
+    z = choose_template_slice(reference, [LIVER, SPLEEN])
+    one_slice = np.zeros_like(reference)
+    one_slice[z] = np.where(np.isin(reference[z], [LIVER, SPLEEN]), reference[z], 0)
+    painted = mrml.segmentation_from_labels(scene, volume.like(one_slice),
+                                            [Label("liver", LIVER), Label("spleen", SPLEEN)], node, "painted")
+    prompts = [mrml.LabelPrompt(n, None, *clicks(scene, volume, reference, z, v, n), painted, n)
+               for n, v in (("liver", LIVER), ("spleen", SPLEEN))]
+    tpl = mrml.template_from_markups(node, prompts)
+    assert tpl.orientation == "axial" and tpl.slices[0].index == z
+    (out,) = mrml.apply_to_nodes(tpl, [node])
+    labels = mrml.labels_from_segmentation(out.segmentation, tpl.labels, node)
+    assert np.array_equal(labels.array, out.result.labels.array)
+    for i, (name, v) in enumerate((("liver", LIVER), ("spleen", SPLEEN))):
+        on = [k for k in range(volume.n_slices) if (reference[k] == v).any()]
+        d = np.mean([dice(labels.array[k] == i + 1, reference[k] == v) for k in on])
+        assert d >= 0.8, (name, d)  # the demo's figures: 0.842 and 0.846
+    table = out.confidence.GetTable()
+    assert table.GetNumberOfRows() == volume.n_slices and table.GetColumnName(1) == "liver found"
+
+
+def test_batch_gives_one_node_per_volume_with_the_same_segments(sample):
+    scene, nodes, volume, reference = sample_scene(sample, 3)
+    z = 15
+    pos, neg = clicks(scene, volume, reference, z, LIVER, "liver")
+    marks = points_node(scene, volume, "marks", [(100, 60, z)], ["tip"])
+    tpl = mrml.template_from_markups(nodes[0], [mrml.LabelPrompt("liver", (1, 2, 3), pos, neg),
+                                                mrml.LabelPrompt("spleen", None, *clicks(scene, volume, reference,
+                                                                                         z, SPLEEN, "spleen"))],
+                                   marks)
+    seen = []
+    out = mrml.apply_to_nodes(tpl, nodes, progress=lambda *a: seen.append(a))
+    assert [o.segmentation.GetName() for o in out] == ["case0 segmentation", "case1 segmentation",
+                                                        "case2 segmentation"]
+    for o in out:
+        segmentation = o.segmentation.GetSegmentation()
+        assert [segmentation.GetNthSegment(i).GetName() for i in range(2)] == ["liver", "spleen"]
+        assert np.allclose(segmentation.GetSegment("liver").GetColor(), np.array((1, 2, 3)) / 255)
+        assert o.landmarks.GetNumberOfControlPoints() == 1 and o.landmarks.GetNthControlPointLabel(0) == "tip"
+    # the same volume three times: the same answer three times
+    assert all(np.array_equal(o.result.labels.array, out[0].result.labels.array) for o in out)
+    assert seen[0] == (0, 3, 1, volume.n_slices, "case0") and seen[-1] == (2, 3, volume.n_slices, volume.n_slices,
+                                                                             "case2")
+
+
+def test_a_cancelled_run_leaves_the_scene_as_it_was(sample):
+    from FMOneShotLib.pipeline import Cancelled
+
+    scene, nodes, volume, reference = sample_scene(sample, 2)
+    tpl = mrml.template_from_markups(nodes[0], [mrml.LabelPrompt("liver", None,
+                                                                 *clicks(scene, volume, reference, 15, LIVER,
+                                                                                        "liver"))])
+    before = node_names(scene)
+    calls = []
+
+    def cancel():  # the user presses Cancel while the second volume is being processed
+        calls.append(1)
+        return len(calls) > volume.n_slices + 3
+
+    with pytest.raises(Cancelled):
+        mrml.apply_to_nodes(tpl, nodes, cancel=cancel)
+    assert len(calls) == volume.n_slices + 4  # stopped within one slice of the request
+    assert node_names(scene) == before
