@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import FMOneShotError
-from .features import available_backends
+from .features import available_backends, resolve_backend
 from .files import atomic_paths, refuse_existing
 from .image import LABEL_EXTENSIONS
 
@@ -137,13 +137,14 @@ def _backend_options(args) -> dict:
     --precision and --sam-model, checked against the backend before anything runs."""
     given = {k: getattr(args, k, None) for k in FOUNDATION_OPTIONS}
     given = {k: v for k, v in given.items() if v is not None}
-    if args.backend == "offline":
+    backend = resolve_backend(args.backend)[0]
+    if backend == "offline":
         if given:
             flags = ", ".join(FOUNDATION_OPTIONS[k] for k in given)
             raise FMOneShotError(f"{flags} apply to foundation-model backends, not to the offline backend.",
                                  "choose a backend such as --backend d2s14, or drop those options.")
         return {}
-    if args.backend == "sam":
+    if backend == "sam":
         wrong = [FOUNDATION_OPTIONS[k] for k in ("block", "stride", "input_size") if k in given]
         if wrong:
             raise FMOneShotError(f"{', '.join(wrong)} do not apply to the SAM encoder backend (fixed 1024 input, "
@@ -400,7 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp):
-        sp.add_argument("--backend", default="offline", choices=available_backends(), help="feature backend")
+        sp.add_argument("--backend", default="offline", choices=["auto", *available_backends()],
+                        help="feature backend (auto: the first foundation model with downloaded weights, else offline)")
         sp.add_argument("--seed", type=int, default=0, help="random seed (prompt sampling, adapter training)")
         sp.add_argument("--force", action="store_true", help="overwrite existing output files")
 

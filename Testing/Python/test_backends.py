@@ -191,6 +191,22 @@ def test_auto_segmenter_is_sam_only_when_its_weights_are_cached(tmp_path, monkey
         create_segmenter("auto")
 
 
+def test_auto_backend_is_the_first_with_downloaded_weights_else_offline(tmp_path, monkeypatch):
+    from FMOneShotLib import weights as W
+    from FMOneShotLib.features import resolve_backend
+
+    monkeypatch.setenv("FMONESHOT_CACHE", str(tmp_path))
+    name, why = resolve_backend("auto")
+    assert name == "offline" and "no foundation-model weights" in why
+    assert create_extractor("auto", device="cpu", precision="fp32").name == "offline"  # model options dropped
+    for later in ("d1s8", "d2b14"):
+        path = W.local_path(W.checkpoint(later))
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"x")
+    assert resolve_backend("auto") == ("d2b14", "backend d2b14: its weights are downloaded")
+    assert resolve_backend("d1s16")[0] == "d1s16"
+
+
 @pytest.fixture(scope="module")
 def ct():
     case = load_dataset(SAMPLE).cases[0]
