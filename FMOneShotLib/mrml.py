@@ -483,3 +483,94 @@ def apply_to_nodes(template: Template, volume_nodes: list, progress=None, cancel
             _remove(scene, node)
         raise
     return out
+
+
+# ---------------------------------------------------------------------------------------------------- labels
+# The labels of the template live in the scene, so they are saved with it: per label, a markups point list
+# of positive points and one of negative points, tagged with these attributes; landmarks in one more list.
+LABEL_ATTRIBUTE = "FMOneShot.Label"
+ROLE_ATTRIBUTE = "FMOneShot.Role"  # positive | negative | landmarks
+COLOR_ATTRIBUTE = "FMOneShot.Color"  # "r,g,b" 0-255
+NEGATIVE_COLOR = (0.25, 0.45, 1.0)  # negative points: blue crosses, whatever the label's colour
+
+
+def _tagged(scene, role: str) -> list:
+    nodes = scene.GetNodesByClass("vtkMRMLMarkupsFiducialNode")
+    out = [nodes.GetItemAsObject(i) for i in range(nodes.GetNumberOfItems())]
+    return [n for n in out if n.GetAttribute(ROLE_ATTRIBUTE) == role]
+
+
+def add_label(scene, name: str, color=None) -> tuple:
+    """A new label: its positive (label colour, spheres) and negative (blue crosses) point lists."""
+    name = (name or "").strip()
+    if not name:
+        raise FMOneShotError("The label has no name.", "type a name such as 'liver'.")
+    if name in [p.name for p in label_prompts(scene)]:
+        raise FMOneShotError(f"There is already a label {name!r}.", "choose another name, or use that label.")
+    color = tuple(int(c) for c in (color or Label(name, len(label_prompts(scene)) + 1).color))
+    nodes = []
+    for role, suffix in (("positive", "+"), ("negative", "-")):
+        node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", f"{name} {suffix}")
+        node.SetAttribute(LABEL_ATTRIBUTE, name)
+        node.SetAttribute(ROLE_ATTRIBUTE, role)
+        node.SetAttribute(COLOR_ATTRIBUTE, ",".join(map(str, color)))
+        node.CreateDefaultDisplayNodes()
+        display = node.GetDisplayNode()
+        rgb = tuple(c / 255.0 for c in color) if role == "positive" else NEGATIVE_COLOR
+        display.SetSelectedColor(*rgb)
+        display.SetColor(*rgb)
+        display.SetGlyphType(display.Sphere3D if role == "positive" else display.Cross2D)
+        node.SetMarkupLabelFormat(f"{name}{suffix}%d")
+        nodes.append(node)
+    return tuple(nodes)
+
+
+def remove_label(scene, name: str) -> None:
+    for role in ("positive", "negative"):
+        for node in _tagged(scene, role):
+            if node.GetAttribute(LABEL_ATTRIBUTE) == name:
+                _remove(scene, node)
+
+
+def label_prompts(scene, painted=None) -> list:
+    """The labels in the scene, in the order they were added, as :class:`LabelPrompt`; with a segmentation
+    node ``painted``, the segment named like a label is that label's painted mask."""
+    prompts = {}
+    for role in ("positive", "negative"):
+        for node in _tagged(scene, role):
+            name = node.GetAttribute(LABEL_ATTRIBUTE)
+            color = tuple(int(c) for c in (node.GetAttribute(COLOR_ATTRIBUTE) or "").split(",") if c) or None
+            prompt = prompts.setdefault(name, LabelPrompt(name, color))
+            setattr(prompt, role, node)
+    out = sorted(prompts.values(), key=lambda p: scene.GetNodes().IsItemPresent(p.positive or p.negative))
+    if painted is not None:
+        segmentation = painted.GetSegmentation()
+        for p in out:
+            segment_id = segmentation.GetSegmentIdBySegmentName(p.name)
+            if segment_id:
+                p.segmentation, p.segment_id = painted, segment_id
+    return out
+
+
+def landmarks_node(scene, create: bool = False):
+    """The template's landmark list ("FMOneShot landmarks"; control point labels name the landmarks)."""
+    found = _tagged(scene, "landmarks")
+    if found or not create:
+        return found[0] if found else None
+    node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "FMOneShot landmarks")
+    node.SetAttribute(ROLE_ATTRIBUTE, "landmarks")
+    node.CreateDefaultDisplayNodes()
+    node.GetDisplayNode().SetSelectedColor(1.0, 0.85, 0.1)
+    node.GetDisplayNode().SetGlyphType(node.GetDisplayNode().Diamond2D)
+    node.SetMarkupLabelFormat("L%d")
+    return node
+
+
+def template_from_scene(volume_node, painted=None, orientation: str | None = None,
+                        settings: dict | None = None) -> Template:
+    """The template marked in the scene: every label's points (and painted segment), and the landmarks."""
+    scene = volume_node.GetScene() if volume_node is not None else None
+    if scene is None:
+        raise FMOneShotError("No template volume is selected.", "choose the volume you marked as the template.")
+    return template_from_markups(volume_node, label_prompts(scene, painted), landmarks_node(scene), orientation,
+                                 settings)

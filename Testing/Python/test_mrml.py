@@ -1,5 +1,7 @@
 """The MRML bridge with the real MRML scene (slicer-core): geometry survives the RAS/LPS crossing."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -306,3 +308,48 @@ def test_a_cancelled_run_leaves_the_scene_as_it_was(sample):
         mrml.apply_to_nodes(tpl, nodes, cancel=cancel)
     assert len(calls) == volume.n_slices + 4  # stopped within one slice of the request
     assert node_names(scene) == before
+
+
+def test_labels_live_in_the_scene_as_tagged_point_lists():
+    vol = Volume(np.zeros((6, 10, 12), np.int16), (1.0, 1.0, 2.0), name="ct")
+    scene, node = scene_with(vol)
+    pos, neg = mrml.add_label(scene, "liver", (200, 10, 10))
+    mrml.add_label(scene, "spleen")
+    with pytest.raises(FMOneShotError, match="already a label 'liver'"):
+        mrml.add_label(scene, "liver")
+    with pytest.raises(FMOneShotError, match="no name"):
+        mrml.add_label(scene, "  ")
+    assert pos.GetName() == "liver +" and neg.GetName() == "liver -"
+    # positive and negative points look different: label-coloured spheres against blue crosses
+    assert pos.GetDisplayNode().GetGlyphType() != neg.GetDisplayNode().GetGlyphType()
+    assert np.allclose(pos.GetDisplayNode().GetSelectedColor(), np.array((200, 10, 10)) / 255)
+    assert np.allclose(neg.GetDisplayNode().GetSelectedColor(), mrml.NEGATIVE_COLOR)
+    for ijk in [(3, 4, 2), (5, 5, 2)]:
+        pos.AddControlPoint(*mrml.index_to_ras(vol, ijk).tolist())
+    neg.AddControlPoint(*mrml.index_to_ras(vol, (9, 8, 2)).tolist())
+    spleen_pos = mrml.label_prompts(scene)[1].positive
+    spleen_pos.AddControlPoint(*mrml.index_to_ras(vol, (1, 1, 2)).tolist())
+    marks = mrml.landmarks_node(scene, create=True)
+    marks.AddControlPoint(*mrml.index_to_ras(vol, (7, 7, 2)).tolist(), "tip")
+    assert mrml.landmarks_node(scene) is marks
+    spleen = np.zeros(vol.array.shape, np.uint8)
+    spleen[2, 3:6, 3:6] = 1
+    painted = mrml.segmentation_from_labels(scene, vol.like(spleen), [Label("spleen", 1)], node, "painted")
+    tpl = mrml.template_from_scene(node, painted)
+    assert [(lb.name, lb.value, lb.color) for lb in tpl.labels][0] == ("liver", 1, (200, 10, 10))
+    assert tpl.label_names == ["liver", "spleen"] and tpl.slices[0].index == 2
+    assert np.allclose(tpl.slices[0].positive["liver"], [[3, 4], [5, 5]]) and "spleen" in tpl.slices[0].masks
+    assert np.allclose(tpl.slices[0].landmarks["tip"], [7, 7])
+    mrml.remove_label(scene, "liver")
+    assert [p.name for p in mrml.label_prompts(scene)] == ["spleen"]
+
+
+def test_the_runtime_requirements_are_pyprojects():
+    import tomllib
+
+    from FMOneShotLib import requirements
+
+    doc = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    assert list(requirements.REQUIREMENTS) == doc["project"]["dependencies"]
+    assert requirements.missing() == []  # this environment has them all
+    assert requirements.package("segment-anything>=1.0") == "segment-anything"
