@@ -259,6 +259,7 @@ def segmentation_from_labels(scene, labels: Volume, template_labels: list, refer
                     segmentation.AddSegment(segment, lb.name)
                 else:
                     segmentation.AddEmptySegment(lb.name, lb.name, color)
+                segmentation.GetSegment(lb.name).SetTag(VALUE_TAG, str(lb.value))
     except Exception:
         _remove(scene, seg_node)
         raise
@@ -355,6 +356,8 @@ def confidence_table(scene, result, name: str):
 
 
 # ---------------------------------------------------------------------------------------------------- export
+VALUE_TAG = "FMOneShot.Value"  # segment tag: the template label's value, for labelmap export
+RESULT_ATTRIBUTE = "FMOneShot.Result"  # on the segmentation nodes Apply made: the volume's name
 EXPORT_FORMATS = {".nrrd": "-labels.nrrd", ".nii.gz": "-labels.nii.gz", ".seg.nrrd": ".seg.nrrd"}
 
 
@@ -363,15 +366,12 @@ def _file_stem(name: str) -> str:
     return stem
 
 
-def export_segmentations(seg_nodes: list, folder, fmt: str = ".nrrd", overwrite: bool = False,
-                         labels: list | None = None) -> list:
-    """Write each segmentation node to ``folder``: a labelmap on its reference volume's grid
-    (``VOLUME-labels.nrrd`` or ``VOLUME-labels.nii.gz``, segment k of the node -> value k, or the value of the
-    template label of the same name when ``labels`` are given) or Slicer's segmentation file
-    (``VOLUME.seg.nrrd``). Existing files are refused before anything is written unless ``overwrite``.
-    Returns the paths written."""
-    import slicer
+def export_paths(seg_nodes: list, folder, fmt: str = ".nrrd") -> list:
+    """Where :func:`export_segmentations` would write each node (checked: format, folder, nodes, clashes)."""
+    return [path for *_, path in _export_jobs(seg_nodes, folder, fmt)]
 
+
+def _export_jobs(seg_nodes: list, folder, fmt: str) -> list:
     if fmt not in EXPORT_FORMATS:
         raise FMOneShotError(f"Unknown export format {fmt!r}.", f"use one of: {', '.join(EXPORT_FORMATS)}.")
     if not seg_nodes:
@@ -393,6 +393,20 @@ def export_segmentations(seg_nodes: list, folder, fmt: str = ".nrrd", overwrite:
     if clash:
         raise FMOneShotError(f"Several segmentations would be written to {', '.join(clash)}.",
                              "give the volumes different names, or export them separately.")
+    return jobs
+
+
+def export_segmentations(seg_nodes: list, folder, fmt: str = ".nrrd", overwrite: bool = False,
+                         labels: list | None = None) -> list:
+    """Write each segmentation node to ``folder``: a labelmap on its reference volume's grid
+    (``VOLUME-labels.nrrd`` or ``VOLUME-labels.nii.gz``, segment k of the node -> value k, or the value of the
+    template label of the same name when ``labels`` are given) or Slicer's segmentation file
+    (``VOLUME.seg.nrrd``). Existing files are refused before anything is written unless ``overwrite``.
+    Returns the paths written."""
+    import slicer
+
+    jobs = _export_jobs(seg_nodes, folder, fmt)
+    paths = [p for *_, p in jobs]
     refuse_existing(paths, overwrite, "choose another folder, or confirm overwriting (overwrite=True).")
     for seg, ref, path in jobs:
         if fmt == ".seg.nrrd":
@@ -411,13 +425,34 @@ def export_segmentations(seg_nodes: list, folder, fmt: str = ".nrrd", overwrite:
 
 
 def _segment_labels(seg_node) -> list:
+    """The labels of a segmentation's segments: the template's value kept on FMOneShot's segments, else
+    k for the k-th segment (after the largest kept value)."""
     segmentation = seg_node.GetSegmentation()
+    segments = [segmentation.GetNthSegment(i) for i in range(segmentation.GetNumberOfSegments())]
+    import vtk
+
+    kept = []
+    for segment in segments:
+        value = vtk.reference("")
+        kept.append(int(str(value)) if segment.GetTag(VALUE_TAG, value) and str(value).isdigit() else None)
+    if len({v for v in kept if v}) != len([v for v in kept if v]):
+        kept = [None] * len(kept)  # repeated values (segments copied between nodes): number them afresh
+    nxt = max([v for v in kept if v] or [0])
     out = []
-    for i in range(segmentation.GetNumberOfSegments()):
-        segment = segmentation.GetNthSegment(i)
-        out.append(Label(segment.GetName() or segmentation.GetNthSegmentID(i), i + 1,
+    for i, (segment, value) in enumerate(zip(segments, kept)):
+        if value is None:
+            nxt += 1
+            value = nxt
+        out.append(Label(segment.GetName() or segmentation.GetNthSegmentID(i), value,
                          tuple(int(round(255 * c)) for c in segment.GetColor())))
     return out
+
+
+def result_segmentations(scene) -> list:
+    """The segmentation nodes FMOneShot made in ``scene`` (also after the scene was saved and loaded)."""
+    nodes = scene.GetNodesByClass("vtkMRMLSegmentationNode")
+    out = [nodes.GetItemAsObject(i) for i in range(nodes.GetNumberOfItems())]
+    return [n for n in out if n.GetAttribute(RESULT_ATTRIBUTE)]
 
 
 # ---------------------------------------------------------------------------------------------------- batch
@@ -433,6 +468,22 @@ class NodeResult:
 
     def nodes(self) -> list:
         return [n for n in (self.segmentation, self.landmarks, self.confidence) if n is not None]
+
+    def summary(self) -> str:
+        """'CT: liver on 12 slices, spleen on 0 slices, 2 landmarks' for the panel's status line."""
+        r = self.result
+        found = [f"{name} on {int(r.present[:, i].sum())} slices" for i, name in enumerate(r.label_names)]
+        found += [f"{len(r.landmarks)} landmark(s)"] if r.landmarks else []
+        return f"{self.volume.GetName()}: {', '.join(found)}"
+
+
+def run_options(backend: str = "auto", adapter: str = "auto", segmenter: str = "auto", device: str = "auto") -> dict:
+    """The panel's four choices as :class:`pipeline.OneShot` keyword arguments (device goes to the models)."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise FMOneShotError(f"Unknown device {device!r}.", "choose auto, cpu or cuda.")
+    return {"backend": backend, "adapter": adapter, "segmenter": segmenter,
+            "backend_options": {} if backend == "offline" else {"device": device},
+            "segmenter_options": {"device": device} if segmenter in ("auto", "sam") else {}}
 
 
 def apply_to_nodes(template: Template, volume_nodes: list, progress=None, cancel=None,
@@ -469,6 +520,7 @@ def apply_to_nodes(template: Template, volume_nodes: list, progress=None, cancel
                 item.segmentation = segmentation_from_labels(
                     scene, item.result.labels, template.labels, item.volume,
                     scene.GenerateUniqueName(f"{name} segmentation"))
+                item.segmentation.SetAttribute(RESULT_ATTRIBUTE, name)
                 made.append(item.segmentation)
             if item.result.landmarks:
                 item.landmarks = fiducials_from_landmarks(scene, item.result.landmarks,

@@ -197,6 +197,11 @@ def test_export_reads_back_with_simpleitk(tmp_path):
         assert np.array_equal(back.array, labels), fmt
         assert np.allclose(back.spacing, vol.spacing) and np.allclose(back.origin, vol.origin, atol=1e-4)
         assert np.allclose(back.direction, vol.direction, atol=1e-6)
+    # without the template's labels, the values kept on the segments are used
+    again = tmp_path / "again"
+    again.mkdir()
+    (path,) = mrml.export_segmentations([seg], again)
+    assert np.array_equal(read_volume(path).array, labels)
     (path,) = mrml.export_segmentations([seg], tmp_path, ".seg.nrrd")
     img = sitk.ReadImage(str(path))
     names = {img.GetMetaData(f"Segment{i}_Name"): int(img.GetMetaData(f"Segment{i}_LabelValue")) for i in range(3)}
@@ -284,6 +289,9 @@ def test_batch_gives_one_node_per_volume_with_the_same_segments(sample):
         assert [segmentation.GetNthSegment(i).GetName() for i in range(2)] == ["liver", "spleen"]
         assert np.allclose(segmentation.GetSegment("liver").GetColor(), np.array((1, 2, 3)) / 255)
         assert o.landmarks.GetNumberOfControlPoints() == 1 and o.landmarks.GetNthControlPointLabel(0) == "tip"
+    assert mrml.result_segmentations(scene) == [o.segmentation for o in out]  # what Export writes
+    assert out[0].summary() == (f"case0: liver on {int(out[0].result.present[:, 0].sum())} slices, "
+                                f"spleen on {int(out[0].result.present[:, 1].sum())} slices, 1 landmark(s)")
     # the same volume three times: the same answer three times
     assert all(np.array_equal(o.result.labels.array, out[0].result.labels.array) for o in out)
     assert seen[0] == (0, 3, 1, volume.n_slices, "case0") and seen[-1] == (2, 3, volume.n_slices, volume.n_slices,
@@ -353,3 +361,20 @@ def test_the_runtime_requirements_are_pyprojects():
     assert list(requirements.REQUIREMENTS) == doc["project"]["dependencies"]
     assert requirements.missing() == []  # this environment has them all
     assert requirements.package("segment-anything>=1.0") == "segment-anything"
+
+
+def test_the_panels_choices_run(sample):
+    """Each backend/segmenter/device choice of the panel becomes OneShot options that build and run."""
+    from FMOneShotLib.pipeline import OneShot
+
+    scene, (node,), volume, reference = sample_scene(sample)
+    tpl = mrml.template_from_markups(node, [mrml.LabelPrompt("liver", None,
+                                                             *clicks(scene, volume, reference, 15, LIVER, "liver"))])
+    auto = OneShot(tpl, **mrml.run_options()).fit()  # nothing downloaded: offline features and refiner
+    assert auto.extractor.name == "offline" and auto.segmenter.name == "offline"
+    chosen = OneShot(tpl, **mrml.run_options("offline", "contrastive", "offline", "cpu")).fit()
+    assert chosen.adapter.name == "contrastive" and chosen.segmenter.name == "offline"
+    result = chosen.apply(volume, slices=[15])
+    assert result.present[15, 0] and result.mask("liver")[15].any()
+    with pytest.raises(FMOneShotError, match="Unknown device 'gpu'"):
+        mrml.run_options(device="gpu")
