@@ -1,8 +1,15 @@
 """The bridge between Slicer's MRML scene and the library: the one place where RAS (Slicer) meets LPS (files).
 
+- volume node <-> :class:`Volume` (exact geometry);
+- the template's labels as tagged point lists in the scene, markups (and painted segments) -> :class:`Template`
+  (the template slice and its plane are found from the points);
+- results -> a segmentation node per volume (one segment per label), fiducials, a per-slice confidence table;
+- labelmap export through the Segmentations logic;
+- :func:`apply_to_nodes`: a batch that adds nodes only after the last volume, so Cancel changes nothing.
+
 ``slicer`` and ``vtk`` are imported only inside the functions, so the library imports without them. These
 functions use MRML and VTK calls alone (no ``slicer.app``), so they run in the application and in tests with
-the PyPI package slicer-core.
+the PyPI package slicer-core. The Slicer module (FMOneShot/FMOneShot.py) only adds the panel around them.
 """
 
 from __future__ import annotations
