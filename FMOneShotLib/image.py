@@ -26,7 +26,7 @@ PERCENTILES = (0.5, 99.5)
 # Anatomical slicing planes and the LPS axis each plane is normal to.
 ORIENTATIONS = {"sagittal": 0, "coronal": 1, "axial": 2}
 # For slices along index axis a (x=0, y=1, z=2): the index axes that become the slice's columns and rows.
-_IN_PLANE = {0: (1, 2), 1: (0, 2), 2: (0, 1)}
+IN_PLANE = {0: (1, 2), 1: (0, 2), 2: (0, 1)}
 
 
 @dataclass
@@ -100,7 +100,7 @@ class Volume:
         was. ``axis`` 2 gives the volume itself; :meth:`unslice` turns arrays of the result back."""
         if axis == 2:
             return self
-        cols, rows = _IN_PLANE[axis]
+        cols, rows = IN_PLANE[axis]
         order = (axis, rows, cols)  # new (z, y, x) as index axes
         return replace(self, array=self.array.transpose([2 - a for a in order]),
                        spacing=tuple(self.spacing[a] for a in order[::-1]),
@@ -111,7 +111,7 @@ class Volume:
         """An array of ``volume.resliced(axis)`` back in the volume's own (z, y, x) order."""
         if axis == 2:
             return array
-        cols, rows = _IN_PLANE[axis]
+        cols, rows = IN_PLANE[axis]
         perm = [2 - a for a in (axis, rows, cols)]
         return np.ascontiguousarray(array.transpose(np.argsort(perm)))
 

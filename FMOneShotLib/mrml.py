@@ -23,25 +23,31 @@ import numpy as np
 
 from .errors import FMOneShotError
 from .files import atomic_paths, refuse_existing
-from .image import MODALITIES, Volume, guess_modality, write_volume
+from .image import IN_PLANE, MODALITIES, Volume, guess_modality, write_volume
 from .template import Label, Template
 
 # LPS <-> RAS: x and y change sign, z stays. The same matrix converts both ways.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
 
-def volume_from_node(node) -> Volume:
-    """A scalar volume node -> Volume with the same voxels and geometry (LPS)."""
+def _check_volume_node(node):
+    """The node's image data, or FMOneShotError when the node is not a scalar volume with one component."""
     if node is None or not node.IsA("vtkMRMLScalarVolumeNode"):
         raise FMOneShotError("The selected node is not a scalar volume.", "select a (grey-value) volume node.")
     image = node.GetImageData()
     if image is None:
         raise FMOneShotError(f"The volume {node.GetName()!r} holds no image data.", "load the volume again.")
-    from vtk.util.numpy_support import vtk_to_numpy
-
     if image.GetNumberOfScalarComponents() != 1:
         raise FMOneShotError(f"The volume {node.GetName()!r} has {image.GetNumberOfScalarComponents()} components.",
                              "convert it to a scalar (grey-value) volume first.")
+    return image
+
+
+def volume_from_node(node) -> Volume:
+    """A scalar volume node -> Volume with the same voxels and geometry (LPS)."""
+    image = _check_volume_node(node)
+    from vtk.util.numpy_support import vtk_to_numpy
+
     dims = image.GetDimensions()  # (x, y, z)
     array = vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[2], dims[1], dims[0]).copy()
     ras = np.zeros((3, 3))
@@ -181,7 +187,7 @@ def template_from_markups(volume_node, labels: list, landmarks=None, orientation
     else:
         raise FMOneShotError("Nothing is marked on the template volume.",
                              "place positive points for a label (or paint it), or place named landmarks.")
-    cols, rows = (1, 2) if axis == 0 else (0, 2) if axis == 1 else (0, 1)
+    cols, rows = IN_PLANE[axis]
 
     def pixels(kind, owner):
         return [[ijk[cols], ijk[rows]] for kd, ow, _, ijk in points if kd == kind and ow == owner]
@@ -316,16 +322,16 @@ def _export_labelmap(seg_node, segment_ids: list, reference_node, labels: list) 
         return volume_from_node(labelmap)
 
 
-def fiducials_from_landmarks(scene, landmarks: dict, name: str, per_slice: bool = False):
-    """A markups fiducial node ``name``: one control point per landmark on the slice where it is found with
-    the highest confidence (label: the landmark's name; description: slice and confidence), or with
-    ``per_slice`` one per landmark and slice (label ``name@slice``). ``landmarks``: Result.landmarks."""
+def fiducials_from_landmarks(scene, result, name: str, per_slice: bool = False):
+    """A markups fiducial node ``name`` with the landmarks of a pipeline Result: one control point per
+    landmark on the slice where it is found with the highest confidence (label: the landmark's name;
+    description: slice and confidence), or with ``per_slice`` one per landmark and slice (``name@slice``)."""
     node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
+    best = result.best_landmarks()
     try:
         node.CreateDefaultDisplayNodes()
-        for lm_name, per in landmarks.items():
-            chosen = per if per_slice else [max(per, key=lambda lm: lm.confidence)] if per else []
-            for lm in chosen:
+        for lm_name, per in result.landmarks.items():
+            for lm in (per if per_slice else [best[lm_name]]):
                 ras = np.asarray(lm.physical, float) @ LPS_TO_RAS
                 i = node.AddControlPoint(*ras.tolist(), f"{lm_name}@{lm.slice}" if per_slice else lm_name)
                 node.SetNthControlPointDescription(i, f"slice {lm.slice}, confidence {lm.confidence:.3f}")
@@ -509,16 +515,17 @@ def apply_to_nodes(template: Template, volume_nodes: list, progress=None, cancel
     if not nodes:
         raise FMOneShotError("No target volume is selected.", "choose a target volume, or apply to all volumes.")
     scene = nodes[0].GetScene()
-    volumes = [volume_from_node(n) for n in nodes]
+    for node in nodes:  # every target is checked before the first is processed; converted one at a time
+        _check_volume_node(node)
     oneshot = oneshot or OneShot(template, **options)
     if oneshot.extractor is None:
         oneshot.fit()
     out = []
-    for v, (node, volume) in enumerate(zip(nodes, volumes)):
+    for v, node in enumerate(nodes):
         def step(done, total, v=v, name=node.GetName()):
             if progress is not None:
                 progress(v, len(nodes), done, total, name)
-        out.append(NodeResult(node, oneshot.apply(volume, progress=step, cancel=cancel)))
+        out.append(NodeResult(node, oneshot.apply(volume_from_node(node), progress=step, cancel=cancel)))
     made = []
     try:
         for item in out:
@@ -530,7 +537,7 @@ def apply_to_nodes(template: Template, volume_nodes: list, progress=None, cancel
                 item.segmentation.SetAttribute(RESULT_ATTRIBUTE, name)
                 made.append(item.segmentation)
             if item.result.landmarks:
-                item.landmarks = fiducials_from_landmarks(scene, item.result.landmarks,
+                item.landmarks = fiducials_from_landmarks(scene, item.result,
                                                           scene.GenerateUniqueName(f"{name} landmarks"),
                                                           per_slice_landmarks)
                 made.append(item.landmarks)

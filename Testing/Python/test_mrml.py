@@ -166,19 +166,21 @@ def test_segmentation_node_equals_the_label_volume_voxel_for_voxel():
 
 
 def test_fiducials_land_within_half_a_voxel_of_the_landmarks():
-    from FMOneShotLib.pipeline import Landmark
+    from FMOneShotLib.pipeline import Landmark, Result
 
     vol = Volume(np.zeros((5, 7, 9), np.int16), (0.7, 0.9, 3.0), (10.0, -20.0, 35.5), oblique(), name="ct")
     scene = slicer.vtkMRMLScene()
     per = {"apex": [Landmark("apex", z, (2.25 + z, 3.5), tuple(vol.index_to_physical([2.25 + z, 3.5, z])), c)
                     for z, c in [(1, 0.2), (3, 0.9), (4, 0.5)]]}
-    node = mrml.fiducials_from_landmarks(scene, per, "ct landmarks")
+    result = Result(vol.like(np.zeros(vol.array.shape, np.uint16)), [], np.zeros((5, 0)), np.zeros((5, 0), bool),
+                    landmarks=per)
+    node = mrml.fiducials_from_landmarks(scene, result, "ct landmarks")
     assert node.GetNumberOfControlPoints() == 1 and node.GetNthControlPointLabel(0) == "apex"
     ras = np.zeros(3)
     node.GetNthControlPointPositionWorld(0, ras)
     ijk = mrml.ras_to_index(vol, ras)
     assert np.all(np.abs(ijk - [5.25, 3.5, 3]) <= 0.5) and np.allclose(ijk, [5.25, 3.5, 3], atol=1e-6)
-    every = mrml.fiducials_from_landmarks(scene, per, "ct landmarks per slice", per_slice=True)
+    every = mrml.fiducials_from_landmarks(scene, result, "ct landmarks per slice", per_slice=True)
     assert [every.GetNthControlPointLabel(i) for i in range(3)] == ["apex@1", "apex@3", "apex@4"]
 
 
