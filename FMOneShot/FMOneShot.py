@@ -512,6 +512,8 @@ class FMOneShotTest(ScriptedLoadableModuleTest):
         case = load_dataset(SAMPLE).cases[0]
         volume, reference = case.read_image(), case.read_mask()
         node = mrml.node_from_volume(slicer.mrmlScene, volume, name="sample CT")
+        node.CreateDefaultDisplayNodes()
+        slicer.util.setSliceViewerLayers(background=node, fit=True)
         values = {"liver": 5, "spleen": 1}
         z = choose_template_slice(reference, list(values.values()))
         one_slice = np.zeros_like(reference)
