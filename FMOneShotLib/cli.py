@@ -70,12 +70,14 @@ def _template_from_args(args, landmarks_only: bool = False):
         raise FMOneShotError("No template was given.",
                              "pass --template FILE.json, or --template-image IMAGE with points on one slice.")
     volume = read_volume(args.template_image, args.modality)
-    z = args.slice if args.slice is not None else volume.n_slices // 2
+    plane = args.plane
+    axis = volume.slice_axis(plane)
+    z = args.slice if args.slice is not None else volume.resliced(axis).n_slices // 2
     if landmarks_only:
         lms = dict(_parse_point(t, "landmark") for t in (args.landmark or []))
         if not lms:
             raise FMOneShotError("No landmark was given.", "add --landmark NAME:X,Y for each landmark.")
-        return Template.from_volume(volume, z, landmarks=lms)
+        return Template.from_volume(volume, z, landmarks=lms, orientation=plane)
     positive, negative = {}, {}
     for text in args.positive or []:
         name, xy = _parse_point(text, "positive point")
@@ -89,12 +91,14 @@ def _template_from_args(args, landmarks_only: bool = False):
         if not file:
             raise FMOneShotError(f"Cannot read --mask {text!r}.", "write it as NAME:FILE (a mask of the template slice).")
         m = read_volume(file).array
-        masks[name] = (m[z] if m.shape[0] == volume.n_slices and m.shape[0] > 1 else m[0]) > 0
+        # a mask volume on the template's grid gives its slice z of the plane; a 2D mask is that slice itself
+        masks[name] = (volume.like(m).resliced(axis).array[z] if m.shape == volume.array.shape and m.shape[0] > 1
+                       else m[0]) > 0
     for name in negative:
         if name not in positive and name not in masks:
             raise FMOneShotError(f"Label {name!r} has negative points but no positive point.",
                                  f"add --positive {name}:X,Y inside the structure.")
-    return Template.from_volume(volume, z, positive, negative, masks)
+    return Template.from_volume(volume, z, positive, negative, masks, orientation=plane)
 
 
 def _output_paths(targets, output: Path, suffix: str, fmt: str, force: bool, extensions=LABEL_FORMATS):
@@ -433,7 +437,10 @@ def build_parser() -> argparse.ArgumentParser:
     def template_args(sp):
         sp.add_argument("--template", help="a template saved by FMOneShot (.json)")
         sp.add_argument("--template-image", help="the template volume or image, with points given inline")
-        sp.add_argument("--slice", type=int, help="template slice (z) the points lie on (default: the middle)")
+        sp.add_argument("--slice", type=int, help="template slice the points lie on (default: the middle)")
+        sp.add_argument("--plane", choices=["axial", "coronal", "sagittal"],
+                        help="the plane of --slice; targets are processed in slices of this plane, and X,Y are "
+                             "pixels of that slice (default: the volume's own slices)")
         sp.add_argument("--modality", choices=["CT", "MR", "US", "XR"], help="intensity normalisation to use")
 
     d = sub.add_parser("demo", help="segment liver and spleen on the bundled sample CT and report the Dice")

@@ -8,6 +8,7 @@ import SimpleITK as sitk
 
 from FMOneShotLib.cli import main
 from FMOneShotLib.image import read_volume
+from FMOneShotLib.template import sample_prompts
 
 CT = "Testing/Data/totalseg-ct-small/images/ct-small.nii.gz"
 
@@ -100,3 +101,27 @@ def test_demo_refuses_unknown_label_and_existing_results(tmp_path, capsys):
     code, _, err = run(capsys, "demo", "--output", tmp_path / "d")
     assert code == 2 and "already exist" in err
     assert (tmp_path / "d" / "montage.png").read_bytes() == b"old"
+
+
+def test_segment_on_a_sagittal_template_slice(tmp_path, capsys):
+    """--plane sagittal: the slice and the points are of the sagittal plane, the labels come back on the
+    volume's own grid, and the template's own plane is found again."""
+    from FMOneShotLib.metrics import dice
+
+    vol = read_volume(CT)
+    ref = sitk.GetArrayFromImage(sitk.ReadImage("Testing/Data/totalseg-ct-small/masks/ct-small.nii.gz")) == 5
+    k = 92  # the sagittal plane (x = 92) where the liver is largest
+    plane = vol.like(ref).resliced(0).array[k]
+    pos, neg = sample_prompts(plane, 5, 5, 0)
+    mask = tmp_path / "liver-mask.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(ref.astype(np.uint8)), str(mask))
+    points = [a for x, y in pos for a in ("--positive", f"liver:{x:g},{y:g}")]
+    points += [a for x, y in neg for a in ("--negative", f"liver:{x:g},{y:g}")]
+    out = tmp_path / "labels.nrrd"
+    code, _, err = run(capsys, "segment", CT, "--template-image", CT, "--plane", "sagittal", "--slice", k, *points,
+                       "--mask", f"liver:{mask}", "--output", out, "--save-template", tmp_path / "t.json")
+    assert code == 0, err
+    labels = read_volume(out).array
+    assert labels.shape == vol.array.shape
+    assert dice(labels[:, :, k] == 1, plane) >= 0.8
+    assert json.loads((tmp_path / "t.json").read_text())["orientation"] == "sagittal"
