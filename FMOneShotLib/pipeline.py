@@ -10,7 +10,9 @@ For each target slice and label:
      without one: the mean similarity of the positive correspondences decides presence;
   4. the segmenter turns the prompts into a mask; overlaps between labels go to the more probable label;
   5. landmarks: the correspondence of every template landmark, in pixels and in mm; with an adapter chosen
-     explicitly, the centre of the adapter's localised region of each landmark (paper B) instead.
+     explicitly, the centre of the adapter's localised region of each landmark (paper B) instead;
+  6. after the last slice, a 3D clean-up per label: detections in connected components (over the processed
+     slices) smaller than ``minor_components`` of the largest are dropped, and those slices count as empty.
 
 A trained adapter is stored in the template (``template.adapter``), so saving the template after ``fit`` keeps
 it, and a later ``fit`` with the same backend and adapter reuses it instead of training again.
@@ -30,7 +32,7 @@ from .correspond import FeatureStandardizer, correspond, upsample
 from .errors import FMOneShotError
 from .features import create_extractor, pixel_to_grid, sample_features
 from .image import Volume, intensity_window, label_volume, normalize
-from .postprocess import keep_components
+from .postprocess import drop_minor_components, keep_components
 from .segmenters import Segmenter, create_segmenter
 from .template import Template
 
@@ -85,7 +87,7 @@ class OneShot:
                  segmenter: str | Segmenter = "auto", backend_options: dict | None = None, seed: int = 0,
                  prompt_points: int = 10, min_area_fraction: float = 0.03, min_similarity: float = 0.3,
                  adapter_options: dict | None = None, landmark_radius: float = 2.0,
-                 segmenter_options: dict | None = None):
+                 segmenter_options: dict | None = None, minor_components: float = 0.25):
         self.template = template.validate()
         self.backend = backend
         self.backend_options = dict(backend_options or {})
@@ -100,6 +102,9 @@ class OneShot:
         self.prompt_points = prompt_points
         self.min_area_fraction = min_area_fraction
         self.min_similarity = min_similarity
+        # 3D clean-up: per label, detections in components under this fraction of the largest are dropped
+        # (on CHAOS across subjects: empty slices left empty 35% -> 56%, Dice unchanged; docs/results.md)
+        self.minor_components = minor_components
         self.extractor = None
         self.adapter: Adapter | None = None
         self.fit_seconds = 0.0
@@ -320,6 +325,17 @@ class OneShot:
                 done += 1
                 if progress is not None:
                     progress(done, len(todo))
+        # 3D clean-up over the processed slices, consecutive ones taken as neighbours (a skipped slice, such
+        # as the template's own, does not split a structure in two)
+        done_slices = sorted(set(todo))
+        stack = labels[done_slices]
+        for i, lb in enumerate(tpl.labels):
+            kept = drop_minor_components(stack == lb.value, self.minor_components)
+            stack[(stack == lb.value) & ~kept] = 0
+            gone = present[done_slices, i] & ~kept.any(axis=(1, 2))
+            present[np.array(done_slices)[gone], i] = False
+            confidence[np.array(done_slices)[gone], i] = 0.0
+        labels[done_slices] = stack
         out = label_volume(source, Volume.unslice(labels, axis),
                            name=f"{volume.name}-labels" if volume.name else "labels")
         return Result(out, names, confidence, present, prompts, matches, landmarks, timings,

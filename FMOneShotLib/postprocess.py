@@ -7,8 +7,9 @@ from scipy import ndimage as ndi
 
 
 def components(mask: np.ndarray):
-    """(labels, sizes) of the 8-connected components of a 2D mask (labels 1..n, sizes[i] of label i+1)."""
-    lab, n = ndi.label(mask, structure=np.ones((3, 3), bool))
+    """(labels, sizes) of the connected components of a 2D or 3D mask, diagonal neighbours included (8- or
+    26-connected; labels 1..n, sizes[i] of label i+1)."""
+    lab, n = ndi.label(mask, structure=np.ones((3,) * mask.ndim, bool))
     sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:] if n else np.zeros(0, int)
     return lab, sizes
 
@@ -37,6 +38,17 @@ def keep_components(mask: np.ndarray, seeds=None, weights: np.ndarray | None = N
     keep[1:] &= sizes >= min_area
     keep[0] = False
     return ndi.binary_fill_holes(keep[lab])
+
+
+def drop_minor_components(mask: np.ndarray, fraction: float) -> np.ndarray:
+    """``mask`` without the components smaller than ``fraction`` of its largest one (3D: a structure found on
+    neighbouring slices is one component, a stray detection elsewhere another). ``fraction`` 0 keeps all."""
+    mask = np.asarray(mask, bool)
+    if fraction <= 0 or not mask.any():
+        return mask
+    lab, sizes = components(mask)
+    keep = np.concatenate([[False], sizes >= fraction * sizes.max()])
+    return keep[lab]
 
 
 def smooth(mask: np.ndarray, radius: int = 1) -> np.ndarray:

@@ -136,3 +136,20 @@ def test_threshold_option_needs_the_basic_adapter(tmp_path, sample, capsys):
     assert main(args) == 2
     assert "--threshold applies to the basic adapter only" in capsys.readouterr().err
     assert not (tmp_path / "x.nii.gz").exists()
+
+
+def test_minor_components_are_dropped_in_3d_but_pairs_stay():
+    from FMOneShotLib.postprocess import drop_minor_components
+
+    mask = np.zeros((10, 20, 20), bool)
+    mask[2:8, 2:8, 2:8] = True  # the organ over six slices: 216 voxels
+    mask[9, 15:18, 15:18] = True  # a stray detection on another slice: 9 voxels
+    kept = drop_minor_components(mask, 0.25)
+    assert kept[2:8, 2:8, 2:8].all() and not kept[9].any()
+    assert np.array_equal(drop_minor_components(mask, 0.0), mask)
+    pair = np.zeros((10, 20, 20), bool)
+    pair[2:8, 2:6, 2:6] = pair[2:8, 2:6, 12:17] = True  # two kidneys under one label, 96 and 120 voxels
+    assert np.array_equal(drop_minor_components(pair, 0.25), pair)
+    diagonal = np.zeros((3, 3, 3), bool)
+    diagonal[0, 0, 0] = diagonal[1, 1, 1] = diagonal[2, 2, 2] = True  # touching corners: one component
+    assert np.array_equal(drop_minor_components(diagonal, 0.5), diagonal)
