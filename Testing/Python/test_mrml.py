@@ -276,7 +276,7 @@ def test_marks_in_the_scene_segment_every_slice(sample):
 def test_clicks_alone_in_the_scene(sample):
     """The panel's plainest use: five positive and five negative clicks per organ, nothing painted. The
     template masks come from the segmenter on the template slice (docs/slicer.md: liver 0.52-0.81, spleen
-    0.67-0.79 over click draws; this draw measured 0.553 and 0.730)."""
+    0.68-0.80 over click draws; this draw measured 0.553 and 0.730)."""
     from FMOneShotLib.demo import choose_template_slice
     from FMOneShotLib.metrics import dice
 
