@@ -325,22 +325,29 @@ class OneShot:
                 done += 1
                 if progress is not None:
                     progress(done, len(todo))
-        # 3D clean-up over the processed slices, consecutive ones taken as neighbours (a skipped slice, such
-        # as the template's own, does not split a structure in two)
-        done_slices = sorted(set(todo))
-        stack = labels[done_slices]
-        for i, lb in enumerate(tpl.labels):
-            kept = drop_minor_components(stack == lb.value, self.minor_components)
-            stack[(stack == lb.value) & ~kept] = 0
-            gone = present[done_slices, i] & ~kept.any(axis=(1, 2))
-            present[np.array(done_slices)[gone], i] = False
-            confidence[np.array(done_slices)[gone], i] = 0.0
-        labels[done_slices] = stack
+        self._clean_up_3d(labels, present, confidence, sorted(set(todo)))
         out = label_volume(source, Volume.unslice(labels, axis),
                            name=f"{volume.name}-labels" if volume.name else "labels")
         return Result(out, names, confidence, present, prompts, matches, landmarks, timings,
                       label_values=[lb.value for lb in tpl.labels], orientation=volume.orientation_of(2),
                       slice_axis=axis)
+
+    def _clean_up_3d(self, labels: np.ndarray, present: np.ndarray, confidence: np.ndarray, done: list) -> None:
+        """Per label, drop detections in 3D components under ``minor_components`` of the largest, in place.
+        Processed slices at most two apart are neighbours (a skipped slice, such as the template's own, does
+        not split a structure); runs farther apart (sampled slices) are cleaned each on its own."""
+        if self.minor_components <= 0 or not done:
+            return
+        cuts = [k + 1 for k in range(len(done) - 1) if done[k + 1] - done[k] > 2]
+        for run in np.split(np.asarray(done), cuts):
+            stack = labels[run]
+            for i, lb in enumerate(self.template.labels):
+                mine = stack == lb.value
+                kept = drop_minor_components(mine, self.minor_components)
+                stack[mine & ~kept] = 0
+                gone = run[present[run, i] & ~kept.any(axis=(1, 2))]
+                present[gone, i], confidence[gone, i] = False, 0.0
+            labels[run] = stack
 
     def _region(self, probs: np.ndarray, i: int, pixel_area: float, name: str) -> np.ndarray:
         """The adapter's localised region of label i, or nothing when it is too small to be the structure."""
