@@ -153,3 +153,27 @@ def test_minor_components_are_dropped_in_3d_but_pairs_stay():
     diagonal = np.zeros((3, 3, 3), bool)
     diagonal[0, 0, 0] = diagonal[1, 1, 1] = diagonal[2, 2, 2] = True  # touching corners: one component
     assert np.array_equal(drop_minor_components(diagonal, 0.5), diagonal)
+
+
+def test_clean_up_joins_neighbouring_processed_slices_only():
+    from FMOneShotLib.image import Volume
+    from FMOneShotLib.pipeline import OneShot
+    from FMOneShotLib.template import Template
+
+    engine = OneShot(Template.from_volume(Volume(np.zeros((3, 8, 8), np.float32)), 1, {"organ": [[2, 2]]}))
+
+    def run(done):
+        labels = np.zeros((20, 10, 10), np.uint16)
+        labels[2:5, 2:8, 2:8] = 1  # the organ on slices 2-4 ...
+        labels[6:9, 2:8, 2:8] = 1  # ... and 6-8: slice 5 (the template's own) was not processed
+        labels[15, 0:2, 0:2] = 1  # a stray detection
+        present = labels.any(axis=(1, 2))[:, None].copy()
+        confidence = present.astype(float)
+        engine._clean_up_3d(labels, present, confidence, done)
+        return labels, present, confidence
+
+    labels, present, confidence = run([k for k in range(20) if k != 5])
+    assert labels[2:9].sum() == 6 * 36 and not labels[15].any()  # both halves kept, the stray dropped
+    assert not present[15, 0] and confidence[15, 0] == 0 and present[2, 0]
+    labels, present, _ = run([3, 15])  # sampled slices far apart: each judged on its own
+    assert labels[3].any() and labels[15].any() and present[15, 0]
