@@ -544,6 +544,10 @@ def apply_to_nodes(template: Template, volume_nodes: list, progress=None, cancel
             item.confidence = confidence_table(scene, item.result,
                                                scene.GenerateUniqueName(f"{name} FMOneShot confidence"))
             made.append(item.confidence)
+            # results are in the volume's own coordinates: under a transform, they go under it too
+            for node in (item.segmentation, item.landmarks):
+                if node is not None:
+                    node.SetAndObserveTransformNodeID(item.volume.GetTransformNodeID())
     except Exception:
         for node in made:
             _remove(scene, node)

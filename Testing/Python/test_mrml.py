@@ -307,6 +307,8 @@ def test_batch_gives_one_node_per_volume_with_the_same_segments(sample):
                                                 mrml.LabelPrompt("spleen", None, *clicks(scene, volume, reference,
                                                                                          z, SPLEEN, "spleen"))],
                                    marks)
+    moved = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "moved")
+    nodes[1].SetAndObserveTransformNodeID(moved.GetID())  # a target registered to another
     seen = []
     out = mrml.apply_to_nodes(tpl, nodes, progress=lambda *a: seen.append(a))
     assert [o.segmentation.GetName() for o in out] == ["case0 segmentation", "case1 segmentation",
@@ -317,6 +319,9 @@ def test_batch_gives_one_node_per_volume_with_the_same_segments(sample):
         assert np.allclose(segmentation.GetSegment("liver").GetColor(), np.array((1, 2, 3)) / 255)
         assert o.landmarks.GetNumberOfControlPoints() == 1 and o.landmarks.GetNthControlPointLabel(0) == "tip"
     assert mrml.result_segmentations(scene) == [o.segmentation for o in out]  # what Export writes
+    assert out[1].segmentation.GetTransformNodeID() == moved.GetID()  # results follow their volume's transform
+    assert out[1].landmarks.GetTransformNodeID() == moved.GetID()
+    assert out[0].segmentation.GetTransformNodeID() is None
     assert out[0].summary() == (f"case0: liver on {int(out[0].result.present[:, 0].sum())} slices, "
                                 f"spleen on {int(out[0].result.present[:, 1].sum())} slices, 1 landmark(s)")
     # the same volume three times: the same answer three times
