@@ -194,14 +194,17 @@ class OneShot:
         return adapter_from_state(saved["description"], self.template.adapter_tensors) if same else None
 
     def _template_masks(self, s, feats) -> np.ndarray:
-        """(L, H, W): the painted mask of each label, else the segmenter's mask from the template's own clicks."""
+        """(L, H, W): the painted mask of each label, else the segmenter's mask from the template's own clicks.
+        The positive points of the other labels on the slice are negatives too: they lie in other structures."""
         out = []
         for name in self.template.label_names:
             if name in s.masks and s.masks[name].any():
                 out.append(s.masks[name])
             elif len(s.positive.get(name, ())):
                 image = normalize(s.image, s.window)
-                out.append(self.segmenter.segment(image, feats, s.positive[name], s.negative.get(name, np.zeros((0, 2)))))
+                others = [s.positive[o] for o in s.positive if o != name]
+                negative = np.concatenate([s.negative.get(name, np.zeros((0, 2))), *others]).reshape(-1, 2)
+                out.append(self.segmenter.segment(image, feats, s.positive[name], negative))
             else:
                 out.append(np.zeros(s.image.shape, bool))
         return np.stack(out)

@@ -275,8 +275,8 @@ def test_marks_in_the_scene_segment_every_slice(sample):
 
 def test_clicks_alone_in_the_scene(sample):
     """The panel's plainest use: five positive and five negative clicks per organ, nothing painted. The
-    template masks come from the segmenter on the template slice (docs/slicer.md: liver 0.52-0.81, spleen
-    0.68-0.80 over click draws; this draw measured 0.553 and 0.730)."""
+    template masks come from the segmenter on the template slice, each organ's clicks being negatives of
+    the other (docs/slicer.md: liver 0.65-0.80, spleen 0.74-0.79 over click draws; this draw 0.676, 0.766)."""
     from FMOneShotLib.demo import choose_template_slice
     from FMOneShotLib.metrics import dice
 
@@ -292,7 +292,7 @@ def test_clicks_alone_in_the_scene(sample):
     assert not tpl.has_masks and tpl.slices[0].index == z
     (out,) = mrml.apply_to_nodes(tpl, [node])
     labels = mrml.labels_from_segmentation(out.segmentation, tpl.labels, node).array
-    for i, (name, value, floor) in enumerate((("liver", LIVER, 0.5), ("spleen", SPLEEN, 0.65))):
+    for i, (name, value, floor) in enumerate((("liver", LIVER, 0.62), ("spleen", SPLEEN, 0.72))):
         on = [k for k in range(volume.n_slices) if (reference[k] == value).any()]
         d = np.mean([dice(labels[k] == i + 1, reference[k] == value) for k in on])
         assert d >= floor, (name, d)
@@ -410,3 +410,4 @@ def test_the_panels_choices_run(sample):
     assert result.present[15, 0] and result.mask("liver")[15].any()
     with pytest.raises(FMOneShotError, match="Unknown device 'gpu'"):
         mrml.run_options(device="gpu")
+
