@@ -84,6 +84,7 @@ class FMOneShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.labelNameLineEdit.connect("returnPressed()", self.onAddLabel)
         self.ui.removeLabelButton.connect("clicked(bool)", self.onRemoveLabel)
         self.ui.addLandmarksButton.connect("clicked(bool)", self.onAddLandmarks)
+        self.ui.previewTemplateButton.connect("clicked(bool)", self.onPreviewTemplate)
         self.ui.saveTemplateButton.connect("clicked(bool)", self.onSaveTemplate)
         self.ui.loadTemplateButton.connect("clicked(bool)", self.onLoadTemplate)
         self.ui.clearTemplateButton.connect("clicked(bool)", self.onClearTemplate)
@@ -183,6 +184,15 @@ class FMOneShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.landmarksPlaceWidget.enabled = True
 
     # ------------------------------------------------------------------ template files
+    def onPreviewTemplate(self):
+        if not self.logic.ensureDependencies():
+            return
+        with slicer.util.tryWithErrorDisplay("Could not preview the template masks.", waitCursor=True):
+            preview = self.logic.previewTemplate(self._parameterNode)
+            self.ui.statusLabel.text = (f"'{preview.GetName()}' shows the template masks and is now the painted "
+                                        "masks: correct it in the Segment Editor, or clear 'Painted masks' to use "
+                                        "the clicks again.")
+
     def onSaveTemplate(self):
         path = qt.QFileDialog.getSaveFileName(self.parent, "Save template", "", "FMOneShot template (*.json)")
         if not path:
@@ -371,6 +381,15 @@ class FMOneShotLogic(ScriptedLoadableModuleLogic):
         orientation = None if parameters.orientation == "auto" else parameters.orientation
         return mrml.template_from_scene(parameters.templateVolume, parameters.paintedSegmentation, orientation,
                                         settings=self.options(parameters))
+
+    def previewTemplate(self, parameters):
+        """The template masks as a segmentation on the template volume, chosen as the painted masks."""
+        from FMOneShotLib import mrml
+
+        preview = mrml.preview_template(parameters.templateVolume, self.template(parameters),
+                                        **self.options(parameters))
+        parameters.paintedSegmentation = preview
+        return preview
 
     def saveTemplate(self, parameters, path, force=False):
         return self.template(parameters).save(path, force=force)

@@ -644,3 +644,31 @@ def template_from_scene(volume_node, painted=None, orientation: str | None = Non
         raise FMOneShotError("No template volume is selected.", "choose the volume you marked as the template.")
     return template_from_markups(volume_node, label_prompts(scene, painted), landmarks_node(scene), orientation,
                                  settings)
+
+
+def preview_template(volume_node, template: Template, oneshot=None, name: str | None = None, **options):
+    """The template masks FMOneShot will learn from, as a new segmentation node on the template volume: the
+    painted masks, and for labels given by clicks alone the segmenter's mask from those clicks. Its segments
+    are named like the labels, so after correcting them (Segment Editor) the node can be chosen as the
+    painted masks of the next template (where two labels' masks overlap, the first label keeps the pixel).
+    ``options`` go to :class:`pipeline.OneShot` (or pass a fitted one)."""
+    from .pipeline import OneShot
+
+    if not template.labels:
+        raise FMOneShotError("The template has no labels to preview.", "add a label and place its points.")
+    oneshot = oneshot or OneShot(template, **options)
+    if oneshot.extractor is None:
+        oneshot.fit()
+    volume = volume_from_node(volume_node)
+    axis = volume.slice_axis(template.orientation)
+    plane = volume.resliced(axis)
+    labels = np.zeros(plane.array.shape, np.uint16)
+    for s, masks in zip(template.slices, oneshot.template_masks):
+        if s.image.shape != plane.slice_shape or not 0 <= s.index < plane.n_slices:
+            raise FMOneShotError(f"The template's slice {s.index} does not belong to {volume_node.GetName()!r}.",
+                                 "preview on the volume the template was marked on.")
+        for lb, m in zip(template.labels, masks):
+            labels[s.index][m & (labels[s.index] == 0)] = lb.value
+    scene = volume_node.GetScene()
+    return segmentation_from_labels(scene, volume.like(Volume.unslice(labels, axis)), template.labels, volume_node,
+                                    scene.GenerateUniqueName(name or f"{volume_node.GetName()} FMOneShot template"))

@@ -411,3 +411,35 @@ def test_the_panels_choices_run(sample):
     with pytest.raises(FMOneShotError, match="Unknown device 'gpu'"):
         mrml.run_options(device="gpu")
 
+
+def test_preview_shows_the_template_masks_and_can_be_corrected_and_reused(sample):
+    """Clicks alone -> the preview holds the segmenter's masks on the template slice only; chosen as the
+    painted masks of the next template, they are what the template learns from."""
+    from FMOneShotLib.demo import choose_template_slice
+    from FMOneShotLib.metrics import dice
+    from FMOneShotLib.pipeline import OneShot
+
+    scene, (node,), volume, reference = sample_scene(sample)
+    z = choose_template_slice(reference, [LIVER, SPLEEN])
+    prompts = [mrml.LabelPrompt(n, None, *clicks(scene, volume, reference, z, v, n)) for n, v in (("liver", LIVER),
+                                                                                                   ("spleen", SPLEEN))]
+    tpl = mrml.template_from_markups(node, prompts)
+    engine = OneShot(tpl).fit()
+    preview = mrml.preview_template(node, tpl, engine)
+    assert preview.GetName() == "case0 FMOneShot template"
+    shown = mrml.labels_from_segmentation(preview, tpl.labels, node).array
+    assert not np.delete(shown, z, axis=0).any()  # the template slice only
+    liver_mask, spleen_mask = engine.template_masks[0]
+    assert np.array_equal(shown[z] == 1, liver_mask)
+    assert np.array_equal(shown[z] == 2, spleen_mask & ~liver_mask)  # where masks overlap, the first label
+    for i, value in enumerate((LIVER, SPLEEN)):
+        assert dice(shown[z] == i + 1, reference[z] == value) >= 0.85  # measured 0.883 and 0.891
+    # the user corrects the liver (here: replaced by the reference) and uses the preview as painted masks
+    corrected = shown.copy()
+    corrected[z][shown[z] == 1] = 0
+    corrected[z][reference[z] == LIVER] = 1
+    fixed = mrml.segmentation_from_labels(scene, volume.like(corrected), tpl.labels, node, "corrected")
+    again = mrml.template_from_markups(node, [mrml.LabelPrompt(p.name, None, p.positive, p.negative, fixed, p.name)
+                                              for p in prompts])
+    assert np.array_equal(again.slices[0].masks["liver"], reference[z] == LIVER)
+    assert np.array_equal(again.slices[0].masks["spleen"], spleen_mask & ~liver_mask)
