@@ -479,9 +479,6 @@ class NodeResult:
     landmarks: object = None
     confidence: object = None
 
-    def nodes(self) -> list:
-        return [n for n in (self.segmentation, self.landmarks, self.confidence) if n is not None]
-
     def summary(self) -> str:
         """'CT: liver on 12 slices, spleen on 0 slices, 2 landmarks' for the panel's status line."""
         r = self.result
