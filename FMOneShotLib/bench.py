@@ -131,7 +131,7 @@ def run_bench(slices: int = 100, size: int = 512, backend: str = "offline", segm
         "precision": {"features": getattr(engine.extractor, "precision", "fp32"),
                       "segmenter": getattr(engine.segmenter, "precision", "fp32")},
         "threads": torch.get_num_threads(),
-        "seconds": {"total": round(total, 2), **stages},
+        "seconds": {"total": round(total, 3), **stages},
         "seconds_per_slice": round(total / volume.n_slices, 4),
         "adapter_ms_per_slice": round(1000 * result.timings["adapter"] / volume.n_slices, 2),
         "model_forwards_seconds": round(forwards, 3),
@@ -139,7 +139,7 @@ def run_bench(slices: int = 100, size: int = 512, backend: str = "offline", segm
         "peak_memory_mb": round(_peak_mb(), 1),
         "naive": {"slices_measured": len(picks), "seconds_per_slice": round(naive_per_slice, 4),
                   "per_stage_per_slice": {k: round(v / len(picks), 4) for k, v in naive.items()},
-                  "extrapolated_total": round(naive_total, 2)},
+                  "extrapolated_total": round(naive_total, 3)},
         "speedup_over_naive": round(naive_total / total, 2),
     }
     if torch.cuda.is_available() and report["device"].startswith("cuda"):
