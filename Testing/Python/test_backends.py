@@ -277,3 +277,18 @@ def test_sam_weights_named_make_auto_choose_sam(tmp_path, monkeypatch):
                                       "--sam-weights", "random"])
     assert args.segmenter == "auto"
     assert create_segmenter(args.segmenter, **_segmenter_options(args)).name == "sam"
+
+
+def test_offline_body_is_found_on_a_dark_slice():
+    """The ends of an MR volume can be dark (the coil's fall-off): the body there is found all the same, so the
+    position features do not put it, and the organs, in a corner (CHAOS chaos-3's last slices: 5% -> 64%)."""
+    from FMOneShotLib.features.offline import body_mask
+
+    yy, xx = np.mgrid[:96, :96]
+    body = (yy - 48) ** 2 / 40 ** 2 + (xx - 48) ** 2 / 30 ** 2 <= 1
+    rng = np.random.default_rng(0)
+    for level in (0.6, 0.04):  # a normal slice, and one whose body is barely above the air
+        image = np.where(body, level, 0.002) * (1 + 0.1 * rng.standard_normal(body.shape))
+        found = body_mask(image.astype(np.float32))
+        assert (found & body).sum() / (found | body).sum() > 0.9, level
+    assert body_mask(np.zeros((32, 32), np.float32)).all()  # a blank slice: no body to find, nothing refused
