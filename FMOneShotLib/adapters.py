@@ -20,11 +20,17 @@ from abc import ABC, abstractmethod
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage as ndi
 
 from .errors import FMOneShotError
 
 MAX_SAMPLES_PER_LABEL = 3000
 BACKGROUND_RATIO = 3
+# Template augmentation (``augment=True``): each template slice is also seen darker/brighter (gamma), with
+# less/more contrast, and 15% / 10% smaller and larger, as the same structure appears in other subjects.
+AUGMENT_GAMMAS = (0.7, 1.4)
+AUGMENT_CONTRASTS = (0.8, 1.2)
+AUGMENT_ZOOMS = (0.85, 0.9, 1.1, 1.15)
 
 
 def mask_to_grid(mask: np.ndarray, grid_shape) -> np.ndarray:
@@ -37,13 +43,31 @@ def mask_to_grid(mask: np.ndarray, grid_shape) -> np.ndarray:
     return out
 
 
+def template_views(image: np.ndarray, masks: np.ndarray) -> list:
+    """Augmented copies of a template slice for training: ``image`` (H, W) in [0, 1] and its ``masks``
+    (L, H, W) -> [(image, masks)], intensity views first (same masks), then zooms about the centre."""
+    views = [(image ** g, masks) for g in AUGMENT_GAMMAS]
+    views += [(np.clip(0.5 + (image - 0.5) * c, 0.0, 1.0), masks) for c in AUGMENT_CONTRASTS]
+    centre = (np.asarray(image.shape, float) - 1) / 2
+    for zoom in AUGMENT_ZOOMS:
+        # output pixel p shows input pixel centre + (p - centre) / zoom
+        args = {"matrix": np.full(2, 1.0 / zoom), "offset": centre - centre / zoom}
+        zoomed = ndi.affine_transform(image.astype(np.float32), order=1, mode="nearest", **args)
+        zmasks = np.stack([ndi.affine_transform(m.astype(np.float32), order=1, **args) >= 0.5 for m in masks])
+        views.append((zoomed, zmasks))
+    return [(np.asarray(v, np.float32), m) for v, m in views]
+
+
 class Adapter(ABC):
-    """Learns, from template features and masks, the probability of each label at every feature cell."""
+    """Learns, from template features and masks, the probability of each label at every feature cell.
+
+    ``augment``: train on :func:`template_views` of every template slice as well (the chain builds them)."""
 
     name = ""
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, augment: bool = False):
         self.seed = seed
+        self.augment = bool(augment)
         self.n_labels = 0
 
     @abstractmethod
@@ -56,7 +80,7 @@ class Adapter(ABC):
 
     def options(self) -> dict:
         """The constructor arguments that rebuild this adapter (saved with its tensors)."""
-        return {"seed": self.seed}
+        return {"seed": self.seed, "augment": self.augment}
 
     def tensors(self) -> dict:
         """The trained state as named tensors (safetensors-compatible)."""
@@ -168,8 +192,8 @@ class BasicAdapter(Adapter):
 
     name = "basic"
 
-    def __init__(self, seed: int = 0, threshold: float = 0.5, max_roi: int = 512):
-        super().__init__(seed)
+    def __init__(self, seed: int = 0, threshold: float = 0.5, max_roi: int = 512, augment: bool = False):
+        super().__init__(seed, augment)
         if not -1.0 <= threshold <= 1.0:
             raise FMOneShotError(f"The basic adapter's threshold {threshold} is not a cosine similarity.",
                                  "choose a threshold between -1 and 1 (default 0.5).")
@@ -177,7 +201,7 @@ class BasicAdapter(Adapter):
         self.roi: list = []
 
     def options(self) -> dict:
-        return {"seed": self.seed, "threshold": self.threshold, "max_roi": self.max_roi}
+        return {**super().options(), "threshold": self.threshold, "max_roi": self.max_roi}
 
     def fit(self, features: list, masks: list) -> "BasicAdapter":
         self.n_labels = masks[0].shape[0]
@@ -219,8 +243,9 @@ class ClassificationAdapter(Adapter):
 
     name = "classification"
 
-    def __init__(self, seed: int = 0, hidden: int = 64, epochs: int = 200, lr: float = 1e-2):
-        super().__init__(seed)
+    def __init__(self, seed: int = 0, hidden: int = 64, epochs: int = 200, lr: float = 1e-2,
+                 augment: bool = False):
+        super().__init__(seed, augment)
         self.hidden, self.epochs, self.lr = hidden, epochs, lr
         self.net: MLP | None = None
 
@@ -246,7 +271,7 @@ class ClassificationAdapter(Adapter):
         return logits.softmax(dim=1).reshape(B, h, w, -1).permute(0, 3, 1, 2)
 
     def options(self) -> dict:
-        return {"seed": self.seed, "hidden": self.hidden, "epochs": self.epochs, "lr": self.lr}
+        return {**super().options(), "hidden": self.hidden, "epochs": self.epochs, "lr": self.lr}
 
     def tensors(self) -> dict:
         return dict(self.net.state_dict())
@@ -273,15 +298,16 @@ class ContrastiveAdapter(Adapter):
 
     name = "contrastive"
 
-    def __init__(self, seed: int = 0, hidden: int = 64, embedding: int = 32, epochs: int = 200, lr: float = 1e-2):
-        super().__init__(seed)
+    def __init__(self, seed: int = 0, hidden: int = 64, embedding: int = 32, epochs: int = 200, lr: float = 1e-2,
+                 augment: bool = False):
+        super().__init__(seed, augment)
         self.hidden, self.embedding, self.epochs, self.lr = hidden, embedding, epochs, lr
         self.branch: MLP | None = None
         self.head: torch.nn.Linear | None = None
         self.roi: list = []
 
     def options(self) -> dict:
-        return {"seed": self.seed, "hidden": self.hidden, "embedding": self.embedding, "epochs": self.epochs,
+        return {**super().options(), "hidden": self.hidden, "embedding": self.embedding, "epochs": self.epochs,
                 "lr": self.lr}
 
     def _build(self, n_in: int):

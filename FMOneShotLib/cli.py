@@ -125,11 +125,17 @@ def _check_targets(targets):
 
 
 def _adapter_options(args) -> dict:
+    options = {}
+    if args.augment:
+        if args.adapter in (None, "none"):
+            raise FMOneShotError("--augment trains an adapter on augmented template slices, and --adapter is none.",
+                                 "choose an adapter (auto, classification, contrastive, basic), or drop --augment.")
+        options["augment"] = True
     if args.threshold is None:
-        return {}
+        return options
     if args.adapter != "basic":
         raise FMOneShotError("--threshold applies to the basic adapter only.", "add --adapter basic, or drop --threshold.")
-    return {"threshold": args.threshold}
+    return {**options, "threshold": args.threshold}
 
 
 FOUNDATION_OPTIONS = {"weights": "--weights", "block": "--block", "stride": "--stride",
@@ -433,6 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
     def adapter_args(sp, default, text):
         sp.add_argument("--adapter", default=default, help=text)
         sp.add_argument("--threshold", type=float, help="the basic adapter's cosine-similarity threshold (default 0.5)")
+        sp.add_argument("--augment", action="store_true",
+                        help="train the adapter on the template slices and on darker, brighter, lower- and "
+                             "higher-contrast, smaller and larger copies of them (better across subjects, more "
+                             "false detections beyond the structure's ends: docs/results.md)")
 
     def template_args(sp):
         sp.add_argument("--template", help="a template saved by FMOneShot (.json)")

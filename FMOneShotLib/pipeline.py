@@ -27,10 +27,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .adapters import Adapter, adapter_from_state, create_adapter, mask_to_grid
+from .adapters import Adapter, adapter_from_state, create_adapter, mask_to_grid, template_views
 from .correspond import FeatureStandardizer, correspond, upsample
 from .errors import FMOneShotError
-from .features import create_extractor, pixel_to_grid, sample_features
+from .features import create_extractor, sample_features
 from .image import Volume, intensity_window, label_volume, normalize
 from .postprocess import drop_minor_components, keep_components
 from .segmenters import Segmenter, create_segmenter
@@ -155,32 +155,36 @@ class OneShot:
             self.adapter = self._saved_adapter(kind)
             self.adapter_reused = self.adapter is not None
             if self.adapter is None:
-                self.adapter = create_adapter(kind, seed=self.seed, **self.adapter_options)
-                grids = [np.stack([mask_to_grid(m_i, f.shape[1:]) for m_i in m])
-                         for m, f in zip(self.template_masks, feats)]
-                self.adapter.fit(std_feats, grids)
+                self.adapter = self._fit_adapter(kind, std_feats, self.template_masks)
                 description, tensors = self.adapter.state()
                 tpl.adapter = {"description": description, "backend": self.extractor.settings(), "labels": names}
                 tpl.adapter_tensors = tensors
         if self.q_landmarks and self.adapter_name not in (None, "none", "auto"):
-            # Landmarks as regions: a disc of landmark_radius cells around each landmark is its ROI.
-            lm_names = list(self.q_landmarks)
-            grids = []
+            # Landmarks as regions: a disc of landmark_radius feature cells around each landmark is its ROI.
+            discs = []
             for s, f in zip(tpl.slices, std_feats):
-                h, w = f.shape[1:]
-                yy, xx = np.mgrid[:h, :w]
-                disc = []
-                for n in lm_names:
-                    if n in s.landmarks:
-                        gx, gy = pixel_to_grid(s.landmarks[n], s.image.shape, (h, w))
-                        disc.append((xx - gx) ** 2 + (yy - gy) ** 2 <= self.landmark_radius ** 2)
-                    else:
-                        disc.append(np.zeros((h, w), bool))
-                grids.append(np.stack(disc))
-            self.landmark_adapter = create_adapter(self.adapter_name, seed=self.seed, **self.adapter_options)
-            self.landmark_adapter.fit(std_feats, grids)
+                (H, W), (h, w) = s.image.shape, f.shape[1:]
+                yy, xx = np.mgrid[:H, :W]
+                radius = self.landmark_radius * max(H / h, W / w)
+                discs.append(np.stack([(xx - s.landmarks[n][0]) ** 2 + (yy - s.landmarks[n][1]) ** 2 <= radius ** 2
+                                       if n in s.landmarks else np.zeros((H, W), bool) for n in self.q_landmarks]))
+            self.landmark_adapter = self._fit_adapter(self.adapter_name, std_feats, discs)
         self.fit_seconds = time.perf_counter() - t0
         return self
+
+    def _fit_adapter(self, kind: str, std_feats: list, masks: list) -> Adapter:
+        """A new adapter trained on the template slices' features and pixel masks (L, H, W) per slice, plus,
+        when it augments, the features of every slice's :func:`template_views`."""
+        adapter = create_adapter(kind, seed=self.seed, **self.adapter_options)
+        feats, grids = list(std_feats), [np.stack([mask_to_grid(m, f.shape[1:]) for m in ms])
+                                          for ms, f in zip(masks, std_feats)]
+        if adapter.augment:
+            for s, ms in zip(self.template.slices, masks):
+                for image, view_masks in template_views(normalize(s.image, s.window), ms):
+                    f = self._features(image[None], s.pixel_spacing)[0]
+                    feats.append(f)
+                    grids.append(np.stack([mask_to_grid(m, f.shape[1:]) for m in view_masks]))
+        return adapter.fit(feats, grids)
 
     def _saved_adapter(self, kind: str) -> Adapter | None:
         """The template's trained adapter when it was trained the same way on the same features, else None."""

@@ -177,3 +177,54 @@ def test_clean_up_joins_neighbouring_processed_slices_only():
     assert not present[15, 0] and confidence[15, 0] == 0 and present[2, 0]
     labels, present, _ = run([3, 15])  # sampled slices far apart: each judged on its own
     assert labels[3].any() and labels[15].any() and present[15, 0]
+
+
+def test_template_views_move_the_masks_with_the_structure():
+    from FMOneShotLib.adapters import AUGMENT_ZOOMS, template_views
+
+    yy, xx = np.mgrid[:80, :80]
+    disc = (yy - 25) ** 2 + (xx - 50) ** 2 <= 10 ** 2  # off centre: a zoom moves it as well as resizing it
+    image = np.where(disc, 0.8, 0.2).astype(np.float32)
+    views = template_views(image, disc[None])
+    zooms = views[-len(AUGMENT_ZOOMS):]
+    for view, masks in views[:-len(AUGMENT_ZOOMS)]:  # intensity views: the masks as they were
+        assert np.array_equal(masks[0], disc) and not np.allclose(view, image)
+        assert view.min() >= 0 and view.max() <= 1
+    for zoom, (view, masks) in zip(AUGMENT_ZOOMS, zooms):
+        bright = view > 0.5
+        assert dice(masks[0], bright) > 0.95, zoom  # the mask follows the zoomed structure
+        assert masks[0].sum() == pytest.approx(disc.sum() * zoom ** 2, rel=0.1)
+        cy, cx = np.argwhere(masks[0]).mean(axis=0)
+        assert (cy, cx) == pytest.approx((39.5 + (25 - 39.5) * zoom, 39.5 + (50 - 39.5) * zoom), abs=0.6)
+
+
+def test_augmented_training_is_reproducible_and_saved_with_the_adapter(tmp_path):
+    vol, ref = _two_discs()
+    pos, neg = sample_prompts(ref[0] == 1, 4, 4, 0)
+
+    def template():
+        return Template.from_volume(vol, 0, {"a": pos}, {"a": neg}, {"a": ref[0] == 1})
+
+    runs = [OneShot(template(), adapter="contrastive", adapter_options={"augment": True}).fit() for _ in range(2)]
+    assert not runs[1].adapter_reused
+    assert torch.equal(runs[0].adapter.branch.net[0].weight, runs[1].adapter.branch.net[0].weight)
+    # the views are in the training set: more template features than the slice alone has ROI cells
+    plain = OneShot(template(), adapter="contrastive").fit()
+    assert len(runs[0].adapter.roi[0]) > len(plain.adapter.roi[0])
+    tpl = runs[1].template
+    result = runs[1].apply(vol)
+    assert np.mean([dice(result.mask("a")[z], ref[z] == 1) for z in range(vol.n_slices)]) >= 0.9
+    assert tpl.adapter["description"]["options"]["augment"] is True
+    tpl.save(tmp_path / "t.json")
+    loaded = Template.load(tmp_path / "t.json")
+    assert OneShot(loaded, adapter="contrastive", adapter_options={"augment": True}).fit().adapter_reused
+    assert not OneShot(loaded, adapter="contrastive", adapter_options={"augment": False}).fit().adapter_reused
+
+
+def test_augment_option_needs_an_adapter(tmp_path, sample, capsys):
+    args = ["segment", str(sample / "images" / "ct-small.nii.gz"), "--template-image",
+            str(sample / "images" / "ct-small.nii.gz"), "--slice", "20", "--positive", "liver:100,40",
+            "--output", str(tmp_path / "x.nii.gz"), "--adapter", "none", "--augment"]
+    assert main(args) == 2
+    assert "--augment trains an adapter" in capsys.readouterr().err
+    assert not (tmp_path / "x.nii.gz").exists()
