@@ -49,6 +49,7 @@ class FMOneShotParameterNode:
     orientation: str = "auto"
     backend: str = "auto"
     adapter: str = "auto"
+    augment: bool = False
     segmenter: str = "auto"
     device: str = "auto"
     applyToAll: bool = False
@@ -404,7 +405,8 @@ class FMOneShotLogic(ScriptedLoadableModuleLogic):
     def options(self, parameters):
         from FMOneShotLib import mrml
 
-        return mrml.run_options(parameters.backend, parameters.adapter, parameters.segmenter, parameters.device)
+        return mrml.run_options(parameters.backend, parameters.adapter, parameters.segmenter, parameters.device,
+                                parameters.augment)
 
     def backendStatus(self, backend):
         try:

@@ -410,6 +410,10 @@ def test_the_panels_choices_run(sample):
     assert result.present[15, 0] and result.mask("liver")[15].any()
     with pytest.raises(FMOneShotError, match="Unknown device 'gpu'"):
         mrml.run_options(device="gpu")
+    augmented = OneShot(tpl, **mrml.run_options("offline", "classification", "offline", "cpu", True)).fit()
+    assert augmented.adapter.augment and tpl.adapter["description"]["options"]["augment"] is True
+    with pytest.raises(FMOneShotError, match="untick 'Augment the template'"):
+        mrml.run_options(adapter="none", augment=True)
 
 
 def test_preview_shows_the_template_masks_and_can_be_corrected_and_reused(sample):
