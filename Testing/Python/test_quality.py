@@ -5,6 +5,7 @@ import SimpleITK as sitk
 
 from FMOneShotLib.datasets import load_dataset
 from FMOneShotLib.demo import run_demo
+from FMOneShotLib.evaluate import evaluate
 from FMOneShotLib.image import read_volume
 from FMOneShotLib.metrics import dice
 from FMOneShotLib.pipeline import OneShot
@@ -45,28 +46,22 @@ def test_multilabel_in_one_pass_matches_single_label_runs(sample):
     assert not (result.mask("liver") & result.mask("spleen")).any()
 
 
-def test_across_subjects_chaos(chaos):
-    """Template from chaos-1 (each organ's largest slice, points and painted mask); targets: the other three
-    subjects' slices that contain the organ. The mean Dice over the four organs must reach 0.55."""
-    ds = load_dataset(chaos)
-    template_case, targets = ds.cases[0], ds.cases[1:]
-    vol, ref = template_case.read_image(), template_case.read_mask()
-    target_data = [(c.read_image(), c.read_mask()) for c in targets]
-    scores = {}
-    for value, name in ds.labels.items():
-        z = int(np.argmax((ref == value).sum(axis=(1, 2))))
-        pos, neg = sample_prompts(ref[z] == value, 5, 5, seed=0)
-        tpl = Template.from_volume(vol, z, {name: pos}, {name: neg}, {name: ref[z] == value})
-        engine = OneShot(tpl).fit()
-        per_slice = []
-        for tvol, tref in target_data:
-            on = [k for k in range(tvol.n_slices) if (tref[k] == value).any()]
-            pred = engine.apply(tvol, slices=on).mask(name)
-            per_slice += [dice(pred[k], tref[k] == value) for k in on]
-        scores[name] = float(np.mean(per_slice))
-    print("CHAOS across subjects, Dice:", {k: round(v, 3) for k, v in scores.items()})
-    assert set(scores) == {"liver", "kidney_right", "kidney_left", "spleen"}
-    assert np.mean(list(scores.values())) >= 0.55, scores
+def test_adapters_across_subjects_chaos(chaos):
+    """Issue 5's protocol, as ``fmoneshot eval`` runs it: per organ, the template is chaos-1's largest slice of
+    it (points and painted mask); targets: every slice of the other three subjects. Measured mean Dice over
+    the organs' slices: basic 0.190, classification 0.615, contrastive 0.599; classification trained with
+    template augmentation 0.642. (Issue 5 asks 0.65 of the contrastive adapter: not reached, docs/results.md.)"""
+    runs = {"basic": ("basic", {}), "classification": ("classification", {}), "contrastive": ("contrastive", {}),
+            "classification+augment": ("classification", {"augment": True})}
+    summaries = {k: evaluate(chaos, adapter=a, adapter_options=o)[0] for k, (a, o) in runs.items()}
+    dice_of = {k: s["mean_dice"] for k, s in summaries.items()}
+    print("CHAOS across subjects, mean Dice:", dice_of)
+    assert all(set(s["labels"]) == {"liver", "kidney_right", "kidney_left", "spleen"} for s in summaries.values())
+    assert dice_of["classification"] >= 0.58 and dice_of["contrastive"] >= 0.57
+    assert min(dice_of["classification"], dice_of["contrastive"]) >= dice_of["basic"] + 0.3
+    assert dice_of["classification+augment"] >= dice_of["classification"] + 0.01  # augmentation helps here
+    # slices without the organ: the right kidney's are mostly left empty (0.76 measured), the others less often
+    assert summaries["classification"]["labels"]["kidney_right"]["empty_slice_accuracy"] >= 0.7
 
 
 def test_stray_detections_away_from_the_organ_are_dropped(chaos):
