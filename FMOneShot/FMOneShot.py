@@ -409,10 +409,8 @@ class FMOneShotLogic(ScriptedLoadableModuleLogic):
                                 parameters.augment)
 
     def backendStatus(self, backend):
-        try:
-            from FMOneShotLib.features.base import resolve_backend
-        except ImportError:  # torch not installed yet
-            return "The offline backend needs no downloaded weights; PyTorch is installed at the first Apply."
+        from FMOneShotLib.weights import resolve_backend  # no torch: the panel opens before PyTorch is loaded
+
         return resolve_backend(backend)[1]
 
     def targets(self, parameters):

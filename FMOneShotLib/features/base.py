@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import FMOneShotError
+from ..weights import AUTO_ORDER, resolve_backend  # noqa: F401  (re-exported: features.resolve_backend)
 
 
 class FeatureExtractor(ABC):
@@ -52,25 +53,6 @@ def register(name: str):
 
 def available_backends() -> list[str]:
     return sorted(_REGISTRY)
-
-
-# What "auto" picks: the first of these whose checkpoint is in the weights cache, else the offline backend.
-# DINOv2 ViT-S/14 first: paper A's family, and 0.16-0.39 s a slice on a 2-core CPU (docs/results.md).
-AUTO_ORDER = ("d2s14", "d2b14", "d2l14", "d2g14", "d1s8", "d1b8", "d1s16", "d1b16", "d3s16", "d3b16")
-
-
-def resolve_backend(name: str = "auto", folder=None) -> tuple:
-    """``(backend, why)``: ``auto`` -> the first backend of AUTO_ORDER with downloaded weights, else
-    ``offline``; any other name -> itself. ``why`` is one sentence to show the user."""
-    if name != "auto":
-        return name, f"backend {name} (chosen)"
-    from .. import weights
-
-    for candidate in AUTO_ORDER:
-        if weights.is_present(candidate, folder):
-            return candidate, f"backend {candidate}: its weights are downloaded"
-    return "offline", ("offline backend: no foundation-model weights are downloaded "
-                       "(fmoneshot weights download d2s14, or the module's Weights section)")
 
 
 def create_extractor(name: str, **options) -> FeatureExtractor:

@@ -292,3 +292,15 @@ def test_offline_body_is_found_on_a_dark_slice():
         found = body_mask(image.astype(np.float32))
         assert (found & body).sum() / (found | body).sum() > 0.9, level
     assert body_mask(np.zeros((32, 32), np.float32)).all()  # a blank slice: no body to find, nothing refused
+
+
+def test_what_auto_picks_is_known_without_importing_torch():
+    """The Slicer panel shows what `auto` picks as soon as it opens: that must not load PyTorch (seconds)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from FMOneShotLib.weights import resolve_backend; "
+            "name, why = resolve_backend('auto'); print(name); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "FMONESHOT_CACHE": "/nonexistent-fmoneshot-cache"})
+    assert out.stdout.split() == ["offline", "False"]
