@@ -176,14 +176,13 @@ class OneShot:
         """A new adapter trained on the template slices' features and pixel masks (L, H, W) per slice, plus,
         when it augments, the features of every slice's :func:`template_views`."""
         adapter = create_adapter(kind, seed=self.seed, **self.adapter_options)
-        feats, grids = list(std_feats), [np.stack([mask_to_grid(m, f.shape[1:]) for m in ms])
-                                          for ms, f in zip(masks, std_feats)]
+        feats, pixel_masks = list(std_feats), list(masks)
         if adapter.augment:
             for s, ms in zip(self.template.slices, masks):
-                for image, view_masks in template_views(normalize(s.image, s.window), ms):
-                    f = self._features(image[None], s.pixel_spacing)[0]
-                    feats.append(f)
-                    grids.append(np.stack([mask_to_grid(m, f.shape[1:]) for m in view_masks]))
+                views = template_views(normalize(s.image, s.window), ms)
+                feats += list(self._features(np.stack([image for image, _ in views]), s.pixel_spacing))  # one batch
+                pixel_masks += [view_masks for _, view_masks in views]
+        grids = [np.stack([mask_to_grid(m, f.shape[1:]) for m in ms]) for ms, f in zip(pixel_masks, feats)]
         return adapter.fit(feats, grids)
 
     def _saved_adapter(self, kind: str) -> Adapter | None:
