@@ -1,4 +1,4 @@
-"""The ``fmoneshot`` command: demo, segment, localize, eval, bench, weights.
+"""The ``fmoneshot`` command: demo, segment, localize, batch, eval, bench, weights.
 
 Every input is checked before anything runs or is written; a bad input ends with one line on stderr that
 names the problem and the fix, and exit code 2.
@@ -253,6 +253,42 @@ def cmd_localize(args) -> int:
     return 0
 
 
+def cmd_batch(args) -> int:
+    """A cohort on Dask: the library's ``batch.run`` on a local cluster or on ``--scheduler ADDRESS``."""
+    from .batch import require_dask, run
+
+    options = {"backend": args.backend, "adapter": args.adapter, "segmenter": args.segmenter, "seed": args.seed,
+               "backend_options": _backend_options(args), "adapter_options": _adapter_options(args),
+               "segmenter_options": _segmenter_options(args), "modality": args.modality, "format": args.format,
+               "force": args.force}
+    client = None
+    if args.scheduler:
+        if args.workers is not None:
+            raise FMOneShotError("--workers sizes the local cluster; with --scheduler the cluster's own workers run.",
+                                 "drop --workers, or drop --scheduler to run on this computer.")
+        require_dask()
+        from distributed import Client
+
+        try:
+            client = Client(args.scheduler, timeout="30s")
+        except OSError as exc:
+            raise FMOneShotError(f"Cannot reach the Dask scheduler at {args.scheduler} ({exc}).",
+                                 "start one with 'dask scheduler' and give its address (tcp://HOST:8786).") from None
+    try:
+        report = run(args.template, args.inputs, args.output, client=client, device=args.device,
+                     workers=args.workers, threads=args.threads, **options)
+    finally:
+        if client is not None:
+            client.close()
+    counts = {s: report.count(s) for s in ("ok", "skipped", "failed")}
+    print(f"fmoneshot batch: {len(report.rows)} volumes: {counts['ok']} done, {counts['skipped']} already done "
+          f"(skipped), {counts['failed']} failed; manifest {report.manifest[0]}")
+    for row in report.rows:
+        if row["status"] == "failed":
+            print(f"  {row['id']}: {row['error']}")
+    return 1 if counts["failed"] else 0
+
+
 def cmd_demo(args) -> int:
     from .demo import SAMPLE, run_demo
 
@@ -486,6 +522,25 @@ def build_parser() -> argparse.ArgumentParser:
                  "(centre of the adapter's localised region)")
     model_args(lo, segmenter=False)
     lo.set_defaults(func=cmd_localize, positive=None, negative=None, mask=None)
+
+    ba = sub.add_parser("batch", help="apply a saved template to many volumes on Dask (this computer or a cluster), "
+                        "resumable, with a manifest results.csv")
+    common(ba)
+    ba.add_argument("template", help="a template saved by FMOneShot (.json)")
+    ba.add_argument("inputs", nargs="+", help="image files, folders (one DICOM series each) or CSV manifests "
+                    "with the columns id,image[,mask] (paths relative to the CSV; mask: reference labels for Dice)")
+    ba.add_argument("--output", "-o", required=True, help="folder for the label files, per-volume records and "
+                    "the manifest; rerunning into it skips the volumes already done")
+    ba.add_argument("--format", default=".nii.gz", choices=LABEL_FORMATS, help="label file format")
+    ba.add_argument("--modality", choices=["CT", "MR", "US", "XR"], help="intensity normalisation to use")
+    ba.add_argument("--scheduler", metavar="ADDRESS", help="an existing Dask scheduler (tcp://HOST:8786); "
+                    "default: a local cluster on this computer")
+    ba.add_argument("--workers", type=int, help="local cluster: worker processes (default: one per core; "
+                    "with --device cuda one per GPU)")
+    ba.add_argument("--threads", type=int, help="PyTorch threads per worker (default: cores / workers)")
+    adapter_args(ba, "auto", "auto, basic, classification, contrastive or none (as for segment)")
+    model_args(ba)
+    ba.set_defaults(func=cmd_batch)
 
     ev = sub.add_parser("eval", help="score the one-shot protocol on a dataset in the case format")
     common(ev)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from .errors import FMOneShotError
 
+PARTIAL = ".partial-"  # the prefix of atomic_paths' temporary files
+
 
 def refuse_existing(paths, force: bool, fix: str = "choose another output name, or pass --force (force=True).") -> None:
     """Raise before anything is written when one of ``paths`` exists and ``force`` is not set."""
@@ -29,7 +31,7 @@ def atomic_paths(*paths):
     extension (SimpleITK: ``.nii.gz``, ``.nrrd``) still do.
     """
     finals = [Path(p) for p in paths]
-    temps = [f.with_name(f".partial-{os.getpid()}-{f.name}") for f in finals]
+    temps = [f.with_name(f"{PARTIAL}{os.getpid()}-{f.name}") for f in finals]
     try:
         yield temps if len(temps) != 1 else temps[0]
         for tmp, final in zip(temps, finals):
@@ -38,3 +40,18 @@ def atomic_paths(*paths):
         for tmp in temps:
             if tmp.exists():
                 tmp.unlink()
+
+
+def remove_partials(folder) -> list:
+    """Remove the temporary files that :func:`atomic_paths` left in ``folder`` (not in its subfolders) when
+    the process writing them was killed before its clean-up could run; return their paths. Only names with
+    the ``.partial-PID-`` prefix are touched, so nothing else in the folder is."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    gone = []
+    for path in folder.glob(f"{PARTIAL}*"):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            gone.append(path)
+    return gone

@@ -10,6 +10,7 @@ On disk: ``NAME.json`` plus ``NAME.slice<k>.nrrd`` (pixels with spacing) and ``N
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,6 +177,33 @@ class Template:
                 raise FMOneShotError(f"Label {name!r} has no positive point.",
                                      "place at least one positive point inside the structure (or paint its mask).")
         return self
+
+    def digest(self) -> str:
+        """sha256 (64 hex digits) of everything in the template that decides a result: labels (names and
+        values, not colours), plane, modality, settings, and per slice its pixels, spacing, window, points,
+        painted masks and landmarks, and the trained adapter (description and tensors). The same template in
+        memory and read back from its files gives the same digest; a batch records it to tell its own outputs
+        from those of another template (``batch.run``)."""
+        h = hashlib.sha256()
+        doc = {"labels": [[lb.name, lb.value] for lb in self.labels], "modality": self.modality,
+               "orientation": self.orientation, "settings": self.settings, "adapter": self.adapter,
+               "tensors": {n: [str(t.dtype), list(t.shape)] for n, t in sorted(self.adapter_tensors.items())},
+               "slices": [{"index": s.index, "shape": list(s.image.shape), "pixel_spacing": list(s.pixel_spacing),
+                           "window": list(s.window), "painted": sorted(s.masks),
+                           "positive": {n: p.tolist() for n, p in s.positive.items()},
+                           "negative": {n: p.tolist() for n, p in s.negative.items()},
+                           "landmarks": {n: p.tolist() for n, p in s.landmarks.items()}} for s in self.slices]}
+        h.update(json.dumps(doc, sort_keys=True, default=str).encode())
+        for s in self.slices:
+            h.update(np.ascontiguousarray(s.image, np.float32).tobytes())
+            for name in sorted(s.masks):
+                h.update(np.packbits(s.masks[name]).tobytes())
+        if self.adapter_tensors:
+            import torch  # only a template with a trained adapter holds tensors
+
+            for name, tensor in sorted(self.adapter_tensors.items()):
+                h.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
 
     # ------------------------------------------------------------------ files
     def save(self, path, force: bool = False) -> Path:
