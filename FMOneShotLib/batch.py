@@ -346,6 +346,27 @@ def local_cluster(workers: int | None = None, threads: int | None = None, gpu: b
     return cluster, threads
 
 
+def _leave_interrupt_to_client():
+    """Make this worker process ignore SIGINT: Ctrl-C in a terminal reaches the whole process group, and the
+    client, not each worker, stops the batch (it closes the cluster and removes temporary files)."""
+    import signal
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _interrupt_plugin():
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class LeaveInterruptToClient(WorkerPlugin):
+        name = "fmoneshot-leave-interrupt-to-client"
+
+        def setup(self, worker):
+            _leave_interrupt_to_client()
+
+    return LeaveInterruptToClient()
+
+
 def dashboard_link(client) -> str | None:
     """The Dask dashboard's address when the scheduler serves one (it needs bokeh there), else None."""
     try:
@@ -499,6 +520,7 @@ def run(template, inputs, output, client=None, *, backend: str = "offline", adap
         gpu = _uses_gpu(settings, device)
         cluster, torch_threads = local_cluster(workers, threads, gpu)
         client = Client(cluster)
+        client.register_plugin(_interrupt_plugin())
         settings = Settings(**{**asdict(settings), "torch_threads": torch_threads, "gpu_per_worker": gpu})
     elif threads:
         settings = Settings(**{**asdict(settings), "torch_threads": threads})

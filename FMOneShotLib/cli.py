@@ -277,6 +277,10 @@ def cmd_batch(args) -> int:
     try:
         report = run(args.template, args.inputs, args.output, client=client, device=args.device,
                      workers=args.workers, threads=args.threads, **options)
+    except KeyboardInterrupt:
+        print(f"fmoneshot: interrupted; the volumes finished are kept in {args.output} and listed in its "
+              "results.csv; run the same command again to do the rest.", file=sys.stderr)
+        return 130
     finally:
         if client is not None:
             client.close()
