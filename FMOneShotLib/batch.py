@@ -179,7 +179,7 @@ def batch_digest(template, settings: Settings) -> str:
 # ---------------------------------------------------------------------- on the workers
 _ENGINES: dict = {}  # batch digest -> OneShot, one per worker process
 _LOCK = threading.Lock()  # one volume at a time per worker process: the segmenter keeps per-image state
-BUILDS = {"engines": 0}  # how many OneShot objects this process has built (tests check: once per worker)
+BUILDS: dict = {}  # batch digest -> OneShot objects this process built for it (tests check: at most one)
 
 
 def _engine(template, settings: Settings, digest: str):
@@ -202,7 +202,7 @@ def _engine(template, settings: Settings, digest: str):
             torch.cuda.set_device(name % torch.cuda.device_count())
     _ENGINES.clear()  # a worker keeps the models of one batch only
     engine = OneShot(template, **settings.oneshot_kwargs()).fit()
-    BUILDS["engines"] += 1
+    BUILDS[digest] = BUILDS.get(digest, 0) + 1
     _ENGINES[digest] = engine
     return engine
 
@@ -544,6 +544,11 @@ def run(template, inputs, output, client=None, *, backend: str = "offline", adap
         for f in futures:
             f.cancel()
         _finish(client, cluster, out)
+        for it in items:  # volumes written whose result had not reached this client yet
+            pending = rows[it.id]["status"] == "not run"
+            record = _load_record(out / f"{it.id}{RECORD_SUFFIX}", digest) if pending else None
+            if record is not None:
+                rows[it.id] = record
         _write_manifest(out, [rows[it.id] for it in items], digest)
         raise
     except BaseException:
