@@ -45,6 +45,7 @@ import os
 import sys
 import threading
 import time
+import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -92,8 +93,8 @@ def _read_manifest(path: Path) -> list:
         if not row.get("id") or not row.get("image"):
             raise FMOneShotError(f"Line {k} of the manifest {path} has no id or no image.",
                                  "give every line an id and an image path.")
-        image = path.parent / row["image"]
-        mask = path.parent / row["mask"] if row.get("mask") else None
+        image = (path.parent / row["image"]).absolute()
+        mask = (path.parent / row["mask"]).absolute() if row.get("mask") else None
         items.append(Item(row["id"], str(image), str(mask) if mask else None))
     if not items:
         raise FMOneShotError(f"The manifest {path} lists no volume.", "add one line id,image[,mask] per volume.")
@@ -103,7 +104,7 @@ def _read_manifest(path: Path) -> list:
 def collect_inputs(inputs) -> list:
     """The batch's volumes from ``inputs``: image files, folders (one DICOM series each) and CSV manifests
     (``id,image[,mask]``, paths relative to the CSV). The id of a file or folder is its name up to the
-    first dot.
+    first dot. Paths become absolute (workers elsewhere in the cluster do not share this directory).
 
     Raises FMOneShotError, before any work, when an input or a mask is missing, an id is not usable as a
     file name, or two volumes share an id. A file that exists but cannot be read is found later, by its
@@ -117,7 +118,7 @@ def collect_inputs(inputs) -> list:
         if path.suffix.lower() == ".csv" and path.is_file():
             items += _read_manifest(path)
         else:
-            items.append(Item(_id_of(path), str(path)))
+            items.append(Item(_id_of(path), str(path.absolute())))
     if not items:
         raise FMOneShotError("No input volume was given.", "pass image files, DICOM folders or a CSV manifest.")
     missing = [p for it in items for p in (it.image, it.mask) if p is not None and not Path(p).exists()]
@@ -270,19 +271,22 @@ def _reference(mask_path: str, volume):
 
 def process_volume(item: Item, template, settings: Settings, output: str, digest: str) -> dict:
     """Task: segment one volume with this worker's engine, write its label file and record atomically, and
-    return the record (status ``ok``), or the record of its failure (status ``failed``, the error) with
-    nothing written."""
+    return the record (status ``ok``; ``seconds``: reading, segmenting and writing it, without the worker's
+    one-time model build), or the record of its failure (status ``failed``, the error) with nothing
+    written."""
     from .image import read_volume, write_volume
 
     out = Path(output)
     record = {"id": item.id, "image": item.image, "mask": item.mask, "status": "failed", "error": "",
               "seconds": 0.0, "labels_file": f"{item.id}{LABEL_SUFFIX}{settings.format}", "digest": digest}
     try:
-        engine = _engine(template, settings, digest)
         t0 = time.perf_counter()
         volume = read_volume(item.image, settings.modality or template.modality)
         reference = _reference(item.mask, volume) if item.mask else None
         with _LOCK:
+            t_build = time.perf_counter()
+            engine = _engine(template, settings, digest)
+            t0 += time.perf_counter() - t_build  # a volume's seconds leave out the worker's one model build
             result = engine.apply(volume)
         record.update(summarise(result, volume, reference))
         record["status"] = "ok"
@@ -369,20 +373,19 @@ def _interrupt_plugin():
 
 def dashboard_link(client) -> str | None:
     """The Dask dashboard's address when the scheduler serves one (it needs bokeh there), else None."""
+
+    def has_bokeh():  # defined here, so that it travels by value to a scheduler without FMOneShot
+        import importlib.util
+
+        return importlib.util.find_spec("bokeh") is not None
+
     try:
         if "dashboard" not in client.scheduler_info().get("services", {}):
             return None
-        link = client.dashboard_link
         # without bokeh the scheduler answers the dashboard's address with a page asking to install it
-        return link if client.run_on_scheduler(_has_bokeh) else None
+        return client.dashboard_link if client.run_on_scheduler(has_bokeh) else None
     except Exception:  # the link is a convenience; a scheduler that cannot say has none
         return None
-
-
-def _has_bokeh() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("bokeh") is not None
 
 
 @dataclass
@@ -536,8 +539,9 @@ def run(template, inputs, output, client=None, *, backend: str = "offline", adap
         todo = [it for it in items if it.id not in done]
         if todo:
             shared = client.scatter(fitted, broadcast=True)
-            futures = [client.submit(process_volume, it, shared, settings, str(out), digest, pure=False,
-                                     key=f"fmoneshot-{it.id}-{digest[:12]}") for it in todo]
+            run_id = uuid.uuid4().hex[:8]  # fresh keys: a rerun on the same cluster never gets an old result
+            futures = [client.submit(process_volume, it, shared, settings, str(out.resolve()), digest,
+                                     key=f"fmoneshot-{it.id}-{run_id}") for it in todo]
             by_key = {f.key: it for f, it in zip(futures, todo)}
             _collect(futures, by_key, rows, len(items), len(done), progress)
     except KeyboardInterrupt:

@@ -195,6 +195,18 @@ def test_bad_input_fails_before_any_work(cohort, tmp_path):
     assert not any((tmp_path / f"o{k}").exists() for k in (1, 2, 3, 4, 5))
 
 
+def test_batch_command_bad_input_exit_code_2(cohort, tmp_path, capsys):
+    tpl, image = cohort["template"], cohort["root"] / "images" / "a.nii.gz"
+    assert main(["batch", str(tpl), str(tmp_path / "none.nii.gz"), "--output", str(tmp_path / "o")]) == 2
+    assert "Input not found" in capsys.readouterr().err
+    assert main(["batch", str(tpl), str(image), "--output", str(tmp_path / "o"), "--workers", "2",
+                 "--scheduler", "tcp://127.0.0.1:1"]) == 2
+    assert "--workers sizes the local cluster" in capsys.readouterr().err
+    assert main(["batch", str(tmp_path / "none.json"), str(image), "--output", str(tmp_path / "o")]) == 2
+    assert "No template file" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_template_digest_survives_files_and_sees_changes(cohort, tmp_path):
     tpl = Template.load(cohort["template"])
     tpl.save(tmp_path / "copy.json")
