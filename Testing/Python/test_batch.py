@@ -225,3 +225,29 @@ def test_remove_partials_touches_only_atomic_temporaries(tmp_path):
     (tmp_path / "partial-notes.txt").write_text("a user's")
     assert [p.name for p in remove_partials(tmp_path)] == [f"{PARTIAL}123-a-labels.nii.gz"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-labels.nii.gz", "partial-notes.txt"]
+
+
+def test_manifest_lists_landmarks_in_mm_and_slice_ranges(cohort, tmp_path):
+    """The manifest's numbers without a cluster: summarise one in-process result and write the manifest."""
+    ct = cohort["ct"]
+    template = Template.from_volume(ct, 12, positive={"liver": [[86, 49]]}, landmarks={"vertebra": [61, 75]})
+    result = OneShot(template).fit().apply(ct)
+    record = {"id": "ct", "image": str(CT), "mask": None, "status": "ok", "error": "", "seconds": 1.0,
+              "labels_file": "ct-labels.nii.gz", **batch.summarise(result, ct)}
+    best = result.best_landmarks()["vertebra"]
+    assert record["landmarks"]["vertebra"]["mm"] == pytest.approx(list(ct.index_to_physical([*best.xy, best.slice])),
+                                                                   abs=1e-3)
+    batch._write_manifest(tmp_path, [record], "0" * 64)
+    row = manifest_rows(tmp_path)["ct"]
+    assert [float(row[f"vertebra_{a}_mm"]) for a in "xyz"] == pytest.approx(record["landmarks"]["vertebra"]["mm"])
+    assert int(row["vertebra_slice"]) == best.slice == 12  # the template volume itself: its own slice wins
+    found = record["labels"]["liver"]["slices"]
+    assert row["liver_slices"] == batch._slice_ranges(found) and found
+    assert batch._slice_ranges([3, 4, 5, 9, 11, 12]) == "3-5 9 11-12"
+    assert "liver_dice" not in row  # no mask given, no Dice column
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_gpu_cluster_without_a_gpu_is_refused_before_starting():
+    with pytest.raises(FMOneShotError, match="no CUDA GPU"):
+        batch.local_cluster(gpu=True)
