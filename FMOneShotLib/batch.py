@@ -413,8 +413,9 @@ def _load_record(path: Path, digest: str) -> dict | None:
     return record
 
 
-def _prepare_output(out: Path, items: list, settings: Settings, digest: str, force: bool) -> dict:
-    """Check the output folder before any work; return the records of the volumes already done."""
+def _prepare_output(out: Path, items: list, settings: Settings, digest: str, force: bool) -> tuple:
+    """Check the output folder before any work; return the records of the volumes already done and whether
+    the folder already holds this batch (batch.json with its digest)."""
     if out.exists() and not out.is_dir():
         raise FMOneShotError(f"--output {out} is a file.", "give a folder for the batch's outputs.")
     state = out / "batch.json"
@@ -439,7 +440,7 @@ def _prepare_output(out: Path, items: list, settings: Settings, digest: str, for
             record = _load_record(out / f"{it.id}{RECORD_SUFFIX}", digest)
             if record is not None and record.get("image") == it.image:
                 done[it.id] = record
-    return done
+    return done, ours
 
 
 def _write_manifest(out: Path, rows: list, digest: str) -> tuple:
@@ -512,9 +513,11 @@ def run(template, inputs, output, client=None, *, backend: str = "offline", adap
     settings = Settings(backend, adapter, segmenter, seed, dict(backend_options or {}), dict(adapter_options or {}),
                         dict(segmenter_options or {}), modality, format)
     digest = batch_digest(template, settings)
-    done = _prepare_output(out, items, settings, digest, force)
+    done, ours = _prepare_output(out, items, settings, digest, force)
     out.mkdir(parents=True, exist_ok=True)
     remove_partials(out)  # left by a killed earlier run
+    if not ours:
+        _write_state(out, template, settings, digest)
 
     cluster = None
     if client is None:
@@ -535,7 +538,7 @@ def run(template, inputs, output, client=None, *, backend: str = "offline", adap
              "labels_file": None} for it in items}
     futures = []
     try:
-        fitted = _fitted_template(client, out, template, settings, digest)
+        fitted = _fitted_template(client, out, template, settings, digest, reuse=ours)
         todo = [it for it in items if it.id not in done]
         if todo:
             shared = client.scatter(fitted, broadcast=True)
@@ -579,25 +582,28 @@ def _uses_gpu(settings: Settings, device: str) -> bool:
     return (settings.backend != "offline" or segmenter == "sam") and resolve_device("auto").startswith("cuda")
 
 
-def _fitted_template(client, out: Path, template, settings: Settings, digest: str):
-    """The template fitted by this batch: read back from the output folder on a rerun, else fitted in one
-    task on a worker and saved there, with ``batch.json`` recording the digest."""
+def _write_state(out: Path, template, settings: Settings, digest: str) -> None:
+    """batch.json: marks the folder as this batch's (its digest) before anything else is written there, so
+    that a rerun after an interrupt, even one during the fit, recognises its own files."""
+    doc = {"format": FORMAT, "version": __version__, "digest": digest, "template_digest": template.digest(),
+           "settings": settings.result_settings()}
+    with atomic_paths(out / "batch.json") as tmp:
+        tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+
+
+def _fitted_template(client, out: Path, template, settings: Settings, digest: str, reuse: bool):
+    """The template fitted by this batch: read back from the output folder on a rerun (``reuse``: the
+    folder is this batch's), else fitted in one task on a worker and saved there."""
     from .template import Template
 
-    state = out / "batch.json"
     saved = out / "template.json"
-    if state.is_file() and saved.is_file():
+    if reuse and saved.is_file():
         try:
-            if json.loads(state.read_text()).get("digest") == digest:
-                return Template.load(saved)
-        except ValueError:
+            return Template.load(saved)
+        except FMOneShotError:  # damaged: fit again
             pass
     fitted = client.submit(fit_template, template, settings, digest, pure=False).result()
     fitted.save(saved, force=True)
-    doc = {"format": FORMAT, "version": __version__, "digest": digest, "template_digest": template.digest(),
-           "settings": settings.result_settings()}
-    with atomic_paths(state) as tmp:
-        tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
     return fitted
 
 

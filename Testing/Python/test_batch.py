@@ -127,6 +127,11 @@ def test_cohort_equals_the_single_process_run_and_a_failure_is_recorded(cohort, 
     with pytest.raises(FMOneShotError, match="another template or other settings"):
         batch.run(cohort["template"], inputs, out, client=client, seed=1, progress=False)
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*-labels.nii.gz")} == stamps
+    # ... and with force every volume is computed again, with a template fitted again (seed 1)
+    forced = batch.run(cohort["template"], inputs[:2], out, client=client, seed=1, force=True, progress=False)
+    assert [r["status"] for r in forced.rows] == ["ok", "ok"]
+    assert json.loads((out / "a.result.json").read_text())["digest"] != digest
+    assert Template.load(out / "template.json").adapter["description"]["options"]["seed"] == 1
 
 
 def test_interrupt_midway_then_rerun_completes_only_the_missing_volumes(cohort, client, tmp_path):
