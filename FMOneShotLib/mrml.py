@@ -7,7 +7,10 @@
 - labelmap export through the Segmentations logic;
 - :func:`apply_to_nodes`: a batch that adds nodes only after the last volume, so Cancel changes nothing.
 
-``slicer`` and ``vtk`` are imported only inside the functions, so the library imports without them. These
+``slicer`` and ``vtk`` are imported only inside the functions, so the library imports without them; the label
+functions the panel calls when it opens (:func:`label_prompts`, :func:`add_label` with a colour,
+:func:`remove_label`, :func:`landmarks_node`, :func:`volume_targets`) need only numpy and SimpleITK, which
+Slicer ships, so they work before the other dependencies are installed. These
 functions use MRML and VTK calls alone (no ``slicer.app``), so they run in the application and in tests with
 the PyPI package slicer-core. The Slicer module (FMOneShot/FMOneShot.py) only adds the panel around them.
 """
@@ -18,13 +21,16 @@ import contextlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import FMOneShotError
 from .files import atomic_paths, refuse_existing
 from .image import IN_PLANE, MODALITIES, Volume, guess_modality, write_volume
-from .template import Label, Template
+
+if TYPE_CHECKING:  # .template imports scipy, which Slicer does not ship: the panel opens before it is installed
+    from .template import Template
 
 # LPS <-> RAS: x and y change sign, z stays. The same matrix converts both ways.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
@@ -128,6 +134,8 @@ def _painted(volume_node, prompt: LabelPrompt) -> np.ndarray:
     if prompt.segment_id is None or seg.GetSegmentation().GetSegment(prompt.segment_id) is None:
         raise FMOneShotError(f"The segmentation {seg.GetName()!r} has no segment {prompt.segment_id!r} "
                              f"for label {prompt.name!r}.", "choose one of its segments.")
+    from .template import Label
+
     return _export_labelmap(seg, [prompt.segment_id], volume_node, [Label(prompt.name, 1)]).array > 0
 
 
@@ -142,6 +150,8 @@ def template_from_markups(volume_node, labels: list, landmarks=None, orientation
     Points outside the volume, points on different slices, repeated names and a label with neither a
     positive point nor a painted mask are refused with the fix, before anything runs.
     """
+    from .template import Label, Template
+
     if volume_node is not None and volume_node.GetParentTransformNode() is not None:
         raise FMOneShotError(f"The template volume {volume_node.GetName()!r} is under a transform.",
                              "harden the transform (Data module: right-click > Harden transform) first.")
@@ -209,12 +219,14 @@ def template_from_markups(volume_node, labels: list, landmarks=None, orientation
 
 
 # ---------------------------------------------------------------------------------------------------- results
-def _segmentations_logic(scene):
+def _segmentations_logic():
+    """The Segmentations logic class, whose import and export methods are static: no logic object is created
+    (a new one would register the representation converters again on every call). Every node given to
+    them must be in the scene: Slicer 5.6 and 5.8 dereference a null colour node for a colour table outside
+    it (fixed upstream in 2025), which crashes the application."""
     import slicer
 
-    logic = slicer.vtkSlicerSegmentationsModuleLogic()
-    logic.SetMRMLScene(scene)
-    return logic
+    return slicer.vtkSlicerSegmentationsModuleLogic
 
 
 def _remove(scene, node) -> None:
@@ -257,8 +269,7 @@ def segmentation_from_labels(scene, labels: Volume, template_labels: list, refer
         with _scratch(scene):
             staging = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "FMOneShot staging (temporary)")
             labelmap = _labelmap_node(scene, labels, "FMOneShot labels (temporary)")
-            if labels.array.any() and not _segmentations_logic(scene).ImportLabelmapToSegmentationNode(labelmap,
-                                                                                                        staging):
+            if labels.array.any() and not _segmentations_logic().ImportLabelmapToSegmentationNode(labelmap, staging):
                 raise FMOneShotError(f"Slicer could not import the labels of {name!r}.", "report this as a bug.")
             staged = staging.GetSegmentation()
             by_value = {staged.GetNthSegment(i).GetLabelValue(): staged.GetNthSegmentID(i)
@@ -279,11 +290,10 @@ def segmentation_from_labels(scene, labels: Volume, template_labels: list, refer
     return seg_node
 
 
-def _color_table(labels: list):
-    """A colour table (not in any scene) mapping each label's name to its value, for labelmap export."""
-    import slicer
-
-    table = slicer.vtkMRMLColorTableNode()
+def _color_table(scene, labels: list):
+    """A colour table added to ``scene`` mapping each label's name to its value, for labelmap export (add it
+    inside :func:`_scratch`, which removes it again)."""
+    table = scene.AddNewNodeByClass("vtkMRMLColorTableNode", "FMOneShot colours (temporary)")
     table.SetTypeToUser()
     table.SetNumberOfColors(max(lb.value for lb in labels) + 1)
     table.SetColor(0, "background", 0.0, 0.0, 0.0, 0.0)
@@ -313,9 +323,9 @@ def _export_labelmap(seg_node, segment_ids: list, reference_node, labels: list) 
         ids = vtk.vtkStringArray()
         for segment_id in segment_ids:
             ids.InsertNextValue(segment_id)
-        ok = _segmentations_logic(scene).ExportSegmentsToLabelmapNode(
+        ok = _segmentations_logic().ExportSegmentsToLabelmapNode(
             seg_node, ids, labelmap, reference_node, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY,
-            _color_table(labels))
+            _color_table(scene, labels))
         if not ok:
             raise FMOneShotError(f"Slicer could not turn {seg_node.GetName()!r} into a labelmap on "
                                  f"{reference_node.GetName()!r}.", "check the segmentation's reference volume.")
@@ -440,9 +450,12 @@ def export_segmentations(seg_nodes: list, folder, fmt: str = ".nrrd", overwrite:
 def _segment_labels(seg_node) -> list:
     """The labels of a segmentation's segments: the template's value kept on FMOneShot's segments, else
     k for the k-th segment (after the largest kept value)."""
+    import vtk
+
+    from .template import Label
+
     segmentation = seg_node.GetSegmentation()
     segments = [segmentation.GetNthSegment(i) for i in range(segmentation.GetNumberOfSegments())]
-    import vtk
 
     kept = []
     for segment in segments:
@@ -487,11 +500,39 @@ class NodeResult:
         return f"{self.volume.GetName()}: {', '.join(found)}"
 
 
+def volume_targets(scene) -> tuple:
+    """``(targets, skipped)`` for "Apply to all loaded volumes": the grey-value volume nodes of ``scene`` in
+    scene order, and ``[(name, why)]`` for the volume nodes that cannot be targets (labelmaps, vector/RGB,
+    diffusion and tensor volumes, which are all vtkMRMLScalarVolumeNode subclasses, and volumes with no
+    image or more than one component), so that one such volume does not stop the whole batch."""
+    nodes = scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
+    targets, skipped = [], []
+    kinds = (("vtkMRMLLabelMapVolumeNode", "a labelmap"), ("vtkMRMLDiffusionWeightedVolumeNode", "a DWI volume"),
+             ("vtkMRMLDiffusionImageVolumeNode", "a diffusion/tensor volume"),
+             ("vtkMRMLVectorVolumeNode", "a vector (RGB) volume"))
+    for i in range(nodes.GetNumberOfItems()):
+        node = nodes.GetItemAsObject(i)
+        why = next((what for cls, what in kinds if node.IsA(cls)), None)
+        if why is None:
+            try:  # no image data, or more than one component in a plain scalar volume node
+                _check_volume_node(node)
+            except FMOneShotError as exc:
+                why = exc.problem
+        if why is None:
+            targets.append(node)
+        else:
+            skipped.append((node.GetName(), why))
+    return targets, skipped
+
+
+DEVICES = ("auto", "cpu", "cuda")  # "auto": the GPU when there is one
+
+
 def run_options(backend: str = "auto", adapter: str = "auto", segmenter: str = "auto", device: str = "auto",
                 augment: bool = False) -> dict:
     """The panel's choices as :class:`pipeline.OneShot` keyword arguments (device goes to the models)."""
-    if device not in ("auto", "cpu", "cuda"):
-        raise FMOneShotError(f"Unknown device {device!r}.", "choose auto, cpu or cuda.")
+    if device not in DEVICES:
+        raise FMOneShotError(f"Unknown device {device!r}.", f"choose {', '.join(DEVICES)}.")
     if augment and adapter == "none":
         raise FMOneShotError("'Augment the template' trains an adapter, and the adapter is none.",
                              "choose an adapter, or untick 'Augment the template'.")
@@ -521,7 +562,11 @@ def apply_to_nodes(template: Template, volume_nodes: list, progress=None, cancel
         _check_volume_node(node)
     oneshot = oneshot or OneShot(template, **options)
     if oneshot.extractor is None:
-        oneshot.fit()
+        oneshot.fit()  # models, template features, adapter training: Cancel is honoured once it is done
+    if cancel is not None and cancel():
+        from .pipeline import Cancelled
+
+        raise Cancelled("cancelled before the first slice")
     out = []
     for v, node in enumerate(nodes):
         def step(done, total, v=v, name=node.GetName()):
@@ -579,7 +624,11 @@ def add_label(scene, name: str, color=None) -> tuple:
         raise FMOneShotError("The label has no name.", "type a name such as 'liver'.")
     if name in [p.name for p in label_prompts(scene)]:
         raise FMOneShotError(f"There is already a label {name!r}.", "choose another name, or use that label.")
-    color = tuple(int(c) for c in (color or Label(name, len(label_prompts(scene)) + 1).color))
+    if color is None:
+        from .template import default_color
+
+        color = default_color(len(label_prompts(scene)) + 1)
+    color = tuple(int(c) for c in color)
     nodes = []
     for role, suffix in (("positive", "+"), ("negative", "-")):
         node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", f"{name} {suffix}")
@@ -592,7 +641,7 @@ def add_label(scene, name: str, color=None) -> tuple:
         display.SetSelectedColor(*rgb)
         display.SetColor(*rgb)
         display.SetGlyphType(display.Sphere3D if role == "positive" else display.Cross2D)
-        node.SetMarkupLabelFormat(f"{name}{suffix}%d")
+        node.SetControlPointLabelFormat(f"{name}{suffix}%d")
         nodes.append(node)
     return tuple(nodes)
 
@@ -634,7 +683,7 @@ def landmarks_node(scene, create: bool = False):
     node.CreateDefaultDisplayNodes()
     node.GetDisplayNode().SetSelectedColor(1.0, 0.85, 0.1)
     node.GetDisplayNode().SetGlyphType(node.GetDisplayNode().Diamond2D)
-    node.SetMarkupLabelFormat("L%d")
+    node.SetControlPointLabelFormat("L%d")
     return node
 
 

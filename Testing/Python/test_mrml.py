@@ -222,6 +222,63 @@ def test_export_reads_back_with_simpleitk(tmp_path):
         mrml.export_segmentations([seg], tmp_path, ".png")
 
 
+class SceneCheckedLogic:
+    """The Segmentations logic's static methods, each call recording the MRML nodes it was given that are not
+    in ``scene``: Slicer 5.6 and 5.8 crash on such a node (a colour table outside the scene is dereferenced
+    as a null colour node), while slicer-core 5.13, fixed upstream, passes."""
+
+    def __init__(self, scene):
+        self.scene, self.calls = scene, []
+
+    def __getattr__(self, name):
+        method = getattr(slicer.vtkSlicerSegmentationsModuleLogic, name)
+
+        def call(*args):
+            nodes = [a for a in args if isinstance(a, slicer.vtkMRMLNode)]
+            self.calls.append((name, [n.GetClassName() for n in nodes if n.GetScene() is not self.scene]))
+            return method(*args)
+
+        return call
+
+
+def test_every_node_given_to_a_segmentations_import_or_export_is_in_the_scene(tmp_path, monkeypatch):
+    """Every way FMOneShot reaches the Segmentations logic (results, painted masks, labelmap export) gives it
+    only nodes in the scene, and the scene is left as it was (the temporary nodes are removed)."""
+    vol = Volume(np.zeros((5, 7, 9), np.int16), (0.7, 0.9, 3.0), (10.0, -20.0, 35.5), oblique(), name="ct")
+    scene, node = scene_with(vol)
+    checked = SceneCheckedLogic(scene)
+    monkeypatch.setattr(mrml, "_segmentations_logic", lambda: checked)
+    labels = np.zeros(vol.array.shape, np.uint16)
+    labels[2, 1:5, 2:7], labels[3, 2:4, 3:5] = 1, 2
+    seg = mrml.segmentation_from_labels(scene, vol.like(labels), LABELS, node, "ct segmentation")
+    before = node_names(scene)
+    mrml.template_from_markups(node, [mrml.LabelPrompt("liver", None, None, None, seg, "liver")])  # painted
+    assert np.array_equal(mrml.labels_from_segmentation(seg, LABELS, node).array, labels)
+    for fmt in (".nrrd", ".nii.gz"):
+        (path,) = mrml.export_segmentations([seg], tmp_path, fmt, labels=LABELS)
+        assert np.array_equal(read_volume(path).array, labels)
+    assert node_names(scene) == before
+    used = {name for name, _ in checked.calls}
+    assert used == {"ImportLabelmapToSegmentationNode", "ExportSegmentsToLabelmapNode"}, used
+    outside = [(name, classes) for name, classes in checked.calls if classes]
+    assert not outside, f"nodes outside the scene given to the Segmentations logic: {outside}"
+
+
+def test_the_segmentations_logic_is_reached_through_one_checked_place():
+    """No other code of the library or the module names the Segmentations logic, so the check above covers
+    every call, and none creates a logic object (each one registers the converter rules again)."""
+    root = Path(__file__).resolve().parents[2]
+    files = [*sorted((root / "FMOneShotLib").rglob("*.py")), root / "FMOneShot" / "FMOneShot.py"]
+    naming = [f"{p.relative_to(root)}:{i}" for p in files for i, line in enumerate(p.read_text().splitlines(), 1)
+              if "vtkSlicerSegmentationsModuleLogic" in line and not line.lstrip().startswith("#")]
+    assert naming == [f"FMOneShotLib/mrml.py:{_line_of('return slicer.vtkSlicerSegmentationsModuleLogic')}"], naming
+
+
+def _line_of(text: str) -> int:
+    lines = (Path(mrml.__file__)).read_text().splitlines()
+    return next(i for i, line in enumerate(lines, 1) if text in line)
+
+
 # ---------------------------------------------------------------------------------------------------- batch
 LIVER, SPLEEN = 5, 1  # values in the bundled CT's reference (Testing/Data/totalseg-ct-small/dataset.json)
 
