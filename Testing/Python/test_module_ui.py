@@ -214,7 +214,7 @@ pnw.Choice, pnw.parameterNodeWrapper = Choice, parameterNodeWrapper
 sys.modules.update({"slicer.ScriptedLoadableModule": slm, "slicer.parameterNodeWrapper": pnw})
 slicer.ScriptedLoadableModule, slicer.parameterNodeWrapper = slm, pnw
 
-report = {}
+report = {"cache_env": os.environ.get("FMONESHOT_CACHE")}
 import FMOneShot
 
 report["module_file"] = FMOneShot.__file__
@@ -231,6 +231,30 @@ report["labels"] = [p.name for p in widget.logic.labels()]
 FMOneShot.FMOneShotLogic.ensureDependencies = lambda self, ask=True: False  # the user declines the install
 widget.onApply()
 widget.onPreviewTemplate()
+# While Apply runs: everything but Cancel disabled, and a click that Qt still delivers does nothing
+during = {}
+
+
+def apply(parameters, progress=None, cancel=None):
+    during["enabled"] = {name: getattr(widget.ui, name).enabled for name in widget.WORK_WIDGETS}
+    during["cancel"] = widget.ui.cancelButton.enabled
+    before = slicer.mrmlScene.GetNumberOfNodes()
+    widget.ui.labelNameLineEdit.text = "spleen"
+    for click in (widget.onAddLabel, widget.onAddLandmarks, widget.onRemoveLabel, widget.onPreviewTemplate,
+                  widget.onSaveTemplate, widget.onLoadTemplate, widget.onExport, widget.onDownloadWeights,
+                  widget.onImportWeights, widget.onApply):
+        click()
+    during["nested_nodes_added"] = slicer.mrmlScene.GetNumberOfNodes() - before
+    return []
+
+
+FMOneShot.FMOneShotLogic.ensureDependencies = lambda self, ask=True: True
+widget.logic.apply = apply
+widget.onApply()
+report["during_apply"] = during
+report["after_apply"] = {name: getattr(widget.ui, name).enabled for name in widget.WORK_WIDGETS}
+report["after_apply_cancel"] = widget.ui.cancelButton.enabled
+report["cache_env_after"] = os.environ.get("FMONESHOT_CACHE")
 report["ui"] = loaded_ui
 report["library"] = sys.modules["FMOneShotLib"].__file__
 report["setup_attempts"] = list(attempts)
@@ -317,6 +341,27 @@ def test_the_panel_opens_from_a_clone_without_pytorch(panel):
     assert Path(panel["icon"]).resolve() == (REPO / "Resources" / "Icons" / "FMOneShot.png").resolve()
     assert panel["labels"] == ["liver"]
     assert panel["setup_attempts"] == [], f"the panel imported what Slicer does not ship: {panel['setup_attempts']}"
+
+
+def test_while_work_runs_only_cancel_is_enabled_and_nested_clicks_do_nothing(ui, panel):
+    during = panel["during_apply"]
+    assert during["enabled"] and not any(during["enabled"].values()), during["enabled"]
+    assert during["cancel"] is True and during["nested_nodes_added"] == 0
+    assert all(panel["after_apply"].values()) and panel["after_apply_cancel"] is False
+    assert set(during["enabled"]) <= set(widgets(ui))  # every name disabled is a widget of the panel
+    # the scene-changing and work-starting buttons all sit inside what is disabled
+    w = widgets(ui)
+    inside = {n.get("name") for name in during["enabled"] for n in w[name].iter("widget")}
+    for button in ("addLabelButton", "removeLabelButton", "addLandmarksButton", "previewTemplateButton",
+                   "saveTemplateButton", "loadTemplateButton", "exportButton", "downloadWeightsButton",
+                   "importWeightsButton", "applyButton", "templateVolumeSelector", "paintedSegmentationSelector"):
+        assert button in inside, button
+
+
+def test_opening_the_panel_leaves_the_weights_folder_to_the_user(panel):
+    """Weights are not put in Slicer's cache folder (Settings > Cache > Clear deletes it): without a folder
+    chosen in the panel, the library's default (the command line's) stays in force."""
+    assert panel["cache_env_after"] == panel["cache_env"]
 
 
 def test_the_self_test_asks_for_dependencies_before_importing_them(panel):

@@ -441,6 +441,38 @@ def test_labels_live_in_the_scene_as_tagged_point_lists():
     assert [p.name for p in mrml.label_prompts(scene)] == ["spleen"]
 
 
+def test_apply_to_all_skips_what_is_not_a_grey_value_volume_and_says_why():
+    """RGB, DWI, tensor and label volumes are all vtkMRMLScalarVolumeNode subclasses: they are skipped and
+    named instead of stopping the batch."""
+    vol = Volume(np.zeros((3, 4, 5), np.int16), name="ct")
+    scene, ct = scene_with(vol)
+    mr = mrml.node_from_volume(scene, vol, name="mr")
+    for cls, name in (("vtkMRMLVectorVolumeNode", "photo"), ("vtkMRMLDiffusionWeightedVolumeNode", "dwi"),
+                      ("vtkMRMLDiffusionTensorVolumeNode", "dti"), ("vtkMRMLLabelMapVolumeNode", "labels")):
+        scene.AddNewNodeByClass(cls, name)
+    scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
+    targets, skipped = mrml.volume_targets(scene)
+    assert [n.GetName() for n in targets] == ["ct", "mr"]
+    assert dict(skipped) == {"photo": "a vector (RGB) volume", "dwi": "a DWI volume",
+                             "dti": "a diffusion/tensor volume", "labels": "a labelmap",
+                             "empty": "The volume 'empty' holds no image data."}
+
+
+def test_too_old_packages_are_unmet(monkeypatch):
+    """An old torch or timm left by another extension is not accepted: installed but older than required."""
+    import importlib.metadata
+
+    from FMOneShotLib import requirements
+
+    real = importlib.metadata.version
+    old = {"torch": "2.0.1", "timm": "0.9.16"}
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: old.get(name) or real(name))
+    assert requirements.unmet() == [("torch>=2.1", "2.0.1"), ("timm>=1.0", "0.9.16")]
+    assert requirements.missing() == ["torch>=2.1", "timm>=1.0"]
+    old["torch"] = "2.5.1+cu121"  # local builds (the PyTorch extension's CUDA wheels) compare by release
+    assert requirements.missing() == ["timm>=1.0"]
+
+
 def test_the_runtime_requirements_are_pyprojects():
     import tomllib
 
