@@ -217,7 +217,7 @@ class FMOneShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         table.setRowCount(len(prompts))
         for row, prompt in enumerate(prompts):
             item = qt.QTableWidgetItem(prompt.name)
-            item.setFlags(qt.Qt.ItemIsSelectable | qt.Qt.ItemIsEnabled)
+            item.setFlags(item.flags() & ~qt.Qt.ItemIsEditable)
             item.setData(qt.Qt.UserRole, prompt.name)
             if prompt.color:
                 item.setBackground(qt.QBrush(qt.QColor(*prompt.color)))

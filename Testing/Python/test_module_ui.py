@@ -103,9 +103,11 @@ class Unimportable(importlib.abc.MetaPathFinder):
 
 
 sys.meta_path.insert(0, Unimportable())
-# Slicer puts only the module's own folder on sys.path: nothing of this checkout is importable otherwise
-here = os.path.abspath(os.getcwd())
-sys.path[:] = [module_dir] + [p for p in sys.path[1:] if p and os.path.abspath(p) != here]
+# Slicer puts only the module's own folder on sys.path: no other copy of FMOneShotLib may be importable (the
+# checkout through PYTHONPATH or the working folder, an editable install's finder)
+sys.path[:] = [module_dir] + [p for p in sys.path[1:]
+                              if p and not os.path.isdir(os.path.join(os.path.abspath(p), "FMOneShotLib"))]
+sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
 
 import slicer  # slicer-core: the real MRML scene and classes
 import slicer.util
