@@ -186,7 +186,9 @@ class FMOneShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def initializeParameterNode(self):
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.templateVolume:
-            self._parameterNode.templateVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            greyValue = self.logic.greyValueVolumes()  # not a labelmap, RGB or DWI volume (also scalar nodes)
+            if greyValue:
+                self._parameterNode.templateVolume = greyValue[0]
 
     def setParameterNode(self, inputParameterNode):
         if self._parameterNode:
@@ -448,7 +450,9 @@ class FMOneShotLogic(ScriptedLoadableModuleLogic):
     def exportFolder(self):
         """The last folder exported to, else Slicer's default scene folder (a real folder of the user's)."""
         folder = qt.QSettings().value(self.EXPORT_SETTING, "")
-        return folder if folder and os.path.isdir(folder) else slicer.app.defaultScenePath
+        if folder and os.path.isdir(folder):
+            return folder
+        return slicer.app.defaultScenePath or os.path.expanduser("~")
 
     # ------------------------------------------------------------------ dependencies
     def ensureDependencies(self, ask=True):
@@ -580,6 +584,11 @@ class FMOneShotLogic(ScriptedLoadableModuleLogic):
         from FMOneShotLib.weights import resolve_backend  # no torch: the panel opens before PyTorch is loaded
 
         return resolve_backend(backend)[1]
+
+    def greyValueVolumes(self):
+        from FMOneShotLib import mrml
+
+        return mrml.volume_targets(slicer.mrmlScene)[0]
 
     def targets(self, parameters):
         """The target volume, or with "Apply to all" every grey-value volume (the others are skipped and

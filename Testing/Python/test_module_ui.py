@@ -176,8 +176,9 @@ class ScriptedLoadableModuleTest(unittest.TestCase):
         pass
 
 
-slm.__dict__.update(ScriptedLoadableModule=ScriptedLoadableModule, ScriptedLoadableModuleWidget=ScriptedLoadableModuleWidget,
-                    ScriptedLoadableModuleLogic=ScriptedLoadableModuleLogic, ScriptedLoadableModuleTest=ScriptedLoadableModuleTest)
+slm.ScriptedLoadableModule, slm.ScriptedLoadableModuleWidget = ScriptedLoadableModule, ScriptedLoadableModuleWidget
+slm.ScriptedLoadableModuleLogic = ScriptedLoadableModuleLogic
+slm.ScriptedLoadableModuleTest = ScriptedLoadableModuleTest
 pnw = types.ModuleType("slicer.parameterNodeWrapper")
 
 
