@@ -332,6 +332,7 @@ class FMOneShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._cancelRequested = False
         self.setWorking(True)
+        self.ui.progressBar.maximum = 0  # busy indicator until the first slice
         self.ui.progressBar.value = 0
         self.ui.statusLabel.text = ("Preparing the template: loading the models, template features, training the "
                                     "adapter (Cancel takes effect when this is done)...")
@@ -559,8 +560,9 @@ class FMOneShotLogic(ScriptedLoadableModuleLogic):
         """The template masks as a segmentation on the template volume, chosen as the painted masks."""
         from FMOneShotLib import mrml
 
-        preview = mrml.preview_template(parameters.templateVolume, self.template(parameters),
-                                        **self.options(parameters))
+        template = self.template(parameters)
+        oneshot = self.fitted(template, self.options(parameters))
+        preview = mrml.preview_template(parameters.templateVolume, template, oneshot)
         parameters.paintedSegmentation = preview
         return preview
 
@@ -608,11 +610,23 @@ class FMOneShotLogic(ScriptedLoadableModuleLogic):
 
         template = self.template(parameters)
         options = self.options(parameters)
+        nodes = mrml.check_targets(self.targets(parameters))  # bad targets refused before the models load
         try:
-            return mrml.apply_to_nodes(template, self.targets(parameters), progress=progress, cancel=cancel,
-                                       per_slice_landmarks=parameters.perSliceLandmarks, **options)
+            oneshot = self.fitted(template, options, poll=cancel)
+            return mrml.apply_to_nodes(template, nodes, progress=progress, cancel=cancel, oneshot=oneshot,
+                                       per_slice_landmarks=parameters.perSliceLandmarks)
         except Cancelled:
             return None
+
+    def fitted(self, template, options, poll=None):
+        """``OneShot(template, **options)`` fitted (models loaded, template features, adapter trained) in a
+        worker thread, while this thread keeps the panel responsive: ``poll()`` (which processes Qt events) is
+        called every 50 ms until the fit ends. The fit itself cannot be interrupted: a Cancel pressed during it
+        takes effect when it ends. The fit touches no MRML node and no Qt object."""
+        from FMOneShotLib.pipeline import OneShot
+
+        oneshot = OneShot(template, **options)
+        return runWhileResponsive(oneshot.fit, poll or slicer.app.processEvents)
 
     def summary(self, outputs):
         text = "Done. " + "; ".join(out.summary() for out in outputs)
@@ -674,6 +688,31 @@ class FMOneShotLogic(ScriptedLoadableModuleLogic):
         from FMOneShotLib import weights
 
         return weights.import_file(source, name)
+
+
+def runWhileResponsive(work, poll, interval=0.05):
+    """``work()`` run in a worker thread while the calling (main) thread calls ``poll()`` every ``interval``
+    seconds until it ends; its value returned, its exception raised here. For work that touches no Qt object
+    and no MRML node (PyTorch releases the GIL while it computes, so the panel repaints and Cancel can be
+    pressed)."""
+    import threading
+
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = work()
+        except BaseException as exc:  # handed to the main thread as it is
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run, name="FMOneShot work", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(interval)
+        poll()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 class _busy:

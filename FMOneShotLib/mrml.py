@@ -542,6 +542,17 @@ def run_options(backend: str = "auto", adapter: str = "auto", segmenter: str = "
             "segmenter_options": {"device": device} if segmenter in ("auto", "sam") else {}}
 
 
+def check_targets(volume_nodes: list) -> list:
+    """The target volume nodes (None dropped), each checked to be a grey-value volume with image data, before
+    any work starts: FMOneShotError naming the first that is not, or when there is none."""
+    nodes = [n for n in volume_nodes if n is not None]
+    if not nodes:
+        raise FMOneShotError("No target volume is selected.", "choose a target volume, or apply to all volumes.")
+    for node in nodes:  # every target is checked before the first is processed; converted one at a time
+        _check_volume_node(node)
+    return nodes
+
+
 def apply_to_nodes(template: Template, volume_nodes: list, progress=None, cancel=None,
                    per_slice_landmarks: bool = False, oneshot=None, **options) -> list:
     """Apply ``template`` to every volume node; then, and only then, add the results to the scene.
@@ -554,12 +565,8 @@ def apply_to_nodes(template: Template, volume_nodes: list, progress=None, cancel
     scene as it was. ``options`` go to :class:`pipeline.OneShot` (or pass a fitted ``oneshot``)."""
     from .pipeline import OneShot
 
-    nodes = [n for n in volume_nodes if n is not None]
-    if not nodes:
-        raise FMOneShotError("No target volume is selected.", "choose a target volume, or apply to all volumes.")
+    nodes = check_targets(volume_nodes)
     scene = nodes[0].GetScene()
-    for node in nodes:  # every target is checked before the first is processed; converted one at a time
-        _check_volume_node(node)
     oneshot = oneshot or OneShot(template, **options)
     if oneshot.extractor is None:
         oneshot.fit()  # models, template features, adapter training: Cancel is honoured once it is done

@@ -221,6 +221,15 @@ report = {"cache_env": os.environ.get("FMONESHOT_CACHE")}
 import FMOneShot
 
 report["module_file"] = FMOneShot.__file__
+import time
+
+polls = []
+report["responsive"] = {"value": FMOneShot.runWhileResponsive(lambda: (time.sleep(0.5), 7)[1], lambda: polls.append(1)),
+                        "polls": len(polls)}
+try:
+    FMOneShot.runWhileResponsive(lambda: 1 / 0, lambda: None)
+except ZeroDivisionError:
+    report["responsive"]["error"] = "ZeroDivisionError"
 report["fields"] = FMOneShot.FMOneShotParameterNode.fields
 module = FMOneShot.FMOneShot(mock.MagicMock(name="parent"))
 report["icon"] = qt.QIcon.call_args[0][0]
@@ -359,6 +368,14 @@ def test_while_work_runs_only_cancel_is_enabled_and_nested_clicks_do_nothing(ui,
                    "saveTemplateButton", "loadTemplateButton", "exportButton", "downloadWeightsButton",
                    "importWeightsButton", "applyButton", "templateVolumeSelector", "paintedSegmentationSelector"):
         assert button in inside, button
+
+
+def test_long_work_runs_while_the_panel_keeps_processing_events(panel):
+    """The fit (models, template features, adapter training) runs in a worker thread while the main thread
+    processes Qt events every 50 ms: 0.5 s of work gives about ten polls (at least three under any load), its
+    value comes back and its exception is raised in the caller."""
+    assert panel["responsive"]["value"] == 7 and panel["responsive"]["polls"] >= 3
+    assert panel["responsive"]["error"] == "ZeroDivisionError"
 
 
 def test_opening_the_panel_leaves_the_weights_folder_to_the_user(panel):
