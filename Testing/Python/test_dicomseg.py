@@ -164,3 +164,52 @@ def test_series_files_follow_the_volume_slices(tmp_path, ct_series):
     assert [by_path[f] for f in files] == list(range(volume.n_slices))  # file k is slice k of read_volume
     with pytest.raises(FMOneShotError, match="holds no DICOM series"):
         series_files(tmp_path)
+
+
+def test_slicer_export_of_a_volume_loaded_from_dicom(tmp_path, ct_series, sample):
+    """mrml.export_segmentations(..., ".seg.dcm"): the volume node knows its SOP instances (as Slicer's DICOM
+    plugins record them), the DICOM database gives their files; the SEG holds the segmentation's voxels."""
+    from types import SimpleNamespace
+
+    slicer = pytest.importorskip("slicer", reason="slicer-core is part of the [test] extra")
+    from FMOneShotLib import mrml
+
+    _, written = ct_series["tilted"]
+    volume = read_volume(tmp_path / "tilted")
+    reference = read_volume(sample / "masks" / "ct-small.nii.gz").array  # liver 5, spleen 1
+    scene = slicer.vtkMRMLScene()
+    node = mrml.node_from_volume(scene, volume, name="CT tilted")
+    labels = [Label("liver", 5), Label("spleen", 1), Label("Left kidney", 3)]
+    seg_node = mrml.segmentation_from_labels(scene, volume.like(np.where(np.isin(reference, [1, 5]), reference, 0)),
+                                             labels, node, "CT tilted segmentation")
+    database = SimpleNamespace(fileForInstance=lambda uid: {u: str(p) for _, p, u in written}.get(uid, ""))
+    out = tmp_path / "export"
+    out.mkdir()
+    # not loaded from DICOM: refused, nothing written
+    with pytest.raises(FMOneShotError, match="was not loaded from DICOM"):
+        mrml.export_segmentations([seg_node], out, ".seg.dcm", dicom_database=database)
+    node.SetAttribute("DICOM.instanceUIDs", " ".join(uid for _, _, uid in written))
+    gone = SimpleNamespace(fileForInstance=lambda uid: "")
+    with pytest.raises(FMOneShotError, match="30 of the 30 DICOM images of 'CT tilted' are not in the DICOM database"):
+        mrml.export_segmentations([seg_node], out, ".seg.dcm", dicom_database=gone)
+    assert list(out.iterdir()) == []
+    (path,) = mrml.export_segmentations([seg_node], out, ".seg.dcm", dicom_database=database)
+    assert path == out / "CT tilted.seg.dcm" and mrml.export_paths([seg_node], out, ".seg.dcm") == [path]
+    seg = hd.seg.segread(str(path))
+    assert [d.SegmentLabel for d in seg.SegmentSequence] == ["liver", "spleen", "Left kidney"]
+    kidney_type = seg.SegmentSequence[2].SegmentedPropertyTypeCodeSequence[0]
+    assert kidney_type.SegmentedPropertyTypeModifierCodeSequence[0].CodeMeaning == "Left"  # from the segment's tag
+    back = frames_as_labels(seg, written, [5, 1, 3])
+    assert np.array_equal(back, np.where(np.isin(reference, [1, 5]), reference, 0))
+    # what Apply made carries the algorithm's settings into the SEG
+    from FMOneShotLib.template import Template, sample_prompts
+
+    pos, neg = sample_prompts(reference[24] == 5, 5, 5, 0)
+    template = Template.from_volume(volume, 24, {"liver": pos}, {"liver": neg})
+    (result,) = mrml.apply_to_nodes(template, [node], backend="offline", segmenter="offline")
+    (path,) = mrml.export_segmentations([result.segmentation], out, ".seg.dcm", dicom_database=database,
+                                        overwrite=True)
+    algorithm = hd.seg.segread(str(path)).SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    assert {"backend=offline", "adapter=classification", "segmenter=offline"} <= \
+        set(algorithm.AlgorithmParameters.split(","))
+    assert np.array_equal(frames_as_labels(hd.seg.segread(str(path)), written, [1]), result.result.labels.array)
