@@ -4,7 +4,8 @@
 - the template's labels as tagged point lists in the scene, markups (and painted segments) -> :class:`Template`
   (the template slice and its plane are found from the points);
 - results -> a segmentation node per volume (one segment per label), fiducials, a per-slice confidence table;
-- labelmap export through the Segmentations logic;
+- each segment's standard terminology (:func:`set_segment_terminology`, as Slicer's Terminologies module);
+- export: labelmaps through the Segmentations logic, ``.seg.nrrd``, and DICOM SEG for volumes loaded from DICOM;
 - :func:`apply_to_nodes`: a batch that adds nodes only after the last volume, so Cancel changes nothing.
 
 ``slicer`` and ``vtk`` are imported only inside the functions, so the library imports without them. These
@@ -527,7 +528,8 @@ def dicom_source_files(volume_node, dicom_database) -> list:
 
 def _segment_labels(seg_node) -> list:
     """The labels of a segmentation's segments: the template's value kept on FMOneShot's segments, else
-    k for the k-th segment (after the largest kept value)."""
+    k for the k-th segment (after the largest kept value); the segment's terminology, or where it has none or
+    only Slicer's default "Tissue", the codes of its name (``terminology.for_name``)."""
     segmentation = seg_node.GetSegmentation()
     segments = [segmentation.GetNthSegment(i) for i in range(segmentation.GetNumberOfSegments())]
     import vtk
@@ -544,9 +546,15 @@ def _segment_labels(seg_node) -> list:
         if value is None:
             nxt += 1
             value = nxt
-        out.append(Label(segment.GetName() or segmentation.GetNthSegmentID(i), value,
-                         tuple(int(round(255 * c)) for c in segment.GetColor()), segment_terminology(segment)))
+        color = tuple(int(round(255 * c)) for c in segment.GetColor())
+        out.append(Label(segment.GetName() or segmentation.GetNthSegmentID(i), value, color,
+                         _specific(segment_terminology(segment))))
     return out
+
+
+def _specific(terminology: Terminology | None) -> Terminology | None:
+    """None for no terminology or the generic one (Slicer gives every new segment "Tissue")."""
+    return None if terminology is None or terminology.is_generic else terminology
 
 
 def result_segmentations(scene) -> list:

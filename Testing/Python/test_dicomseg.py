@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from FMOneShotLib import terminology
 from FMOneShotLib.cli import main
 from FMOneShotLib.dicomseg import cielab, series_files, write_dicom_seg
 from FMOneShotLib.errors import FMOneShotError
@@ -183,6 +184,10 @@ def test_slicer_export_of_a_volume_loaded_from_dicom(tmp_path, ct_series, sample
     seg_node = mrml.segmentation_from_labels(scene, volume.like(np.where(np.isin(reference, [1, 5]), reference, 0)),
                                              labels, node, "CT tilted segmentation")
     database = SimpleNamespace(fileForInstance=lambda uid: {u: str(p) for _, p, u in written}.get(uid, ""))
+    # a segment with Slicer's default terminology (as a segment painted in Slicer has): its name's codes are used
+    spleen = seg_node.GetSegmentation().GetSegment("spleen")
+    mrml.set_segment_terminology(spleen, terminology.GENERIC)
+    assert mrml.segment_terminology(spleen).is_generic
     out = tmp_path / "export"
     out.mkdir()
     # not loaded from DICOM: refused, nothing written
@@ -197,6 +202,7 @@ def test_slicer_export_of_a_volume_loaded_from_dicom(tmp_path, ct_series, sample
     assert path == out / "CT tilted.seg.dcm" and mrml.export_paths([seg_node], out, ".seg.dcm") == [path]
     seg = hd.seg.segread(str(path))
     assert [d.SegmentLabel for d in seg.SegmentSequence] == ["liver", "spleen", "Left kidney"]
+    assert seg.SegmentSequence[1].SegmentedPropertyTypeCodeSequence[0].CodeValue == "78961009"  # spleen
     kidney_type = seg.SegmentSequence[2].SegmentedPropertyTypeCodeSequence[0]
     assert kidney_type.SegmentedPropertyTypeModifierCodeSequence[0].CodeMeaning == "Left"  # from the segment's tag
     back = frames_as_labels(seg, written, [5, 1, 3])
