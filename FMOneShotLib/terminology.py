@@ -41,7 +41,8 @@ class Code:
         for field_name in ("scheme", "value", "meaning"):
             if not isinstance(getattr(self, field_name), str) or not getattr(self, field_name).strip():
                 raise FMOneShotError(f"A terminology code has no {field_name} ({self.scheme!r}, {self.value!r}, "
-                                     f"{self.meaning!r}).", "give scheme, value and meaning, e.g. SCT, 10200004, Liver.")
+                                     f"{self.meaning!r}).",
+                                     "give scheme, value and meaning, e.g. SCT, 10200004, Liver.")
 
     def to_list(self) -> list:
         return [self.scheme, self.value, self.meaning]
@@ -97,7 +98,8 @@ class Terminology:
                                  "leave it out to take the codes from the label's name.")
         unknown = sorted(set(doc) - set(CODE_FIELDS) - {"color", "name"})
         if unknown:
-            raise FMOneShotError(f"Unknown terminology fields {unknown}.", f"use {', '.join(CODE_FIELDS)}, color, name.")
+            raise FMOneShotError(f"Unknown terminology fields {unknown}.",
+                                 f"use {', '.join(CODE_FIELDS)}, color, name.")
         codes = {f: Code.from_list(doc[f]) for f in CODE_FIELDS if doc.get(f) is not None}
         color = doc.get("color")
         return cls(**codes, color=_color(color) if color is not None else None, name=str(doc.get("name", "")))

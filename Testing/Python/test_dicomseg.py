@@ -73,7 +73,7 @@ def test_segment_writes_one_seg_per_dicom_series(tmp_path, capsys, ct_series, mo
         assert {d.SegmentAlgorithmType for d in seg.SegmentSequence} == {"SEMIAUTOMATIC"}
         algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
         assert (algorithm.AlgorithmName, algorithm.AlgorithmVersion) == ("FMOneShot", "0.1.0")
-        assert "backend=offline" in algorithm.AlgorithmParameters and "segmenter=offline" in algorithm.AlgorithmParameters
+        assert {"backend=offline", "segmenter=offline"} <= set(algorithm.AlgorithmParameters.split(","))
         # the series it belongs to: same patient, study and frame of reference; every source image referenced
         source = pydicom.dcmread(str(written[0][1]), stop_before_pixels=True)
         for keyword in ("PatientID", "StudyInstanceUID", "FrameOfReferenceUID"):
@@ -118,7 +118,8 @@ def test_segments_carry_modifiers_regions_and_generic_codes(tmp_path, ct_series)
     labels[5:9, 10:20, 10:30] = 7
     labels[6, 40:50, 40:50] = 2
     labels[20, 60:70, 60:70] = 9
-    template_labels = [Label("Left kidney", 7), Label("fetal head", 2), Label("liver", 3), Label("kidney_cyst_right", 9)]
+    template_labels = [Label("Left kidney", 7), Label("fetal head", 2), Label("liver", 3),
+                       Label("kidney_cyst_right", 9)]
     path = write_dicom_seg(volume.like(labels), template_labels, [p for _, p, _ in written], tmp_path / "x.seg.dcm",
                            {"backend": "d2s14"})
     seg = hd.seg.segread(str(path))
@@ -133,7 +134,7 @@ def test_segments_carry_modifiers_regions_and_generic_codes(tmp_path, ct_series)
     assert (cyst.SegmentedPropertyTypeCodeSequence[0].CodeMeaning, region.CodeMeaning,
             region.AnatomicRegionModifierSequence[0].CodeMeaning) == ("Cyst", "Kidney", "Right")
     assert list(kidney.RecommendedDisplayCIELabValue) == list(cielab(template_labels[0].color))
-    assert list(cielab((255, 255, 255))) [0] == 65535 and list(cielab((0, 0, 0))) == [0, 32896, 32896]
+    assert cielab((255, 255, 255))[0] == 65535 and cielab((0, 0, 0)) == (0, 32896, 32896)  # white, black
     # liver has no voxel: it is described, with no frame; the other masks come back as they were
     back = frames_as_labels(seg, written, [7, 2, 3, 9])
     assert np.array_equal(back, labels)
