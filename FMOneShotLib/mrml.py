@@ -4,7 +4,8 @@
 - the template's labels as tagged point lists in the scene, markups (and painted segments) -> :class:`Template`
   (the template slice and its plane are found from the points);
 - results -> a segmentation node per volume (one segment per label), fiducials, a per-slice confidence table;
-- labelmap export through the Segmentations logic;
+- each segment's standard terminology (:func:`set_segment_terminology`, as Slicer's Terminologies module);
+- export: labelmaps through the Segmentations logic, ``.seg.nrrd``, and DICOM SEG for volumes loaded from DICOM;
 - :func:`apply_to_nodes`: a batch that adds nodes only after the last volume, so Cancel changes nothing.
 
 ``slicer`` and ``vtk`` are imported only inside the functions, so the library imports without them; the label
@@ -18,6 +19,7 @@ the PyPI package slicer-core. The Slicer module (FMOneShot/FMOneShot.py) only ad
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +27,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .dicomseg import algorithm_parameters
 from .errors import FMOneShotError
 from .files import atomic_paths, refuse_existing
 from .image import IN_PLANE, MODALITIES, Volume, guess_modality, write_volume
 
 if TYPE_CHECKING:  # .template imports scipy, which Slicer does not ship: the panel opens before it is installed
     from .template import Template
+from .terminology import CODE_FIELDS, Code, Terminology
 
 # LPS <-> RAS: x and y change sign, z stays. The same matrix converts both ways.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
@@ -284,10 +288,57 @@ def segmentation_from_labels(scene, labels: Volume, template_labels: list, refer
                 else:
                     segmentation.AddEmptySegment(lb.name, lb.name, color)
                 segmentation.GetSegment(lb.name).SetTag(VALUE_TAG, str(lb.value))
+                set_segment_terminology(segmentation.GetSegment(lb.name), lb.terminology)
     except Exception:
         _remove(scene, seg_node)
         raise
     return seg_node
+
+
+# Slicer's terminology contexts for codes from the DICOM standard's lists (Terminologies module).
+TERMINOLOGY_CONTEXT = "Segmentation category and type - DICOM master list"
+ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
+
+
+def set_segment_terminology(segment, terminology: Terminology) -> None:
+    """Give a segment (``vtkSegment``) the codes of ``terminology``, as Slicer's Terminologies module does:
+    the segment tag ``vtkSegment.GetTerminologyEntryTagName()`` holding the entry serialized by
+    ``vtkSlicerTerminologiesModuleLogic.SerializeTerminologyEntry`` (context~category~type~modifier~region
+    context~region~region modifier, each code ``scheme^value^meaning``). Both calls exist in Slicer 5.8 and
+    later; the newer ``vtkSegment.SetTerminology`` is a shortcut that writes the same tag, absent from older
+    versions. ``.seg.nrrd`` files keep the tag (``SegmentN_Tags``)."""
+    import slicer
+
+    def parts(code):
+        return [code.value, code.scheme, code.meaning] if code is not None else ["", "", ""]
+
+    t = terminology
+    entry = slicer.vtkSlicerTerminologiesModuleLogic.SerializeTerminologyEntry(
+        TERMINOLOGY_CONTEXT, *parts(t.category), *parts(t.type), *parts(t.type_modifier),
+        ANATOMIC_CONTEXT if t.region is not None else "", *parts(t.region), *parts(t.region_modifier))
+    segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), entry)
+
+
+def segment_terminology(segment) -> Terminology | None:
+    """The terminology a segment carries (set by Slicer's terminology selector or
+    :func:`set_segment_terminology`), or None when it has none or it lacks a category or type."""
+    import slicer
+    import vtk
+
+    entry = vtk.reference("")
+    if not segment.GetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), entry):
+        return None
+    fields = str(entry).split("~")  # context~category~type~modifier~region context~region~region modifier
+    if len(fields) != 7:
+        return None
+    codes = {}
+    for name, text in zip(CODE_FIELDS, fields[1:4] + fields[5:7]):
+        scheme, value, meaning = (text.split("^") + ["", "", ""])[:3]
+        if scheme and value and meaning:
+            codes[name] = Code(scheme, value, meaning)
+    if "category" not in codes or "type" not in codes:
+        return None
+    return Terminology(**codes)
 
 
 def _color_table(scene, labels: list):
@@ -382,6 +433,9 @@ def confidence_table(scene, result, name: str):
 VALUE_TAG = "FMOneShot.Value"  # segment tag: the template label's value, for labelmap export
 RESULT_ATTRIBUTE = "FMOneShot.Result"  # on the segmentation nodes Apply made: the volume's name
 EXPORT_FORMATS = {".nrrd": "-labels.nrrd", ".nii.gz": "-labels.nii.gz", ".seg.nrrd": ".seg.nrrd"}
+# DICOM SEG (dicomseg.py), for volumes loaded from DICOM: export_segmentations(..., dicom_database=...)
+DICOM_SEG_EXPORT = ".seg.dcm"
+ALGORITHM_ATTRIBUTE = "FMOneShot.Algorithm"  # on result segmentations: JSON of dicomseg.algorithm_parameters
 
 
 def _file_stem(name: str) -> str:
@@ -395,8 +449,9 @@ def export_paths(seg_nodes: list, folder, fmt: str = ".nrrd") -> list:
 
 
 def _export_jobs(seg_nodes: list, folder, fmt: str) -> list:
-    if fmt not in EXPORT_FORMATS:
-        raise FMOneShotError(f"Unknown export format {fmt!r}.", f"use one of: {', '.join(EXPORT_FORMATS)}.")
+    suffixes = {**EXPORT_FORMATS, DICOM_SEG_EXPORT: DICOM_SEG_EXPORT}
+    if fmt not in suffixes:
+        raise FMOneShotError(f"Unknown export format {fmt!r}.", f"use one of: {', '.join(suffixes)}.")
     if not seg_nodes:
         raise FMOneShotError("There is no segmentation to export.", "apply the template to a volume first.")
     folder = Path(folder)
@@ -410,7 +465,7 @@ def _export_jobs(seg_nodes: list, folder, fmt: str) -> list:
         if ref is None:
             raise FMOneShotError(f"The segmentation {seg.GetName()!r} has no reference volume.",
                                  "set its reference geometry to the volume it belongs to (Segmentations module).")
-        jobs.append((seg, ref, folder / (_file_stem(ref.GetName()) + EXPORT_FORMATS[fmt])))
+        jobs.append((seg, ref, folder / (_file_stem(ref.GetName()) + suffixes[fmt])))
     paths = [p for *_, p in jobs]
     clash = sorted({str(p) for p in paths if paths.count(p) > 1})
     if clash:
@@ -420,19 +475,30 @@ def _export_jobs(seg_nodes: list, folder, fmt: str) -> list:
 
 
 def export_segmentations(seg_nodes: list, folder, fmt: str = ".nrrd", overwrite: bool = False,
-                         labels: list | None = None) -> list:
+                         labels: list | None = None, dicom_database=None) -> list:
     """Write each segmentation node to ``folder``: a labelmap on its reference volume's grid
     (``VOLUME-labels.nrrd`` or ``VOLUME-labels.nii.gz``, segment k of the node -> value k, or the value of the
-    template label of the same name when ``labels`` are given) or Slicer's segmentation file
-    (``VOLUME.seg.nrrd``). Existing files are refused before anything is written unless ``overwrite``.
+    template label of the same name when ``labels`` are given), Slicer's segmentation file
+    (``VOLUME.seg.nrrd``, each segment with its terminology), or with ``fmt`` ".seg.dcm" a DICOM SEG
+    (``VOLUME.seg.dcm``, :func:`dicomseg.write_dicom_seg`) referencing the DICOM images the reference volume
+    was loaded from, found in ``dicom_database`` (``slicer.dicomDatabase``; :func:`dicom_source_files`).
+    Every node is checked, and existing files are refused unless ``overwrite``, before anything is written.
     Returns the paths written."""
     import slicer
 
     jobs = _export_jobs(seg_nodes, folder, fmt)
     paths = [p for *_, p in jobs]
+    sources = [dicom_source_files(ref, dicom_database) for _, ref, _ in jobs] if fmt == DICOM_SEG_EXPORT else []
     refuse_existing(paths, overwrite, "choose another folder, or confirm overwriting (overwrite=True).")
-    for seg, ref, path in jobs:
-        if fmt == ".seg.nrrd":
+    for k, (seg, ref, path) in enumerate(jobs):
+        if fmt == DICOM_SEG_EXPORT:
+            from .dicomseg import write_dicom_seg
+
+            seg_labels = labels or _segment_labels(seg)
+            algorithm = json.loads(seg.GetAttribute(ALGORITHM_ATTRIBUTE) or "{}")
+            write_dicom_seg(labels_from_segmentation(seg, seg_labels, ref), seg_labels, sources[k], path,
+                            algorithm, force=True)
+        elif fmt == ".seg.nrrd":
             storage = slicer.vtkMRMLSegmentationStorageNode()
             with atomic_paths(path) as tmp:
                 storage.SetFileName(str(tmp))
@@ -447,9 +513,33 @@ def export_segmentations(seg_nodes: list, folder, fmt: str = ".nrrd", overwrite:
     return paths
 
 
+def dicom_source_files(volume_node, dicom_database) -> list:
+    """The DICOM files ``volume_node`` was loaded from: the SOP instance UIDs Slicer's DICOM plugins keep in
+    its attribute ``DICOM.instanceUIDs`` (space-separated), each found with
+    ``dicom_database.fileForInstance(uid)`` (``slicer.dicomDatabase``). FMOneShotError, naming the fix, when the
+    volume was not loaded from DICOM or a file is no longer in the database."""
+    name = volume_node.GetName()
+    uids = (volume_node.GetAttribute("DICOM.instanceUIDs") or "").split()
+    if not uids:
+        raise FMOneShotError(f"The volume {name!r} was not loaded from DICOM, so there are no images for a DICOM "
+                             "SEG to reference.", "load the series with the DICOM module, or export as .nrrd, "
+                             ".nii.gz or .seg.nrrd.")
+    if dicom_database is None:
+        raise FMOneShotError("DICOM SEG export needs Slicer's DICOM database.",
+                             "pass dicom_database=slicer.dicomDatabase.")
+    files = [dicom_database.fileForInstance(uid) for uid in uids]
+    missing = [uid for uid, f in zip(uids, files) if not f or not Path(f).is_file()]
+    if missing:
+        raise FMOneShotError(f"{len(missing)} of the {len(uids)} DICOM images of {name!r} are not in the DICOM "
+                             f"database or their files are gone (first: {missing[0]}).",
+                             "import the series into the DICOM database again, then export.")
+    return [Path(f) for f in files]
+
+
 def _segment_labels(seg_node) -> list:
     """The labels of a segmentation's segments: the template's value kept on FMOneShot's segments, else
-    k for the k-th segment (after the largest kept value)."""
+    k for the k-th segment (after the largest kept value); the segment's terminology, or where it has none or
+    only Slicer's default "Tissue", the codes of its name (``terminology.for_name``)."""
     import vtk
 
     from .template import Label
@@ -469,9 +559,15 @@ def _segment_labels(seg_node) -> list:
         if value is None:
             nxt += 1
             value = nxt
-        out.append(Label(segment.GetName() or segmentation.GetNthSegmentID(i), value,
-                         tuple(int(round(255 * c)) for c in segment.GetColor())))
+        color = tuple(int(round(255 * c)) for c in segment.GetColor())
+        out.append(Label(segment.GetName() or segmentation.GetNthSegmentID(i), value, color,
+                         _specific(segment_terminology(segment))))
     return out
+
+
+def _specific(terminology: Terminology | None) -> Terminology | None:
+    """None for no terminology or the generic one (Slicer gives every new segment "Tissue")."""
+    return None if terminology is None or terminology.is_generic else terminology
 
 
 def result_segmentations(scene) -> list:
@@ -589,6 +685,7 @@ def apply_to_nodes(template: Template, volume_nodes: list, progress=None, cancel
                     scene, item.result.labels, template.labels, item.volume,
                     scene.GenerateUniqueName(f"{name} segmentation"))
                 item.segmentation.SetAttribute(RESULT_ATTRIBUTE, name)
+                item.segmentation.SetAttribute(ALGORITHM_ATTRIBUTE, json.dumps(algorithm_parameters(oneshot)))
                 made.append(item.segmentation)
             if item.result.landmarks:
                 item.landmarks = fiducials_from_landmarks(scene, item.result,

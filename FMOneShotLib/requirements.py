@@ -23,6 +23,7 @@ REQUIREMENTS = {
     "safetensors>=0.4": "safetensors",
     "tqdm>=4.60": "tqdm",
     "packaging>=20": "packaging",  # reads the versions below (Slicer ships it)
+    "highdicom>=0.22": "highdicom",
 }
 TORCH = ("torch", "torchvision")
 
