@@ -11,14 +11,42 @@ installed when Apply (or a weights action) is first used.
 """
 
 import os
+import sys
+from typing import Annotated
 
-import slicer
-from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+
+def _sourceRoot():
+    """The folder that holds ``FMOneShotLib`` and ``Resources/``: beside this file where the extension is
+    installed (FMOneShot/CMakeLists.txt installs them there), one folder up in a clone whose ``FMOneShot/``
+    folder was added to Slicer's additional module paths (docs/slicer.md). Slicer puts only the module's own
+    folder on ``sys.path``, so the root is added to it (first: a clone's library wins over another copy)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for root in (here, os.path.dirname(here)):
+        if (os.path.isfile(os.path.join(root, "FMOneShotLib", "__init__.py"))
+                and os.path.isfile(os.path.join(root, "Resources", "UI", "FMOneShot.ui"))):
+            if root not in sys.path:
+                sys.path.insert(0, root)
+            return root
+    raise ImportError(f"FMOneShot: FMOneShotLib/ and Resources/UI/FMOneShot.ui are neither beside {here} nor one "
+                      "folder up. Add the FMOneShot/ folder of a complete clone to the additional module paths "
+                      "(Edit > Application Settings > Modules), or reinstall the extension.")
+
+
+SOURCE_ROOT = _sourceRoot()
+
+import qt  # noqa: E402  (after the library's folder is known, as every import below may need it)
+
+import slicer  # noqa: E402
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,  # noqa: E402
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
-from slicer.parameterNodeWrapper import parameterNodeWrapper
-from slicer.util import VTKObservationMixin
+from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper  # noqa: E402
+from slicer.util import VTKObservationMixin  # noqa: E402
 
-import qt
+
+def resourcePath(filename):
+    """A file of the panel's ``Resources/`` folder, installed or in a clone (Slicer's own resourcePath looks
+    only beside the module file)."""
+    return os.path.join(SOURCE_ROOT, "Resources", filename)
 
 
 class FMOneShot(ScriptedLoadableModule):
@@ -36,35 +64,64 @@ class FMOneShot(ScriptedLoadableModule):
         self.parent.acknowledgementText = (
             "Method: Anand et al. 2023, one-shot localization and segmentation of medical images with foundation "
             "models; data-adaptive few-shot multi-label segmentation with foundation models.")
+        self.parent.icon = qt.QIcon(resourcePath("Icons/FMOneShot.png"))
+
+    def resourcePath(self, filename):
+        return resourcePath(filename)
+
+
+# The choices of the panel's combo boxes. Slicer's parameter-node binding of a QComboBox to a str field needs
+# them as a Choice annotation (it fills the combo box from it and refuses to bind without one, which stops every
+# binding of the panel). They are the library's own lists, written out here because those live in modules that
+# import PyTorch, which is not installed when Slicer starts; Testing/Python/test_module_ui.py holds them equal.
+ORIENTATIONS = ["auto", "axial", "coronal", "sagittal"]  # FMOneShotLib.image.ORIENTATIONS, and auto
+BACKENDS = ["auto", "offline", "d2s14", "d2b14", "d2l14", "d2g14", "d1s8", "d1s16", "d1b8", "d1b16", "d3s16",
+            "d3b16", "clip", "sam"]  # FMOneShotLib.features.available_backends(), and auto
+ADAPTERS = ["auto", "none", "basic", "classification", "contrastive"]  # FMOneShotLib.adapters.ADAPTERS
+SEGMENTERS = ["auto", "sam", "offline", "none"]  # FMOneShotLib.segmenters.SEGMENTERS, and auto
+DEVICES = ["auto", "cpu", "cuda"]  # FMOneShotLib.mrml.DEVICES
+EXPORT_FORMATS = [".nrrd", ".nii.gz", ".seg.nrrd"]  # FMOneShotLib.mrml.EXPORT_FORMATS
 
 
 @parameterNodeWrapper
 class FMOneShotParameterNode:
     """What the panel shows, saved with the scene. The labels themselves are tagged point lists in the scene
-    (FMOneShotLib.mrml.add_label), so they are saved too."""
+    (FMOneShotLib.mrml.add_label), so they are saved too. A new field: add it here (a str shown in a combo box
+    with its ``Choice``) and give its widget the ``SlicerParameterName`` property in Resources/UI/FMOneShot.ui."""
 
     templateVolume: slicer.vtkMRMLScalarVolumeNode
     targetVolume: slicer.vtkMRMLScalarVolumeNode
     paintedSegmentation: slicer.vtkMRMLSegmentationNode
-    orientation: str = "auto"
-    backend: str = "auto"
-    adapter: str = "auto"
+    orientation: Annotated[str, Choice(ORIENTATIONS)] = "auto"
+    backend: Annotated[str, Choice(BACKENDS)] = "auto"
+    adapter: Annotated[str, Choice(ADAPTERS)] = "auto"
     augment: bool = False
-    segmenter: str = "auto"
-    device: str = "auto"
+    segmenter: Annotated[str, Choice(SEGMENTERS)] = "auto"
+    device: Annotated[str, Choice(DEVICES)] = "auto"
     applyToAll: bool = False
     perSliceLandmarks: bool = False
-    exportFormat: str = ".nrrd"
+    exportFormat: Annotated[str, Choice(EXPORT_FORMATS)] = ".nrrd"
 
 
 class FMOneShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    # While work runs, everything that changes the scene or starts work is disabled (Cancel stays enabled):
+    # the progress callback processes events so that Cancel can be pressed, and any other button would run
+    # nested inside the work.
+    WORK_WIDGETS = ("templateCollapsibleButton", "methodCollapsibleButton", "exportCollapsibleButton",
+                    "weightsCollapsibleButton", "targetVolumeSelector", "applyToAllCheckBox",
+                    "perSliceLandmarksCheckBox", "applyButton")
+
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
         self._parameterNode = None
+        self._parameterNodeGuiTag = None
         self._cancelRequested = False
         self._running = False
+
+    def resourcePath(self, filename):
+        return resourcePath(filename)
 
     # ------------------------------------------------------------------ set up
     def setup(self):
@@ -80,6 +137,8 @@ class FMOneShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.labelsTableWidget.horizontalHeader().setStretchLastSection(True)
         self.ui.labelColorPickerButton.color = qt.QColor(221, 130, 101)
         self.ui.weightsComboBox.addItems(self.logic.checkpointNames())
+        self.ui.weightsDirectoryButton.directory = self.logic.weightsFolder()
+        self.ui.exportDirectoryButton.directory = self.logic.exportFolder()
 
         self.ui.addLabelButton.connect("clicked(bool)", self.onAddLabel)
         self.ui.labelNameLineEdit.connect("returnPressed()", self.onAddLabel)
@@ -94,7 +153,8 @@ class FMOneShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.exportButton.connect("clicked(bool)", self.onExport)
         self.ui.downloadWeightsButton.connect("clicked(bool)", self.onDownloadWeights)
         self.ui.importWeightsButton.connect("clicked(bool)", self.onImportWeights)
-        self.ui.backendComboBox.connect("currentTextChanged(QString)", self.updateBackendStatus)
+        self.ui.weightsDirectoryButton.connect("directoryChanged(QString)", self.onWeightsFolderChanged)
+        self.ui.backendComboBox.connect("currentIndexChanged(int)", self.updateBackendStatus)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -126,14 +186,25 @@ class FMOneShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def initializeParameterNode(self):
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.templateVolume:
-            self._parameterNode.templateVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            greyValue = self.logic.greyValueVolumes()  # not a labelmap, RGB or DWI volume (also scalar nodes)
+            if greyValue:
+                self._parameterNode.templateVolume = greyValue[0]
 
     def setParameterNode(self, inputParameterNode):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+
+    def setWorking(self, working):
+        """Work started (True) or ended (False): disable or enable everything but Cancel."""
+        self._running = working
+        for name in self.WORK_WIDGETS:
+            getattr(self.ui, name).enabled = not working
+        self.ui.cancelButton.enabled = working
+        self.ui.progressBar.visible = working
 
     # ------------------------------------------------------------------ labels
     def onNodesChanged(self, caller=None, event=None):
@@ -141,14 +212,17 @@ class FMOneShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             qt.QTimer.singleShot(0, self.refreshLabels)
 
     def refreshLabels(self):
-        """One row per label in the scene: its name and colour, and a place widget per point list."""
+        """One row per label in the scene: its name (not editable: the name is the label's identity) and colour,
+        and a place widget per point list."""
         prompts = self.logic.labels()
         table = self.ui.labelsTableWidget
         table.setRowCount(len(prompts))
         for row, prompt in enumerate(prompts):
             item = qt.QTableWidgetItem(prompt.name)
+            item.setFlags(item.flags() & ~qt.Qt.ItemIsEditable)
+            item.setData(qt.Qt.UserRole, prompt.name)
             if prompt.color:
-                item.setBackground(qt.QColor(*prompt.color))
+                item.setBackground(qt.QBrush(qt.QColor(*prompt.color)))
             table.setItem(row, 0, item)
             for column, node in ((1, prompt.positive), (2, prompt.negative)):
                 place = slicer.qSlicerMarkupsPlaceWidget()
@@ -164,6 +238,8 @@ class FMOneShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.landmarksPlaceWidget.setCurrentNode(landmarks)
 
     def onAddLabel(self):
+        if self._running:
+            return
         with slicer.util.tryWithErrorDisplay("Could not add the label.", waitCursor=True):
             c = self.ui.labelColorPickerButton.color
             self.logic.addLabel(self.ui.labelNameLineEdit.text, (c.red(), c.green(), c.blue()))
@@ -171,53 +247,78 @@ class FMOneShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.refreshLabels()
 
     def onRemoveLabel(self):
+        if self._running:
+            return
         row = self.ui.labelsTableWidget.currentRow()
-        if row < 0:
+        item = self.ui.labelsTableWidget.item(row, 0) if row >= 0 else None
+        if item is None:
             slicer.util.warningDisplay("Select the label to remove in the table first.")
             return
-        name = self.ui.labelsTableWidget.item(row, 0).text()
+        name = item.data(qt.Qt.UserRole)
         if slicer.util.confirmOkCancelDisplay(f"Remove the label '{name}' and its points?"):
             self.logic.removeLabel(name)
             self.refreshLabels()
 
     def onAddLandmarks(self):
+        if self._running:
+            return
         self.ui.landmarksPlaceWidget.setCurrentNode(self.logic.landmarksNode(create=True))
         self.ui.landmarksPlaceWidget.enabled = True
 
+    # ------------------------------------------------------------------ dependencies
+    def dependenciesReady(self):
+        """Missing or too old packages installed with the user's consent; failures shown, never swallowed."""
+        ready = False
+        with slicer.util.tryWithErrorDisplay("FMOneShot could not install its Python packages.", waitCursor=True):
+            ready = self.logic.ensureDependencies()
+        return ready
+
     # ------------------------------------------------------------------ template files
     def onPreviewTemplate(self):
-        if not self.logic.ensureDependencies():
+        if self._running or not self.dependenciesReady():
             return
-        with slicer.util.tryWithErrorDisplay("Could not preview the template masks.", waitCursor=True):
-            preview = self.logic.previewTemplate(self._parameterNode)
-            self.ui.statusLabel.text = (f"'{preview.GetName()}' shows the template masks and is now the painted "
-                                        "masks: correct it in the Segment Editor, or clear 'Painted masks' to use "
-                                        "the clicks again.")
+        self.setWorking(True)
+        try:
+            with slicer.util.tryWithErrorDisplay("Could not preview the template masks.", waitCursor=True):
+                preview = self.logic.previewTemplate(self._parameterNode)
+                self.ui.statusLabel.text = (f"'{preview.GetName()}' shows the template masks and is now the "
+                                            "painted masks: correct it in the Segment Editor, or clear 'Painted "
+                                            "masks' to use the clicks again.")
+        finally:
+            self.setWorking(False)
 
     def onSaveTemplate(self):
-        path = qt.QFileDialog.getSaveFileName(self.parent, "Save template", "", "FMOneShot template (*.json)")
-        if not path:
+        if self._running:
             return
-        with slicer.util.tryWithErrorDisplay("Could not save the template.", waitCursor=True):
-            if not self.logic.ensureDependencies():
-                return
-            force = os.path.exists(path)  # the file dialog has asked already
-            self.logic.saveTemplate(self._parameterNode, path, force=force)
-            self.ui.statusLabel.text = f"Template saved: {path}"
+        path = qt.QFileDialog.getSaveFileName(self.parent, "Save template", self.logic.exportFolder(),
+                                              "FMOneShot template (*.json)")
+        if not path or not self.dependenciesReady():
+            return
+        self.setWorking(True)
+        try:
+            with slicer.util.tryWithErrorDisplay("Could not save the template.", waitCursor=True):
+                force = os.path.exists(path)  # the file dialog has asked already
+                self.logic.saveTemplate(self._parameterNode, path, force=force)
+                self.ui.statusLabel.text = f"Template saved: {path}"
+        finally:
+            self.setWorking(False)
 
     def onLoadTemplate(self):
-        path = qt.QFileDialog.getOpenFileName(self.parent, "Load template", "", "FMOneShot template (*.json)")
-        if not path:
+        if self._running:
+            return
+        path = qt.QFileDialog.getOpenFileName(self.parent, "Load template", self.logic.exportFolder(),
+                                              "FMOneShot template (*.json)")
+        if not path or not self.dependenciesReady():
             return
         with slicer.util.tryWithErrorDisplay("Could not load the template.", waitCursor=True):
-            if not self.logic.ensureDependencies():
-                return
             template = self.logic.loadTemplate(path)
             self.ui.templateFileLabel.text = (f"Template: {os.path.basename(path)} "
                                               f"({', '.join(template.label_names + template.landmark_names)})")
             self.ui.clearTemplateButton.enabled = True
 
     def onClearTemplate(self):
+        if self._running:
+            return
         self.logic.loadedTemplate = None
         self.ui.templateFileLabel.text = "Template: the marks in the scene"
         self.ui.clearTemplateButton.enabled = False
@@ -227,14 +328,15 @@ class FMOneShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.backendStatusLabel.text = self.logic.backendStatus(self.ui.backendComboBox.currentText)
 
     def onApply(self):
-        if not self.logic.ensureDependencies():
+        if self._running or not self.dependenciesReady():
             return
         self._cancelRequested = False
-        self._running = True
-        self.ui.applyButton.enabled = False
-        self.ui.cancelButton.enabled = True
-        self.ui.progressBar.visible = True
+        self.setWorking(True)
+        self.ui.progressBar.maximum = 0  # busy indicator until the first slice
         self.ui.progressBar.value = 0
+        self.ui.statusLabel.text = ("Preparing the template: loading the models, template features, training the "
+                                    "adapter (Cancel takes effect when this is done)...")
+        slicer.app.processEvents()
         try:
             with slicer.util.tryWithErrorDisplay("FMOneShot could not apply the template.", waitCursor=True):
                 outputs = self.logic.apply(self._parameterNode, progress=self.onProgress, cancel=self.isCancelled)
@@ -246,10 +348,7 @@ class FMOneShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                         outputs[0].segmentation.CreateClosedSurfaceRepresentation()
                         slicer.util.setSliceViewerLayers(background=outputs[0].volume)
         finally:
-            self._running = False
-            self.ui.applyButton.enabled = True
-            self.ui.cancelButton.enabled = False
-            self.ui.progressBar.visible = False
+            self.setWorking(False)
             self.refreshLabels()
 
     def onProgress(self, volumeIndex, volumes, done, total, name):
@@ -268,8 +367,10 @@ class FMOneShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ------------------------------------------------------------------ export
     def onExport(self):
+        if self._running:
+            return
         folder = self.ui.exportDirectoryButton.directory
-        fmt = self.ui.exportFormatComboBox.currentText
+        fmt = self._parameterNode.exportFormat
         with slicer.util.tryWithErrorDisplay("Could not export the results.", waitCursor=True):
             existing = self.logic.existingExports(folder, fmt)
             overwrite = False
@@ -282,15 +383,27 @@ class FMOneShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = f"Exported {len(paths)} file(s) to {folder}"
 
     # ------------------------------------------------------------------ weights
+    def onWeightsFolderChanged(self, folder):
+        self.logic.setWeightsFolder(folder)
+        self.updateBackendStatus()
+
     def onDownloadWeights(self):
+        if self._running:
+            return
         name = self.ui.weightsComboBox.currentText
-        with slicer.util.tryWithErrorDisplay(f"Could not download {name}.", waitCursor=False):
-            path = self.logic.downloadWeights(name, self.parent)
-            if path:
-                self.ui.weightsStatusLabel.text = f"{name}: verified, {path}"
-                self.updateBackendStatus()
+        self.setWorking(True)
+        try:
+            with slicer.util.tryWithErrorDisplay(f"Could not download {name}.", waitCursor=False):
+                path = self.logic.downloadWeights(name, self.parent)
+                if path:
+                    self.ui.weightsStatusLabel.text = f"{name}: verified, {path}"
+                    self.updateBackendStatus()
+        finally:
+            self.setWorking(False)
 
     def onImportWeights(self):
+        if self._running:
+            return
         name = self.ui.weightsComboBox.currentText
         source = qt.QFileDialog.getOpenFileName(self.parent, f"Import the checkpoint file of {name}")
         if not source:
@@ -302,54 +415,114 @@ class FMOneShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class FMOneShotLogic(ScriptedLoadableModuleLogic):
-    """The module's steps in Slicer: asking, installing, progress. The work is FMOneShotLib's."""
+    """The module's steps in Slicer: asking, installing, progress, settings. The work is FMOneShotLib's."""
+
+    WEIGHTS_SETTING = "FMOneShot/WeightsFolder"
+    EXPORT_SETTING = "FMOneShot/ExportFolder"
+    _installing = False  # one install at a time, whichever panel or script asks
 
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
-        # Model weights go to Slicer's cache folder unless the user chose another one (FMOneShotLib.weights).
-        os.environ.setdefault("FMONESHOT_CACHE", os.path.join(slicer.app.cachePath, "FMOneShot"))
+        # Model weights live in a folder of the user's own (Slicer's Settings > Cache > Clear would delete
+        # multi-GB checkpoints in Slicer's cache): the one chosen in the panel, else the library's default,
+        # the same as the command line's (FMOneShotLib.weights.cache_dir).
+        chosen = qt.QSettings().value(self.WEIGHTS_SETTING, "")
+        if chosen:
+            os.environ["FMONESHOT_CACHE"] = chosen
         self.loadedTemplate = None
+        self.skipped = []  # [(volume name, why)] of the last Apply to all volumes
 
     def getParameterNode(self):
         return FMOneShotParameterNode(super().getParameterNode())
 
+    # ------------------------------------------------------------------ settings
+    def weightsFolder(self):
+        from FMOneShotLib import weights
+
+        return str(weights.cache_dir())
+
+    def setWeightsFolder(self, folder):
+        """Checkpoints are looked for and downloaded in ``folder`` from now on (remembered across sessions)."""
+        if not folder:
+            return
+        qt.QSettings().setValue(self.WEIGHTS_SETTING, folder)
+        os.environ["FMONESHOT_CACHE"] = folder
+
+    def exportFolder(self):
+        """The last folder exported to, else Slicer's default scene folder (a real folder of the user's)."""
+        folder = qt.QSettings().value(self.EXPORT_SETTING, "")
+        if folder and os.path.isdir(folder):
+            return folder
+        return slicer.app.defaultScenePath or os.path.expanduser("~")
+
     # ------------------------------------------------------------------ dependencies
     def ensureDependencies(self, ask=True):
-        """Install what is missing, once and with consent: torch through the PyTorch extension when it is
-        there (the build that matches the GPU), the rest with pip. False when the user declined."""
+        """Install what is missing or older than FMOneShotLib/requirements.py asks, with consent: torch and
+        torchvision through the PyTorch extension when it is there (the build that matches the GPU), the rest
+        with pip. True when everything is ready; False when the user declined, an install is already running,
+        or Slicer must restart first (a package that was already loaded got upgraded). Raises RuntimeError
+        when an install fails, naming what to do."""
         from FMOneShotLib import requirements
 
-        missing = requirements.missing()
-        if not missing:
+        if FMOneShotLogic._installing:
+            slicer.util.warningDisplay("FMOneShot is installing its Python packages already; wait for it to end.")
+            return False
+        unmet = requirements.unmet()
+        if not unmet:
             return True
-        names = ", ".join(requirements.package(r) for r in missing)
+        lines = "\n".join(f"- {req} (installed: {have})" if have else f"- {req}" for req, have in unmet)
         if ask and not slicer.util.confirmOkCancelDisplay(
-                f"FMOneShot needs these Python packages, which are not installed yet: {names}.\n\n"
+                f"FMOneShot needs these Python packages, which are missing or too old:\n{lines}\n\n"
                 "Install them now? (Several GB for PyTorch; Slicer may need a restart afterwards.)",
                 "FMOneShot: install dependencies"):
             return False
-        torch_missing = [r for r in missing if requirements.package(r) in requirements.TORCH]
-        if torch_missing:
+        loaded = [req for req, have in unmet if have and requirements.REQUIREMENTS[req] in sys.modules]
+        FMOneShotLogic._installing = True
+        try:
+            self._install([req for req, _ in unmet])
+        finally:
+            FMOneShotLogic._installing = False
+        still = requirements.unmet()
+        if still:
+            raise RuntimeError("Still missing or too old after installing: "
+                               + ", ".join(f"{req} (installed: {have})" for req, have in still)
+                               + ". Restart Slicer and try again; if it persists, install them from the Python "
+                                 "console with slicer.util.pip_install.")
+        if loaded:
+            slicer.util.infoDisplay("FMOneShot upgraded packages that were already loaded ("
+                                    + ", ".join(requirements.package(r) for r in loaded)
+                                    + "). Restart Slicer before using FMOneShot.", "FMOneShot: restart needed")
+            return False
+        return True
+
+    def _install(self, requirementList):
+        from FMOneShotLib import requirements
+
+        torchList = [r for r in requirementList if requirements.package(r) in requirements.TORCH]
+        rest = [r for r in requirementList if r not in torchList]
+        if torchList:
             try:
                 import PyTorchUtils
             except ImportError:
                 PyTorchUtils = None
-            if PyTorchUtils is not None:
-                torch_logic = PyTorchUtils.PyTorchUtilsLogic()
-                if torch_logic.installTorch(askConfirmation=False) is None:
-                    raise RuntimeError("PyTorch could not be installed by the PyTorch extension.")
-                missing = [r for r in missing if r not in torch_missing]
-        if missing:
-            packaging = getattr(slicer, "packaging", None)
-            if packaging is not None and hasattr(packaging, "pip_ensure"):
-                packaging.pip_ensure(missing, requester="FMOneShot")
+            if PyTorchUtils is None:
+                rest = torchList + rest  # without the extension: pip's default build (CPU-only on Windows)
             else:
-                with _busy("Installing " + names):
-                    slicer.util.pip_install(missing)
-        still = requirements.missing()
-        if still:
-            raise RuntimeError(f"Still missing after installing: {', '.join(still)}. Restart Slicer and try again.")
-        return True
+                torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+                if torchLogic.torchInstalled():  # present but too old, or torchvision missing: not ours to replace
+                    raise RuntimeError(f"PyTorch {torchLogic.torch.__version__} is installed, and FMOneShot needs "
+                                       f"{', '.join(torchList)}. Install them with the PyTorch Util module, "
+                                       "restart Slicer, and try again.")
+                specifier = next((r[len("torch"):] for r in torchList if requirements.package(r) == "torch"), "")
+                with _busy("Installing PyTorch (several minutes)..."):
+                    if torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=specifier) is None:
+                        raise RuntimeError("The PyTorch extension could not install PyTorch. Install it with the "
+                                           "PyTorch Util module, restart Slicer, and try again.")
+                unmetNow = {req for req, _ in requirements.unmet()}
+                rest = [r for r in torchList if r in unmetNow and requirements.package(r) != "torch"] + rest
+        if rest:
+            with _busy("Installing " + ", ".join(rest) + "..."):
+                slicer.util.pip_install(rest)
 
     # ------------------------------------------------------------------ labels
     def labels(self):
@@ -387,8 +560,9 @@ class FMOneShotLogic(ScriptedLoadableModuleLogic):
         """The template masks as a segmentation on the template volume, chosen as the painted masks."""
         from FMOneShotLib import mrml
 
-        preview = mrml.preview_template(parameters.templateVolume, self.template(parameters),
-                                        **self.options(parameters))
+        template = self.template(parameters)
+        oneshot = self.fitted(template, self.options(parameters))
+        preview = mrml.preview_template(parameters.templateVolume, template, oneshot)
         parameters.paintedSegmentation = preview
         return preview
 
@@ -413,10 +587,20 @@ class FMOneShotLogic(ScriptedLoadableModuleLogic):
 
         return resolve_backend(backend)[1]
 
+    def greyValueVolumes(self):
+        from FMOneShotLib import mrml
+
+        return mrml.volume_targets(slicer.mrmlScene)[0]
+
     def targets(self, parameters):
+        """The target volume, or with "Apply to all" every grey-value volume (the others are skipped and
+        listed in ``self.skipped``)."""
+        from FMOneShotLib import mrml
+
+        self.skipped = []
         if parameters.applyToAll:
-            nodes = slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
-            return [n for n in nodes if not n.IsA("vtkMRMLLabelMapVolumeNode")]
+            nodes, self.skipped = mrml.volume_targets(slicer.mrmlScene)
+            return nodes
         return [parameters.targetVolume] if parameters.targetVolume else []
 
     def apply(self, parameters, progress=None, cancel=None):
@@ -426,14 +610,29 @@ class FMOneShotLogic(ScriptedLoadableModuleLogic):
 
         template = self.template(parameters)
         options = self.options(parameters)
+        nodes = mrml.check_targets(self.targets(parameters))  # bad targets refused before the models load
         try:
-            return mrml.apply_to_nodes(template, self.targets(parameters), progress=progress, cancel=cancel,
-                                       per_slice_landmarks=parameters.perSliceLandmarks, **options)
+            oneshot = self.fitted(template, options, poll=cancel)
+            return mrml.apply_to_nodes(template, nodes, progress=progress, cancel=cancel, oneshot=oneshot,
+                                       per_slice_landmarks=parameters.perSliceLandmarks)
         except Cancelled:
             return None
 
+    def fitted(self, template, options, poll=None):
+        """``OneShot(template, **options)`` fitted (models loaded, template features, adapter trained) in a
+        worker thread, while this thread keeps the panel responsive: ``poll()`` (which processes Qt events) is
+        called every 50 ms until the fit ends. The fit itself cannot be interrupted: a Cancel pressed during it
+        takes effect when it ends. The fit touches no MRML node and no Qt object."""
+        from FMOneShotLib.pipeline import OneShot
+
+        oneshot = OneShot(template, **options)
+        return runWhileResponsive(oneshot.fit, poll or slicer.app.processEvents)
+
     def summary(self, outputs):
-        return "Done. " + "; ".join(out.summary() for out in outputs)
+        text = "Done. " + "; ".join(out.summary() for out in outputs)
+        if self.skipped:
+            text += ". Skipped: " + "; ".join(f"{name} ({why})" for name, why in self.skipped)
+        return text
 
     # ------------------------------------------------------------------ export
     def resultSegmentations(self):
@@ -450,7 +649,9 @@ class FMOneShotLogic(ScriptedLoadableModuleLogic):
     def export(self, folder, fmt, overwrite=False):
         from FMOneShotLib import mrml
 
-        return mrml.export_segmentations(self.resultSegmentations(), folder, fmt, overwrite=overwrite)
+        paths = mrml.export_segmentations(self.resultSegmentations(), folder, fmt, overwrite=overwrite)
+        qt.QSettings().setValue(self.EXPORT_SETTING, str(folder))
+        return paths
 
     # ------------------------------------------------------------------ weights
     def checkpointNames(self):
@@ -459,7 +660,7 @@ class FMOneShotLogic(ScriptedLoadableModuleLogic):
         return list(weights.REGISTRY)
 
     def downloadWeights(self, name, parent=None):
-        """Verified download into Slicer's cache with a progress dialog that can be cancelled."""
+        """Verified download into the weights folder with a progress dialog that can be cancelled."""
         from FMOneShotLib import weights
 
         entry = weights.checkpoint(name)
@@ -489,8 +690,33 @@ class FMOneShotLogic(ScriptedLoadableModuleLogic):
         return weights.import_file(source, name)
 
 
+def runWhileResponsive(work, poll, interval=0.05):
+    """``work()`` run in a worker thread while the calling (main) thread calls ``poll()`` every ``interval``
+    seconds until it ends; its value returned, its exception raised here. For work that touches no Qt object
+    and no MRML node (PyTorch releases the GIL while it computes, so the panel repaints and Cancel can be
+    pressed)."""
+    import threading
+
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = work()
+        except BaseException as exc:  # handed to the main thread as it is
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run, name="FMOneShot work", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(interval)
+        poll()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
 class _busy:
-    """A wait cursor while a blocking step runs."""
+    """A wait cursor and a status message while a blocking step runs."""
 
     def __init__(self, message):
         self.message = message
@@ -517,6 +743,8 @@ class FMOneShotTest(ScriptedLoadableModuleTest):
 
     def test_sample_ct(self):
         """Liver and spleen clicked and painted on the bundled CT in the scene are found on all slices."""
+        # Dependencies first: every import below may need PyTorch or scipy.
+        self.assertTrue(FMOneShotLogic().ensureDependencies(ask=False))
         import numpy as np
 
         from FMOneShotLib import mrml
@@ -527,7 +755,6 @@ class FMOneShotTest(ScriptedLoadableModuleTest):
 
         if not os.path.isdir(SAMPLE):
             self.skipTest(f"sample data not found at {SAMPLE}")
-        self.assertTrue(FMOneShotLogic().ensureDependencies(ask=False))
         case = load_dataset(SAMPLE).cases[0]
         volume, reference = case.read_image(), case.read_mask()
         node = mrml.node_from_volume(slicer.mrmlScene, volume, name="sample CT")

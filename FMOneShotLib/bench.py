@@ -12,7 +12,10 @@ volume.
 
 from __future__ import annotations
 
-import resource
+try:
+    import resource  # the peak memory (POSIX only)
+except ImportError:  # Windows: the library imports, the figure is nan
+    resource = None
 import tempfile
 import time
 from pathlib import Path
@@ -49,7 +52,7 @@ def bench_volume(slices: int = 100, size: int = 512):
 
 
 def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0 if resource else float("nan")
 
 
 def naive_slice(engine: OneShot, image01: np.ndarray, spacing, name: str) -> dict:

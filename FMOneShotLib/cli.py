@@ -24,6 +24,8 @@ from .image import LABEL_EXTENSIONS
 SEGMENTER_HELP = "auto (SAM when its weights are in the cache, else offline), sam, offline or none"
 # Label volumes are 3D: every format the image writer knows except PNG.
 LABEL_FORMATS = tuple(e for e in LABEL_EXTENSIONS if e != ".png")
+# DICOM SEG (dicomseg.py): for DICOM series targets, one SEG file per series.
+DICOM_SEG = "dicom-seg"
 
 
 @contextlib.contextmanager
@@ -192,7 +194,14 @@ def cmd_segment(args) -> int:
     if not template.labels:
         raise FMOneShotError("The template has no label to segment.", "add --positive NAME:X,Y points.")
     _check_targets(args.targets)
-    paths = _output_paths(args.targets, Path(args.output), "-labels", args.format, args.force)
+    if args.format == DICOM_SEG:
+        from .dicomseg import SEG_EXTENSION, series_files
+
+        sources = [series_files(t) for t in args.targets]  # refuses what is not one DICOM series
+        paths = _output_paths(args.targets, Path(args.output), ".seg", SEG_EXTENSION, args.force,
+                              extensions=(SEG_EXTENSION,))
+    else:
+        paths = _output_paths(args.targets, Path(args.output), "-labels", args.format, args.force)
     if args.save_template:
         refuse_existing([args.save_template], args.force, "choose another --save-template name, or pass --force.")
     volumes = [read_volume(t, args.modality or template.modality) for t in args.targets]
@@ -203,9 +212,15 @@ def cmd_segment(args) -> int:
     for volume in volumes:
         with _progress(volume.name) as update:
             results.append(engine.apply(volume, progress=update))
-    for path, result in zip(paths, results):
+    for k, (path, result) in enumerate(zip(paths, results)):
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_volume(result.labels, path, force=args.force)
+        if args.format == DICOM_SEG:
+            from .dicomseg import algorithm_parameters, write_dicom_seg
+
+            write_dicom_seg(result.labels, template.labels, sources[k], path, algorithm_parameters(engine),
+                            force=args.force)
+        else:
+            write_volume(result.labels, path, force=args.force)
         found = {n: int(result.present[:, i].sum()) for i, n in enumerate(result.label_names)}
         print(f"{path}: " + ", ".join(f"{n} on {k} of {result.labels.n_slices} slices" for n, k in found.items()))
     if args.save_template:
@@ -509,7 +524,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--negative", action="append", metavar="NAME:X,Y", help="a negative point (repeat)")
     s.add_argument("--mask", action="append", metavar="NAME:FILE", help="a painted mask of the template slice")
     s.add_argument("--output", "-o", required=True, help="a folder (one file per target) or, for one target, a file")
-    s.add_argument("--format", default=".nii.gz", choices=LABEL_FORMATS, help="label file format in a folder")
+    s.add_argument("--format", "--output-format", dest="format", default=".nii.gz",
+                   choices=[*LABEL_FORMATS, DICOM_SEG],
+                   help="label file format in a folder, or dicom-seg: one DICOM SEG (NAME.seg.dcm) per target "
+                        "DICOM series, with each label's standard codes (targets must be DICOM folders)")
     adapter_args(s, "auto", "auto (classification, trained on the painted masks or on the masks drawn from the "
                  "clicks), basic, classification, contrastive, or none (raw similarity)")
     s.add_argument("--save-template", help="also save the template used (.json) for reuse")
@@ -521,7 +539,8 @@ def build_parser() -> argparse.ArgumentParser:
     template_args(lo)
     lo.add_argument("targets", nargs="+", help="target images or volumes")
     lo.add_argument("--landmark", action="append", metavar="NAME:X,Y", help="a landmark on the template (repeat)")
-    lo.add_argument("--output", "-o", required=True, help="landmarks file (.json or .csv)")
+    lo.add_argument("--output", "-o", required=True, help="landmarks file (.json or .csv; landmarks are not "
+                    "written as DICOM)")
     adapter_args(lo, "none", "none (correspondence of each landmark), or basic, classification, contrastive "
                  "(centre of the adapter's localised region)")
     model_args(lo, segmenter=False)

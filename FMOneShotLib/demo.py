@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-import resource
+try:
+    import resource  # the peak memory (POSIX only)
+except ImportError:  # Windows: the library imports, the figure is nan
+    resource = None
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +86,6 @@ def run_demo(output_dir, data=SAMPLE, labels=DEMO_LABELS, backend: str = "offlin
             {lb.value: lb.color for lb in template.labels}, files[1], reference=shown,
             direction=volume.direction)
     template.save(files[2], force=force)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0 if resource else float("nan")
     return DemoReport(z, volume.n_slices, scores, empty, seconds, engine.fit_seconds, peak, [str(f) for f in files],
                       engine.segmenter.name)

@@ -4,10 +4,14 @@
 - the template's labels as tagged point lists in the scene, markups (and painted segments) -> :class:`Template`
   (the template slice and its plane are found from the points);
 - results -> a segmentation node per volume (one segment per label), fiducials, a per-slice confidence table;
-- labelmap export through the Segmentations logic;
+- each segment's standard terminology (:func:`set_segment_terminology`, as Slicer's Terminologies module);
+- export: labelmaps through the Segmentations logic, ``.seg.nrrd``, and DICOM SEG for volumes loaded from DICOM;
 - :func:`apply_to_nodes`: a batch that adds nodes only after the last volume, so Cancel changes nothing.
 
-``slicer`` and ``vtk`` are imported only inside the functions, so the library imports without them. These
+``slicer`` and ``vtk`` are imported only inside the functions, so the library imports without them; the label
+functions the panel calls when it opens (:func:`label_prompts`, :func:`add_label` with a colour,
+:func:`remove_label`, :func:`landmarks_node`, :func:`volume_targets`) need only numpy and SimpleITK, which
+Slicer ships, so they work before the other dependencies are installed. These
 functions use MRML and VTK calls alone (no ``slicer.app``), so they run in the application and in tests with
 the PyPI package slicer-core. The Slicer module (FMOneShot/FMOneShot.py) only adds the panel around them.
 """
@@ -15,16 +19,22 @@ the PyPI package slicer-core. The Slicer module (FMOneShot/FMOneShot.py) only ad
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .dicomseg import algorithm_parameters
 from .errors import FMOneShotError
 from .files import atomic_paths, refuse_existing
 from .image import IN_PLANE, MODALITIES, Volume, guess_modality, write_volume
-from .template import Label, Template
+
+if TYPE_CHECKING:  # .template imports scipy, which Slicer does not ship: the panel opens before it is installed
+    from .template import Template
+from .terminology import CODE_FIELDS, Code, Terminology
 
 # LPS <-> RAS: x and y change sign, z stays. The same matrix converts both ways.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
@@ -128,6 +138,8 @@ def _painted(volume_node, prompt: LabelPrompt) -> np.ndarray:
     if prompt.segment_id is None or seg.GetSegmentation().GetSegment(prompt.segment_id) is None:
         raise FMOneShotError(f"The segmentation {seg.GetName()!r} has no segment {prompt.segment_id!r} "
                              f"for label {prompt.name!r}.", "choose one of its segments.")
+    from .template import Label
+
     return _export_labelmap(seg, [prompt.segment_id], volume_node, [Label(prompt.name, 1)]).array > 0
 
 
@@ -142,6 +154,8 @@ def template_from_markups(volume_node, labels: list, landmarks=None, orientation
     Points outside the volume, points on different slices, repeated names and a label with neither a
     positive point nor a painted mask are refused with the fix, before anything runs.
     """
+    from .template import Label, Template
+
     if volume_node is not None and volume_node.GetParentTransformNode() is not None:
         raise FMOneShotError(f"The template volume {volume_node.GetName()!r} is under a transform.",
                              "harden the transform (Data module: right-click > Harden transform) first.")
@@ -209,12 +223,14 @@ def template_from_markups(volume_node, labels: list, landmarks=None, orientation
 
 
 # ---------------------------------------------------------------------------------------------------- results
-def _segmentations_logic(scene):
+def _segmentations_logic():
+    """The Segmentations logic class, whose import and export methods are static: no logic object is created
+    (a new one would register the representation converters again on every call). Every node given to
+    them must be in the scene: Slicer 5.6 and 5.8 dereference a null colour node for a colour table outside
+    it (fixed upstream in 2025), which crashes the application."""
     import slicer
 
-    logic = slicer.vtkSlicerSegmentationsModuleLogic()
-    logic.SetMRMLScene(scene)
-    return logic
+    return slicer.vtkSlicerSegmentationsModuleLogic
 
 
 def _remove(scene, node) -> None:
@@ -257,8 +273,7 @@ def segmentation_from_labels(scene, labels: Volume, template_labels: list, refer
         with _scratch(scene):
             staging = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "FMOneShot staging (temporary)")
             labelmap = _labelmap_node(scene, labels, "FMOneShot labels (temporary)")
-            if labels.array.any() and not _segmentations_logic(scene).ImportLabelmapToSegmentationNode(labelmap,
-                                                                                                        staging):
+            if labels.array.any() and not _segmentations_logic().ImportLabelmapToSegmentationNode(labelmap, staging):
                 raise FMOneShotError(f"Slicer could not import the labels of {name!r}.", "report this as a bug.")
             staged = staging.GetSegmentation()
             by_value = {staged.GetNthSegment(i).GetLabelValue(): staged.GetNthSegmentID(i)
@@ -273,17 +288,63 @@ def segmentation_from_labels(scene, labels: Volume, template_labels: list, refer
                 else:
                     segmentation.AddEmptySegment(lb.name, lb.name, color)
                 segmentation.GetSegment(lb.name).SetTag(VALUE_TAG, str(lb.value))
+                set_segment_terminology(segmentation.GetSegment(lb.name), lb.terminology)
     except Exception:
         _remove(scene, seg_node)
         raise
     return seg_node
 
 
-def _color_table(labels: list):
-    """A colour table (not in any scene) mapping each label's name to its value, for labelmap export."""
+# Slicer's terminology contexts for codes from the DICOM standard's lists (Terminologies module).
+TERMINOLOGY_CONTEXT = "Segmentation category and type - DICOM master list"
+ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
+
+
+def set_segment_terminology(segment, terminology: Terminology) -> None:
+    """Give a segment (``vtkSegment``) the codes of ``terminology``, as Slicer's Terminologies module does:
+    the segment tag ``vtkSegment.GetTerminologyEntryTagName()`` holding the entry serialized by
+    ``vtkSlicerTerminologiesModuleLogic.SerializeTerminologyEntry`` (context~category~type~modifier~region
+    context~region~region modifier, each code ``scheme^value^meaning``). Both calls exist in Slicer 5.8 and
+    later; the newer ``vtkSegment.SetTerminology`` is a shortcut that writes the same tag, absent from older
+    versions. ``.seg.nrrd`` files keep the tag (``SegmentN_Tags``)."""
     import slicer
 
-    table = slicer.vtkMRMLColorTableNode()
+    def parts(code):
+        return [code.value, code.scheme, code.meaning] if code is not None else ["", "", ""]
+
+    t = terminology
+    entry = slicer.vtkSlicerTerminologiesModuleLogic.SerializeTerminologyEntry(
+        TERMINOLOGY_CONTEXT, *parts(t.category), *parts(t.type), *parts(t.type_modifier),
+        ANATOMIC_CONTEXT if t.region is not None else "", *parts(t.region), *parts(t.region_modifier))
+    segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), entry)
+
+
+def segment_terminology(segment) -> Terminology | None:
+    """The terminology a segment carries (set by Slicer's terminology selector or
+    :func:`set_segment_terminology`), or None when it has none or it lacks a category or type."""
+    import slicer
+    import vtk
+
+    entry = vtk.reference("")
+    if not segment.GetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), entry):
+        return None
+    fields = str(entry).split("~")  # context~category~type~modifier~region context~region~region modifier
+    if len(fields) != 7:
+        return None
+    codes = {}
+    for name, text in zip(CODE_FIELDS, fields[1:4] + fields[5:7]):
+        scheme, value, meaning = (text.split("^") + ["", "", ""])[:3]
+        if scheme and value and meaning:
+            codes[name] = Code(scheme, value, meaning)
+    if "category" not in codes or "type" not in codes:
+        return None
+    return Terminology(**codes)
+
+
+def _color_table(scene, labels: list):
+    """A colour table added to ``scene`` mapping each label's name to its value, for labelmap export (add it
+    inside :func:`_scratch`, which removes it again)."""
+    table = scene.AddNewNodeByClass("vtkMRMLColorTableNode", "FMOneShot colours (temporary)")
     table.SetTypeToUser()
     table.SetNumberOfColors(max(lb.value for lb in labels) + 1)
     table.SetColor(0, "background", 0.0, 0.0, 0.0, 0.0)
@@ -313,9 +374,9 @@ def _export_labelmap(seg_node, segment_ids: list, reference_node, labels: list) 
         ids = vtk.vtkStringArray()
         for segment_id in segment_ids:
             ids.InsertNextValue(segment_id)
-        ok = _segmentations_logic(scene).ExportSegmentsToLabelmapNode(
+        ok = _segmentations_logic().ExportSegmentsToLabelmapNode(
             seg_node, ids, labelmap, reference_node, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY,
-            _color_table(labels))
+            _color_table(scene, labels))
         if not ok:
             raise FMOneShotError(f"Slicer could not turn {seg_node.GetName()!r} into a labelmap on "
                                  f"{reference_node.GetName()!r}.", "check the segmentation's reference volume.")
@@ -372,6 +433,9 @@ def confidence_table(scene, result, name: str):
 VALUE_TAG = "FMOneShot.Value"  # segment tag: the template label's value, for labelmap export
 RESULT_ATTRIBUTE = "FMOneShot.Result"  # on the segmentation nodes Apply made: the volume's name
 EXPORT_FORMATS = {".nrrd": "-labels.nrrd", ".nii.gz": "-labels.nii.gz", ".seg.nrrd": ".seg.nrrd"}
+# DICOM SEG (dicomseg.py), for volumes loaded from DICOM: export_segmentations(..., dicom_database=...)
+DICOM_SEG_EXPORT = ".seg.dcm"
+ALGORITHM_ATTRIBUTE = "FMOneShot.Algorithm"  # on result segmentations: JSON of dicomseg.algorithm_parameters
 
 
 def _file_stem(name: str) -> str:
@@ -385,8 +449,9 @@ def export_paths(seg_nodes: list, folder, fmt: str = ".nrrd") -> list:
 
 
 def _export_jobs(seg_nodes: list, folder, fmt: str) -> list:
-    if fmt not in EXPORT_FORMATS:
-        raise FMOneShotError(f"Unknown export format {fmt!r}.", f"use one of: {', '.join(EXPORT_FORMATS)}.")
+    suffixes = {**EXPORT_FORMATS, DICOM_SEG_EXPORT: DICOM_SEG_EXPORT}
+    if fmt not in suffixes:
+        raise FMOneShotError(f"Unknown export format {fmt!r}.", f"use one of: {', '.join(suffixes)}.")
     if not seg_nodes:
         raise FMOneShotError("There is no segmentation to export.", "apply the template to a volume first.")
     folder = Path(folder)
@@ -400,7 +465,7 @@ def _export_jobs(seg_nodes: list, folder, fmt: str) -> list:
         if ref is None:
             raise FMOneShotError(f"The segmentation {seg.GetName()!r} has no reference volume.",
                                  "set its reference geometry to the volume it belongs to (Segmentations module).")
-        jobs.append((seg, ref, folder / (_file_stem(ref.GetName()) + EXPORT_FORMATS[fmt])))
+        jobs.append((seg, ref, folder / (_file_stem(ref.GetName()) + suffixes[fmt])))
     paths = [p for *_, p in jobs]
     clash = sorted({str(p) for p in paths if paths.count(p) > 1})
     if clash:
@@ -410,19 +475,30 @@ def _export_jobs(seg_nodes: list, folder, fmt: str) -> list:
 
 
 def export_segmentations(seg_nodes: list, folder, fmt: str = ".nrrd", overwrite: bool = False,
-                         labels: list | None = None) -> list:
+                         labels: list | None = None, dicom_database=None) -> list:
     """Write each segmentation node to ``folder``: a labelmap on its reference volume's grid
     (``VOLUME-labels.nrrd`` or ``VOLUME-labels.nii.gz``, segment k of the node -> value k, or the value of the
-    template label of the same name when ``labels`` are given) or Slicer's segmentation file
-    (``VOLUME.seg.nrrd``). Existing files are refused before anything is written unless ``overwrite``.
+    template label of the same name when ``labels`` are given), Slicer's segmentation file
+    (``VOLUME.seg.nrrd``, each segment with its terminology), or with ``fmt`` ".seg.dcm" a DICOM SEG
+    (``VOLUME.seg.dcm``, :func:`dicomseg.write_dicom_seg`) referencing the DICOM images the reference volume
+    was loaded from, found in ``dicom_database`` (``slicer.dicomDatabase``; :func:`dicom_source_files`).
+    Every node is checked, and existing files are refused unless ``overwrite``, before anything is written.
     Returns the paths written."""
     import slicer
 
     jobs = _export_jobs(seg_nodes, folder, fmt)
     paths = [p for *_, p in jobs]
+    sources = [dicom_source_files(ref, dicom_database) for _, ref, _ in jobs] if fmt == DICOM_SEG_EXPORT else []
     refuse_existing(paths, overwrite, "choose another folder, or confirm overwriting (overwrite=True).")
-    for seg, ref, path in jobs:
-        if fmt == ".seg.nrrd":
+    for k, (seg, ref, path) in enumerate(jobs):
+        if fmt == DICOM_SEG_EXPORT:
+            from .dicomseg import write_dicom_seg
+
+            seg_labels = labels or _segment_labels(seg)
+            algorithm = json.loads(seg.GetAttribute(ALGORITHM_ATTRIBUTE) or "{}")
+            write_dicom_seg(labels_from_segmentation(seg, seg_labels, ref), seg_labels, sources[k], path,
+                            algorithm, force=True)
+        elif fmt == ".seg.nrrd":
             storage = slicer.vtkMRMLSegmentationStorageNode()
             with atomic_paths(path) as tmp:
                 storage.SetFileName(str(tmp))
@@ -437,12 +513,39 @@ def export_segmentations(seg_nodes: list, folder, fmt: str = ".nrrd", overwrite:
     return paths
 
 
+def dicom_source_files(volume_node, dicom_database) -> list:
+    """The DICOM files ``volume_node`` was loaded from: the SOP instance UIDs Slicer's DICOM plugins keep in
+    its attribute ``DICOM.instanceUIDs`` (space-separated), each found with
+    ``dicom_database.fileForInstance(uid)`` (``slicer.dicomDatabase``). FMOneShotError, naming the fix, when the
+    volume was not loaded from DICOM or a file is no longer in the database."""
+    name = volume_node.GetName()
+    uids = (volume_node.GetAttribute("DICOM.instanceUIDs") or "").split()
+    if not uids:
+        raise FMOneShotError(f"The volume {name!r} was not loaded from DICOM, so there are no images for a DICOM "
+                             "SEG to reference.", "load the series with the DICOM module, or export as .nrrd, "
+                             ".nii.gz or .seg.nrrd.")
+    if dicom_database is None:
+        raise FMOneShotError("DICOM SEG export needs Slicer's DICOM database.",
+                             "pass dicom_database=slicer.dicomDatabase.")
+    files = [dicom_database.fileForInstance(uid) for uid in uids]
+    missing = [uid for uid, f in zip(uids, files) if not f or not Path(f).is_file()]
+    if missing:
+        raise FMOneShotError(f"{len(missing)} of the {len(uids)} DICOM images of {name!r} are not in the DICOM "
+                             f"database or their files are gone (first: {missing[0]}).",
+                             "import the series into the DICOM database again, then export.")
+    return [Path(f) for f in files]
+
+
 def _segment_labels(seg_node) -> list:
     """The labels of a segmentation's segments: the template's value kept on FMOneShot's segments, else
-    k for the k-th segment (after the largest kept value)."""
+    k for the k-th segment (after the largest kept value); the segment's terminology, or where it has none or
+    only Slicer's default "Tissue", the codes of its name (``terminology.for_name``)."""
+    import vtk
+
+    from .template import Label
+
     segmentation = seg_node.GetSegmentation()
     segments = [segmentation.GetNthSegment(i) for i in range(segmentation.GetNumberOfSegments())]
-    import vtk
 
     kept = []
     for segment in segments:
@@ -456,9 +559,15 @@ def _segment_labels(seg_node) -> list:
         if value is None:
             nxt += 1
             value = nxt
-        out.append(Label(segment.GetName() or segmentation.GetNthSegmentID(i), value,
-                         tuple(int(round(255 * c)) for c in segment.GetColor())))
+        color = tuple(int(round(255 * c)) for c in segment.GetColor())
+        out.append(Label(segment.GetName() or segmentation.GetNthSegmentID(i), value, color,
+                         _specific(segment_terminology(segment))))
     return out
+
+
+def _specific(terminology: Terminology | None) -> Terminology | None:
+    """None for no terminology or the generic one (Slicer gives every new segment "Tissue")."""
+    return None if terminology is None or terminology.is_generic else terminology
 
 
 def result_segmentations(scene) -> list:
@@ -487,11 +596,39 @@ class NodeResult:
         return f"{self.volume.GetName()}: {', '.join(found)}"
 
 
+def volume_targets(scene) -> tuple:
+    """``(targets, skipped)`` for "Apply to all loaded volumes": the grey-value volume nodes of ``scene`` in
+    scene order, and ``[(name, why)]`` for the volume nodes that cannot be targets (labelmaps, vector/RGB,
+    diffusion and tensor volumes, which are all vtkMRMLScalarVolumeNode subclasses, and volumes with no
+    image or more than one component), so that one such volume does not stop the whole batch."""
+    nodes = scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
+    targets, skipped = [], []
+    kinds = (("vtkMRMLLabelMapVolumeNode", "a labelmap"), ("vtkMRMLDiffusionWeightedVolumeNode", "a DWI volume"),
+             ("vtkMRMLDiffusionImageVolumeNode", "a diffusion/tensor volume"),
+             ("vtkMRMLVectorVolumeNode", "a vector (RGB) volume"))
+    for i in range(nodes.GetNumberOfItems()):
+        node = nodes.GetItemAsObject(i)
+        why = next((what for cls, what in kinds if node.IsA(cls)), None)
+        if why is None:
+            try:  # no image data, or more than one component in a plain scalar volume node
+                _check_volume_node(node)
+            except FMOneShotError as exc:
+                why = exc.problem
+        if why is None:
+            targets.append(node)
+        else:
+            skipped.append((node.GetName(), why))
+    return targets, skipped
+
+
+DEVICES = ("auto", "cpu", "cuda")  # "auto": the GPU when there is one
+
+
 def run_options(backend: str = "auto", adapter: str = "auto", segmenter: str = "auto", device: str = "auto",
                 augment: bool = False) -> dict:
     """The panel's choices as :class:`pipeline.OneShot` keyword arguments (device goes to the models)."""
-    if device not in ("auto", "cpu", "cuda"):
-        raise FMOneShotError(f"Unknown device {device!r}.", "choose auto, cpu or cuda.")
+    if device not in DEVICES:
+        raise FMOneShotError(f"Unknown device {device!r}.", f"choose {', '.join(DEVICES)}.")
     if augment and adapter == "none":
         raise FMOneShotError("'Augment the template' trains an adapter, and the adapter is none.",
                              "choose an adapter, or untick 'Augment the template'.")
@@ -499,6 +636,17 @@ def run_options(backend: str = "auto", adapter: str = "auto", segmenter: str = "
             "adapter_options": {"augment": True} if augment else {},
             "backend_options": {} if backend == "offline" else {"device": device},
             "segmenter_options": {"device": device} if segmenter in ("auto", "sam") else {}}
+
+
+def check_targets(volume_nodes: list) -> list:
+    """The target volume nodes (None dropped), each checked to be a grey-value volume with image data, before
+    any work starts: FMOneShotError naming the first that is not, or when there is none."""
+    nodes = [n for n in volume_nodes if n is not None]
+    if not nodes:
+        raise FMOneShotError("No target volume is selected.", "choose a target volume, or apply to all volumes.")
+    for node in nodes:  # every target is checked before the first is processed; converted one at a time
+        _check_volume_node(node)
+    return nodes
 
 
 def apply_to_nodes(template: Template, volume_nodes: list, progress=None, cancel=None,
@@ -513,15 +661,15 @@ def apply_to_nodes(template: Template, volume_nodes: list, progress=None, cancel
     scene as it was. ``options`` go to :class:`pipeline.OneShot` (or pass a fitted ``oneshot``)."""
     from .pipeline import OneShot
 
-    nodes = [n for n in volume_nodes if n is not None]
-    if not nodes:
-        raise FMOneShotError("No target volume is selected.", "choose a target volume, or apply to all volumes.")
+    nodes = check_targets(volume_nodes)
     scene = nodes[0].GetScene()
-    for node in nodes:  # every target is checked before the first is processed; converted one at a time
-        _check_volume_node(node)
     oneshot = oneshot or OneShot(template, **options)
     if oneshot.extractor is None:
-        oneshot.fit()
+        oneshot.fit()  # models, template features, adapter training: Cancel is honoured once it is done
+    if cancel is not None and cancel():
+        from .pipeline import Cancelled
+
+        raise Cancelled("cancelled before the first slice")
     out = []
     for v, node in enumerate(nodes):
         def step(done, total, v=v, name=node.GetName()):
@@ -537,6 +685,7 @@ def apply_to_nodes(template: Template, volume_nodes: list, progress=None, cancel
                     scene, item.result.labels, template.labels, item.volume,
                     scene.GenerateUniqueName(f"{name} segmentation"))
                 item.segmentation.SetAttribute(RESULT_ATTRIBUTE, name)
+                item.segmentation.SetAttribute(ALGORITHM_ATTRIBUTE, json.dumps(algorithm_parameters(oneshot)))
                 made.append(item.segmentation)
             if item.result.landmarks:
                 item.landmarks = fiducials_from_landmarks(scene, item.result,
@@ -579,7 +728,11 @@ def add_label(scene, name: str, color=None) -> tuple:
         raise FMOneShotError("The label has no name.", "type a name such as 'liver'.")
     if name in [p.name for p in label_prompts(scene)]:
         raise FMOneShotError(f"There is already a label {name!r}.", "choose another name, or use that label.")
-    color = tuple(int(c) for c in (color or Label(name, len(label_prompts(scene)) + 1).color))
+    if color is None:
+        from .template import default_color
+
+        color = default_color(len(label_prompts(scene)) + 1)
+    color = tuple(int(c) for c in color)
     nodes = []
     for role, suffix in (("positive", "+"), ("negative", "-")):
         node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", f"{name} {suffix}")
@@ -592,7 +745,7 @@ def add_label(scene, name: str, color=None) -> tuple:
         display.SetSelectedColor(*rgb)
         display.SetColor(*rgb)
         display.SetGlyphType(display.Sphere3D if role == "positive" else display.Cross2D)
-        node.SetMarkupLabelFormat(f"{name}{suffix}%d")
+        node.SetControlPointLabelFormat(f"{name}{suffix}%d")
         nodes.append(node)
     return tuple(nodes)
 
@@ -634,7 +787,7 @@ def landmarks_node(scene, create: bool = False):
     node.CreateDefaultDisplayNodes()
     node.GetDisplayNode().SetSelectedColor(1.0, 0.85, 0.1)
     node.GetDisplayNode().SetGlyphType(node.GetDisplayNode().Diamond2D)
-    node.SetMarkupLabelFormat("L%d")
+    node.SetControlPointLabelFormat("L%d")
     return node
 
 

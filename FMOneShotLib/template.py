@@ -22,6 +22,7 @@ from scipy import ndimage as ndi
 from .errors import FMOneShotError
 from .files import atomic_paths, refuse_existing
 from .image import ORIENTATIONS, Volume, intensity_window
+from .terminology import Terminology, for_name
 
 FORMAT = "fmoneshot-template"
 VERSION = 1
@@ -36,9 +37,15 @@ def default_color(value: int) -> tuple:
 
 @dataclass
 class Label:
+    """A structure to segment: its name, its value in label volumes (1-65535), its colour (R, G, B 0-255) and
+    its standard terminology (:class:`terminology.Terminology`). Without a terminology, the codes are looked up
+    by name (``terminology.for_name``: the generic "Tissue" code for an unknown name); without a colour, the
+    terminology's conventional colour, else one of :data:`PALETTE` by value. A colour given is kept."""
+
     name: str
     value: int
     color: tuple = None
+    terminology: Terminology = None
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name.strip():
@@ -46,7 +53,10 @@ class Label:
         if int(self.value) < 1 or int(self.value) > 65535:
             raise FMOneShotError(f"Label {self.name!r} has value {self.value}.", "use values 1 to 65535 (0 is background).")
         self.value = int(self.value)
-        self.color = tuple(int(c) for c in (self.color or default_color(self.value)))
+        if isinstance(self.terminology, dict):
+            self.terminology = Terminology.from_dict(self.terminology)
+        self.terminology = self.terminology or for_name(self.name)
+        self.color = tuple(int(c) for c in (self.color or self.terminology.color or default_color(self.value)))
 
 
 @dataclass
@@ -224,7 +234,8 @@ class Template:
         doc = {
             "format": FORMAT, "version": VERSION, "modality": self.modality, "settings": self.settings,
             "orientation": self.orientation,
-            "labels": [{"name": lb.name, "value": lb.value, "color": list(lb.color)} for lb in self.labels],
+            "labels": [{"name": lb.name, "value": lb.value, "color": list(lb.color),
+                        "terminology": lb.terminology.to_dict()} for lb in self.labels],
             "slices": [{
                 "image": f"{path.stem}.slice{k}.nrrd",
                 "masks": f"{path.stem}.slice{k}.masks.nrrd" if s.masks else None,
@@ -265,7 +276,8 @@ class Template:
             raise FMOneShotError(f"{path} has template version {doc.get('version')}; this FMOneShot reads {VERSION}.",
                                  "update FMOneShot, or re-create the template.")
         try:
-            labels = [Label(d["name"], d["value"], d.get("color")) for d in doc["labels"]]
+            # templates written before terminology was kept take the codes from the label's name
+            labels = [Label(d["name"], d["value"], d.get("color"), d.get("terminology")) for d in doc["labels"]]
             slices = []
             for d in doc["slices"]:
                 image, spacing = _read(path.with_name(d["image"]))

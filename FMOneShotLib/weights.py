@@ -5,7 +5,7 @@ invented. An entry with a published digest is *verified*: a file that does not m
 deleted. An entry without one (timm's files on the Hugging Face hub) is *pinned on first use*: the digest of
 the first complete download or import is written beside the file and every later use is checked against it.
 
-The cache folder is ``$FMONESHOT_CACHE`` when set (the Slicer module sets it to Slicer's cache), else
+The cache folder is ``$FMONESHOT_CACHE`` when set (the Slicer module sets it to the folder chosen in its panel), else
 ``$XDG_CACHE_HOME/fmoneshot`` or ``~/.cache/fmoneshot``. Each checkpoint lives at ``CACHE/NAME/FILE``.
 Files are only ever loaded with safetensors or ``torch.load(..., weights_only=True)``, never plain pickle.
 """

@@ -1,10 +1,21 @@
 """The Slicer panel cannot silently break: every widget the module's code names exists in the .ui, every
-parameter-node binding in the .ui names a field of the parameter node, the choices offered are the library's,
-and the extension's metadata agree. Read from the files: the Slicer application is not needed."""
+parameter-node binding in the .ui names a field of the parameter node, every combo box bound to a str field has
+the Choice annotation Slicer requires, with the library's choices, the module finds its library and resources
+from a clone and from the installed layout, opening the panel imports nothing Slicer does not ship, the library
+runs on Python 3.9 and imports on Windows, and the extension's metadata agree.
+
+No Slicer application runs here. The module file is run in a subprocess against a stand-in for the parts of
+Slicer above MRML (Qt, ScriptedLoadableModule, the parameter-node wrapper: HARNESS below), with slicer-core's
+real MRML scene underneath; what the stand-in cannot show was checked against Slicer's source (docs/slicer.md).
+"""
 
 import ast
 import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -72,25 +83,400 @@ def test_every_binding_names_a_parameter_field(ui, module):
     assert not dead, f"parameter-node fields neither bound nor used: {dead}"
 
 
-def test_choices_are_the_librarys(ui, module):
+# ---------------------------------------------------------------------------------------------------- Slicer stand-in
+# What Slicer ships in its Python (numpy, SimpleITK, packaging, vtk, the MRML libraries); every other requirement
+# of FMOneShotLib/requirements.py is made unimportable while the panel opens, as in a fresh Slicer.
+SHIPPED_WITH_SLICER = {"numpy", "SimpleITK", "packaging"}
+
+HARNESS = r"""
+import contextlib, importlib.abc, json, os, sys, types, typing, unittest
+from unittest import mock
+
+module_dir, blocked, selftest = sys.argv[1], set(json.loads(sys.argv[2])), sys.argv[3] == "selftest"
+attempts = []
+
+
+class Unimportable(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in blocked:
+            attempts.append(name)
+            raise ImportError(f"{name} is made unimportable by the test")
+
+
+sys.meta_path.insert(0, Unimportable())
+# Slicer puts only the module's own folder on sys.path: no other copy of FMOneShotLib may be importable (the
+# checkout through PYTHONPATH or the working folder, an editable install's finder)
+sys.path[:] = [module_dir] + [p for p in sys.path[1:]
+                              if p and not os.path.isdir(os.path.join(os.path.abspath(p), "FMOneShotLib"))]
+sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
+
+import slicer  # slicer-core: the real MRML scene and classes
+import slicer.util
+
+qt = mock.MagicMock(name="qt")
+qt.QSettings.return_value.value.side_effect = lambda key, default=None: default
+sys.modules.update(qt=qt, ctk=mock.MagicMock(name="ctk"))
+slicer.app = mock.MagicMock(name="slicer.app")
+slicer.app.defaultScenePath = os.getcwd()
+slicer.mrmlScene = slicer.vtkMRMLScene()
+slicer.qSlicerMarkupsPlaceWidget = mock.MagicMock(name="qSlicerMarkupsPlaceWidget")
+loaded_ui = []
+
+
+def loadUI(path):
+    loaded_ui.append(path)
+    if not os.path.isfile(path):
+        raise RuntimeError(f"loadUI: no file {path}")
+    return mock.MagicMock(name="uiWidget")
+
+
+@contextlib.contextmanager
+def tryWithErrorDisplay(message=None, show=True, waitCursor=False):
+    yield  # Slicer shows the error and swallows it; here it propagates so the test sees it
+
+
+slicer.util.loadUI = loadUI
+slicer.util.childWidgetVariables = lambda widget: mock.MagicMock(name="ui")
+slicer.util.tryWithErrorDisplay = tryWithErrorDisplay
+for name in ("confirmOkCancelDisplay", "warningDisplay", "infoDisplay", "errorDisplay", "showStatusMessage",
+             "setSliceViewerLayers", "pip_install"):
+    setattr(slicer.util, name, mock.MagicMock(name=name))
+
+slm = types.ModuleType("slicer.ScriptedLoadableModule")
+
+
+class ScriptedLoadableModule:
+    def __init__(self, parent):
+        self.parent = parent
+
+
+class ScriptedLoadableModuleWidget:
+    def __init__(self, parent=None):
+        self.parent = parent
+        self.layout = mock.MagicMock(name="layout")
+
+    def setup(self):
+        pass
+
+
+class ScriptedLoadableModuleLogic:
+    def __init__(self, parent=None):
+        self.moduleName = type(self).__name__[:-len("Logic")]
+
+    def getParameterNode(self):
+        node = slicer.mrmlScene.GetSingletonNode(self.moduleName, "vtkMRMLScriptedModuleNode")
+        if node is None:
+            node = slicer.vtkMRMLScriptedModuleNode()
+            node.SetSingletonTag(self.moduleName)
+            slicer.mrmlScene.AddNode(node)
+        return node
+
+
+class ScriptedLoadableModuleTest(unittest.TestCase):
+    def delayDisplay(self, message, msec=0):
+        pass
+
+
+slm.ScriptedLoadableModule, slm.ScriptedLoadableModuleWidget = ScriptedLoadableModule, ScriptedLoadableModuleWidget
+slm.ScriptedLoadableModuleLogic = ScriptedLoadableModuleLogic
+slm.ScriptedLoadableModuleTest = ScriptedLoadableModuleTest
+pnw = types.ModuleType("slicer.parameterNodeWrapper")
+
+
+class Choice:  # slicer.parameterNodeWrapper.Choice: the valid values in .choices
+    def __init__(self, choices):
+        self.choices = choices
+
+
+def parameterNodeWrapper(cls):
+    # as Slicer's wrapper: the annotations are evaluated (typing.get_type_hints) and each default validated
+    hints = typing.get_type_hints(cls, include_extras=True)
+    fields = {}
+    for name, hint in hints.items():
+        choice = next((a for a in getattr(hint, "__metadata__", ()) if isinstance(a, Choice)), None)
+        base = typing.get_origin(hint) and typing.get_args(hint)[0] or hint
+        default = getattr(cls, name, None)
+        if choice is not None and default not in choice.choices:
+            raise ValueError(f"{name}: default {default!r} not in {choice.choices}")
+        fields[name] = {"type": getattr(base, "__name__", str(base)),
+                        "choices": list(choice.choices) if choice else None,
+                        "default": default if isinstance(default, (str, bool, int, float)) else None}
+
+    def __init__(self, node):
+        self.parameterNode = node
+        for name in fields:
+            setattr(self, name, getattr(cls, name, None))
+
+    cls.__init__ = __init__
+    cls.connectGui = lambda self, gui: object()
+    cls.disconnectGui = lambda self, tag: None
+    cls.fields = fields
+    return cls
+
+
+pnw.Choice, pnw.parameterNodeWrapper = Choice, parameterNodeWrapper
+sys.modules.update({"slicer.ScriptedLoadableModule": slm, "slicer.parameterNodeWrapper": pnw})
+slicer.ScriptedLoadableModule, slicer.parameterNodeWrapper = slm, pnw
+
+report = {"cache_env": os.environ.get("FMONESHOT_CACHE")}
+import FMOneShot
+
+report["module_file"] = FMOneShot.__file__
+import time
+
+polls = []
+report["responsive"] = {"value": FMOneShot.runWhileResponsive(lambda: (time.sleep(0.5), 7)[1], lambda: polls.append(1)),
+                        "polls": len(polls)}
+try:
+    FMOneShot.runWhileResponsive(lambda: 1 / 0, lambda: None)
+except ZeroDivisionError:
+    report["responsive"]["error"] = "ZeroDivisionError"
+report["fields"] = FMOneShot.FMOneShotParameterNode.fields
+module = FMOneShot.FMOneShot(mock.MagicMock(name="parent"))
+report["icon"] = qt.QIcon.call_args[0][0]
+widget = FMOneShot.FMOneShotWidget(mock.MagicMock(name="parent"))
+widget.setup()
+widget.exit()
+widget.enter()
+widget.logic.addLabel("liver", (200, 10, 10))
+widget.refreshLabels()
+report["labels"] = [p.name for p in widget.logic.labels()]
+FMOneShot.FMOneShotLogic.ensureDependencies = lambda self, ask=True: False  # the user declines the install
+widget.onApply()
+widget.onPreviewTemplate()
+# While Apply runs: everything but Cancel disabled, and a click that Qt still delivers does nothing
+during = {}
+
+
+def apply(parameters, progress=None, cancel=None):
+    during["enabled"] = {name: getattr(widget.ui, name).enabled for name in widget.WORK_WIDGETS}
+    during["cancel"] = widget.ui.cancelButton.enabled
+    before = slicer.mrmlScene.GetNumberOfNodes()
+    widget.ui.labelNameLineEdit.text = "spleen"
+    for click in (widget.onAddLabel, widget.onAddLandmarks, widget.onRemoveLabel, widget.onPreviewTemplate,
+                  widget.onSaveTemplate, widget.onLoadTemplate, widget.onExport, widget.onDownloadWeights,
+                  widget.onImportWeights, widget.onApply):
+        click()
+    during["nested_nodes_added"] = slicer.mrmlScene.GetNumberOfNodes() - before
+    return []
+
+
+FMOneShot.FMOneShotLogic.ensureDependencies = lambda self, ask=True: True
+widget.logic.apply = apply
+widget.onApply()
+report["during_apply"] = during
+report["after_apply"] = {name: getattr(widget.ui, name).enabled for name in widget.WORK_WIDGETS}
+report["after_apply_cancel"] = widget.ui.cancelButton.enabled
+report["cache_env_after"] = os.environ.get("FMONESHOT_CACHE")
+report["ui"] = loaded_ui
+report["library"] = sys.modules["FMOneShotLib"].__file__
+report["setup_attempts"] = list(attempts)
+if selftest:
+    class DependenciesAsked(Exception):
+        pass
+
+    def ensure(self, ask=True):
+        raise DependenciesAsked()
+
+    FMOneShot.FMOneShotLogic.ensureDependencies = ensure
+    try:
+        FMOneShot.FMOneShotTest().runTest()
+        report["selftest"] = "ran"
+    except DependenciesAsked:
+        report["selftest"] = "asked for dependencies first"
+    except ImportError as exc:
+        report["selftest"] = f"ImportError: {exc}"
+report["attempts"] = attempts
+print("REPORT " + json.dumps(report))
+"""
+
+
+def run_panel(module_dir, selftest=False, blocked=None) -> dict:
+    """Import the module file from ``module_dir`` as Slicer does, open its panel, and report what it did."""
+    from FMOneShotLib.requirements import REQUIREMENTS
+
+    blocked = sorted(set(REQUIREMENTS.values()) - SHIPPED_WITH_SLICER) if blocked is None else blocked
+    proc = subprocess.run([sys.executable, "-c", HARNESS, str(module_dir), json.dumps(blocked),
+                           "selftest" if selftest else "panel"], capture_output=True, text=True, cwd=module_dir,
+                          timeout=300)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("REPORT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    return json.loads(lines[-1][len("REPORT "):])
+
+
+@pytest.fixture(scope="module")
+def panel():
+    """The panel opened from this clone, as docs/slicer.md describes: the clone's FMOneShot/ folder is the
+    module path, with everything but what Slicer ships made unimportable."""
+    return run_panel(REPO / "FMOneShot", selftest=True)
+
+
+def library_choices() -> dict:
+    """Per combo-box field, the values the library accepts (its own tables)."""
     from FMOneShotLib import mrml
     from FMOneShotLib.adapters import ADAPTERS
     from FMOneShotLib.features import available_backends
+    from FMOneShotLib.image import ORIENTATIONS
     from FMOneShotLib.segmenters import SEGMENTERS
 
+    return {"orientation": ["auto", *ORIENTATIONS], "backend": ["auto", *available_backends()],
+            "adapter": ["auto", "none", *ADAPTERS], "segmenter": ["auto", *SEGMENTERS],
+            "device": list(mrml.DEVICES), "exportFormat": list(mrml.EXPORT_FORMATS)}
+
+
+def test_every_combo_bound_str_field_has_the_librarys_choices(ui, panel):
+    """Slicer's QComboBox connector raises without a Choice annotation ("ComboBoxToStringableConnector
+    requires the Choice annotation to be used"), which stops every binding of the panel; it fills the combo
+    box from the choices, so they must be exactly what the library accepts."""
     w = widgets(ui)
-    backends = items(w["backendComboBox"])
-    assert backends[:2] == ["auto", "offline"]  # the defaults a user meets first
-    assert sorted(backends[2:]) == sorted(b for b in available_backends() if b != "offline")
-    assert sorted(items(w["adapterComboBox"])) == sorted(["auto", "none", *ADAPTERS])
-    assert sorted(items(w["segmenterComboBox"])) == sorted(["auto", *SEGMENTERS])
-    assert items(w["exportFormatComboBox"]) == list(mrml.EXPORT_FORMATS)
-    assert items(w["orientationComboBox"]) == ["auto", "axial", "coronal", "sagittal"]
-    # each field's default is one of its widget's choices, so a fresh panel shows what the code uses
-    fields = parameter_fields(module)
-    for widget, field in bindings(ui).items():
-        if w[widget].get("class") == "QComboBox":
-            assert fields[field] in items(w[widget]), (field, fields[field])
+    fields = panel["fields"]
+    library = library_choices()
+    combos = {field: widget for widget, field in bindings(ui).items() if w[widget].get("class") == "QComboBox"}
+    assert set(combos) == set(library), "a new combo box field: add the library's list of it to library_choices"
+    for field, widget in combos.items():
+        info = fields[field]
+        assert info["choices"] is not None, (f"{field} is bound to the QComboBox {widget} without a Choice "
+                                             "annotation: Slicer would refuse every binding of the panel")
+        assert len(set(info["choices"])) == len(info["choices"]), field
+        assert sorted(info["choices"]) == sorted(library[field]), (field, info["choices"], library[field])
+        assert info["default"] == info["choices"][0], field  # what a fresh panel shows first is the default
+    assert fields["backend"]["choices"][:2] == ["auto", "offline"]  # the defaults a user meets first
+    # and no combo box carries items of its own in the .ui (the binding replaces them)
+    assert not [name for name in combos.values() if w[name].findall("item")]
+
+
+def test_the_panel_opens_from_a_clone_without_pytorch(panel):
+    """docs/slicer.md: the clone's FMOneShot/ folder as the module path finds FMOneShotLib and Resources at the
+    top of the clone; opening the panel, entering and leaving it, adding a label, and Apply declined at the
+    install question import nothing Slicer does not ship (torch, timm, segment-anything, scipy, ...)."""
+    assert Path(panel["library"]).resolve() == (REPO / "FMOneShotLib" / "__init__.py").resolve()
+    assert [Path(p).resolve() for p in panel["ui"]] == [(REPO / "Resources" / "UI" / "FMOneShot.ui").resolve()]
+    assert Path(panel["icon"]).resolve() == (REPO / "Resources" / "Icons" / "FMOneShot.png").resolve()
+    assert panel["labels"] == ["liver"]
+    assert panel["setup_attempts"] == [], f"the panel imported what Slicer does not ship: {panel['setup_attempts']}"
+
+
+def test_while_work_runs_only_cancel_is_enabled_and_nested_clicks_do_nothing(ui, panel):
+    during = panel["during_apply"]
+    assert during["enabled"] and not any(during["enabled"].values()), during["enabled"]
+    assert during["cancel"] is True and during["nested_nodes_added"] == 0
+    assert all(panel["after_apply"].values()) and panel["after_apply_cancel"] is False
+    assert set(during["enabled"]) <= set(widgets(ui))  # every name disabled is a widget of the panel
+    # the scene-changing and work-starting buttons all sit inside what is disabled
+    w = widgets(ui)
+    inside = {n.get("name") for name in during["enabled"] for n in w[name].iter("widget")}
+    for button in ("addLabelButton", "removeLabelButton", "addLandmarksButton", "previewTemplateButton",
+                   "saveTemplateButton", "loadTemplateButton", "exportButton", "downloadWeightsButton",
+                   "importWeightsButton", "applyButton", "templateVolumeSelector", "paintedSegmentationSelector"):
+        assert button in inside, button
+
+
+def test_long_work_runs_while_the_panel_keeps_processing_events(panel):
+    """The fit (models, template features, adapter training) runs in a worker thread while the main thread
+    processes Qt events every 50 ms: 0.5 s of work gives about ten polls (at least three under any load), its
+    value comes back and its exception is raised in the caller."""
+    assert panel["responsive"]["value"] == 7 and panel["responsive"]["polls"] >= 3
+    assert panel["responsive"]["error"] == "ZeroDivisionError"
+
+
+def test_opening_the_panel_leaves_the_weights_folder_to_the_user(panel):
+    """Weights are not put in Slicer's cache folder (Settings > Cache > Clear deletes it): without a folder
+    chosen in the panel, the library's default (the command line's) stays in force."""
+    assert panel["cache_env_after"] == panel["cache_env"]
+
+
+def test_the_self_test_asks_for_dependencies_before_importing_them(panel):
+    assert panel["selftest"] == "asked for dependencies first"
+    assert panel["attempts"] == []
+
+
+def test_the_panel_opens_from_the_installed_layout(tmp_path):
+    """FMOneShot/CMakeLists.txt installs the module file with FMOneShotLib and Resources beside it."""
+    root = tmp_path / "qt-scripted-modules"
+    root.mkdir()
+    shutil.copy(MODULE, root)
+    shutil.copytree(REPO / "FMOneShotLib", root / "FMOneShotLib", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "Resources", root / "Resources")
+    report = run_panel(root)
+    assert Path(report["library"]).resolve() == (root / "FMOneShotLib" / "__init__.py").resolve()
+    assert Path(report["ui"][0]).resolve() == (root / "Resources" / "UI" / "FMOneShot.ui").resolve()
+    assert report["setup_attempts"] == []
+
+
+def test_a_module_file_without_its_library_says_how_to_fix_it(tmp_path):
+    shutil.copy(MODULE, tmp_path)
+    proc = subprocess.run([sys.executable, "-c", HARNESS, str(tmp_path), "[]", "panel"], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode != 0
+    assert "ImportError: FMOneShot: FMOneShotLib/ and Resources/UI/FMOneShot.ui are neither beside" in proc.stderr
+    assert "additional module paths" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------- Python 3.9
+def python_files():
+    return [*sorted((REPO / "FMOneShotLib").rglob("*.py")), MODULE]
+
+
+def test_library_and_module_run_on_python_3_9():
+    """Slicer 5.8 runs Python 3.9: vermin finds no newer syntax or standard-library API, and an ``X | Y``
+    annotation (evaluated when its function is defined, which 3.9 cannot) only appears under
+    ``from __future__ import annotations``. The module file has no such import, as Slicer's parameter-node
+    wrapper evaluates its annotations."""
+    try:
+        import vermin  # noqa: F401
+    except ImportError:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("vermin is missing: the [test] extra installs it")
+        pytest.skip("vermin is not installed: pip install -e '.[test]'")
+    run = "import sys, vermin; sys.argv[0] = 'vermin'; sys.exit(vermin.main())"
+    proc = subprocess.run([sys.executable, "-c", run, "-t=3.9-", "--no-tips", "--violations",
+                           *map(str, python_files())], capture_output=True, text=True)
+    assert proc.returncode == 0 and "Minimum required versions: 3." in proc.stdout, proc.stdout + proc.stderr
+    late = []
+    for path in python_files():
+        tree = ast.parse(path.read_text())
+        future = any(isinstance(n, ast.ImportFrom) and n.module == "__future__"
+                     and any(a.name == "annotations" for a in n.names) for n in tree.body)
+        for node in ast.walk(tree):
+            notes = []
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                args = node.args
+                notes = [a.annotation for a in [*args.posonlyargs, *args.args, *args.kwonlyargs,
+                                                 args.vararg, args.kwarg] if a is not None] + [node.returns]
+            elif isinstance(node, ast.AnnAssign):
+                notes = [node.annotation]
+            for note in notes:
+                if note is not None and not future and any(isinstance(n, ast.BinOp) and isinstance(n.op, ast.BitOr)
+                                                           for n in ast.walk(note)):
+                    late.append(f"{path.relative_to(REPO)}:{note.lineno}")
+        # isinstance(x, A | B) needs 3.10 whatever is imported
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("isinstance", "issubclass")
+                    and len(node.args) == 2 and isinstance(node.args[1], ast.BinOp)):
+                late.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not late, f"X | Y types that Python 3.9 cannot evaluate: {late}"
+    assert "from __future__ import annotations" not in MODULE.read_text()
+    assert re.search(r'requires-python = ">=3\.9"', (REPO / "pyproject.toml").read_text())
+
+
+def test_the_library_imports_on_windows():
+    """Every module of FMOneShotLib imports with the POSIX-only standard modules made unimportable."""
+    code = ("import importlib, importlib.abc, pkgutil, sys\n"
+            "class NoPosix(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name in ('resource', 'fcntl', 'termios', 'grp', 'pwd'):\n"
+            "            raise ImportError(name + ' does not exist on Windows')\n"
+            "for name in ('resource', 'fcntl', 'termios', 'grp', 'pwd'):\n"
+            "    sys.modules.pop(name, None)\n"
+            "sys.meta_path.insert(0, NoPosix())\n"
+            "import FMOneShotLib\n"
+            "names = [m.name for m in pkgutil.walk_packages(FMOneShotLib.__path__, 'FMOneShotLib.')]\n"
+            "for name in names:\n"
+            "    importlib.import_module(name)\n"
+            "print(len(names))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert int(proc.stdout.split()[-1]) >= 20  # every module was imported, not none
 
 
 def test_extension_metadata_agree():

@@ -222,6 +222,63 @@ def test_export_reads_back_with_simpleitk(tmp_path):
         mrml.export_segmentations([seg], tmp_path, ".png")
 
 
+class SceneCheckedLogic:
+    """The Segmentations logic's static methods, each call recording the MRML nodes it was given that are not
+    in ``scene``: Slicer 5.6 and 5.8 crash on such a node (a colour table outside the scene is dereferenced
+    as a null colour node), while slicer-core 5.13, fixed upstream, passes."""
+
+    def __init__(self, scene):
+        self.scene, self.calls = scene, []
+
+    def __getattr__(self, name):
+        method = getattr(slicer.vtkSlicerSegmentationsModuleLogic, name)
+
+        def call(*args):
+            nodes = [a for a in args if isinstance(a, slicer.vtkMRMLNode)]
+            self.calls.append((name, [n.GetClassName() for n in nodes if n.GetScene() is not self.scene]))
+            return method(*args)
+
+        return call
+
+
+def test_every_node_given_to_a_segmentations_import_or_export_is_in_the_scene(tmp_path, monkeypatch):
+    """Every way FMOneShot reaches the Segmentations logic (results, painted masks, labelmap export) gives it
+    only nodes in the scene, and the scene is left as it was (the temporary nodes are removed)."""
+    vol = Volume(np.zeros((5, 7, 9), np.int16), (0.7, 0.9, 3.0), (10.0, -20.0, 35.5), oblique(), name="ct")
+    scene, node = scene_with(vol)
+    checked = SceneCheckedLogic(scene)
+    monkeypatch.setattr(mrml, "_segmentations_logic", lambda: checked)
+    labels = np.zeros(vol.array.shape, np.uint16)
+    labels[2, 1:5, 2:7], labels[3, 2:4, 3:5] = 1, 2
+    seg = mrml.segmentation_from_labels(scene, vol.like(labels), LABELS, node, "ct segmentation")
+    before = node_names(scene)
+    mrml.template_from_markups(node, [mrml.LabelPrompt("liver", None, None, None, seg, "liver")])  # painted
+    assert np.array_equal(mrml.labels_from_segmentation(seg, LABELS, node).array, labels)
+    for fmt in (".nrrd", ".nii.gz"):
+        (path,) = mrml.export_segmentations([seg], tmp_path, fmt, labels=LABELS)
+        assert np.array_equal(read_volume(path).array, labels)
+    assert node_names(scene) == before
+    used = {name for name, _ in checked.calls}
+    assert used == {"ImportLabelmapToSegmentationNode", "ExportSegmentsToLabelmapNode"}, used
+    outside = [(name, classes) for name, classes in checked.calls if classes]
+    assert not outside, f"nodes outside the scene given to the Segmentations logic: {outside}"
+
+
+def test_the_segmentations_logic_is_reached_through_one_checked_place():
+    """No other code of the library or the module names the Segmentations logic, so the check above covers
+    every call, and none creates a logic object (each one registers the converter rules again)."""
+    root = Path(__file__).resolve().parents[2]
+    files = [*sorted((root / "FMOneShotLib").rglob("*.py")), root / "FMOneShot" / "FMOneShot.py"]
+    naming = [f"{p.relative_to(root)}:{i}" for p in files for i, line in enumerate(p.read_text().splitlines(), 1)
+              if "vtkSlicerSegmentationsModuleLogic" in line and not line.lstrip().startswith("#")]
+    assert naming == [f"FMOneShotLib/mrml.py:{_line_of('return slicer.vtkSlicerSegmentationsModuleLogic')}"], naming
+
+
+def _line_of(text: str) -> int:
+    lines = (Path(mrml.__file__)).read_text().splitlines()
+    return next(i for i, line in enumerate(lines, 1) if text in line)
+
+
 # ---------------------------------------------------------------------------------------------------- batch
 LIVER, SPLEEN = 5, 1  # values in the bundled CT's reference (Testing/Data/totalseg-ct-small/dataset.json)
 
@@ -382,6 +439,38 @@ def test_labels_live_in_the_scene_as_tagged_point_lists():
     assert np.allclose(tpl.slices[0].landmarks["tip"], [7, 7])
     mrml.remove_label(scene, "liver")
     assert [p.name for p in mrml.label_prompts(scene)] == ["spleen"]
+
+
+def test_apply_to_all_skips_what_is_not_a_grey_value_volume_and_says_why():
+    """RGB, DWI, tensor and label volumes are all vtkMRMLScalarVolumeNode subclasses: they are skipped and
+    named instead of stopping the batch."""
+    vol = Volume(np.zeros((3, 4, 5), np.int16), name="ct")
+    scene, ct = scene_with(vol)
+    mr = mrml.node_from_volume(scene, vol, name="mr")
+    for cls, name in (("vtkMRMLVectorVolumeNode", "photo"), ("vtkMRMLDiffusionWeightedVolumeNode", "dwi"),
+                      ("vtkMRMLDiffusionTensorVolumeNode", "dti"), ("vtkMRMLLabelMapVolumeNode", "labels")):
+        scene.AddNewNodeByClass(cls, name)
+    scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
+    targets, skipped = mrml.volume_targets(scene)
+    assert [n.GetName() for n in targets] == ["ct", "mr"]
+    assert dict(skipped) == {"photo": "a vector (RGB) volume", "dwi": "a DWI volume",
+                             "dti": "a diffusion/tensor volume", "labels": "a labelmap",
+                             "empty": "The volume 'empty' holds no image data."}
+
+
+def test_too_old_packages_are_unmet(monkeypatch):
+    """An old torch or timm left by another extension is not accepted: installed but older than required."""
+    import importlib.metadata
+
+    from FMOneShotLib import requirements
+
+    real = importlib.metadata.version
+    old = {"torch": "2.0.1", "timm": "0.9.16"}
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: old.get(name) or real(name))
+    assert requirements.unmet() == [("torch>=2.1", "2.0.1"), ("timm>=1.0", "0.9.16")]
+    assert requirements.missing() == ["torch>=2.1", "timm>=1.0"]
+    old["torch"] = "2.5.1+cu121"  # local builds (the PyTorch extension's CUDA wheels) compare by release
+    assert requirements.missing() == ["timm>=1.0"]
 
 
 def test_the_runtime_requirements_are_pyprojects():
