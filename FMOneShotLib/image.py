@@ -4,6 +4,10 @@ A :class:`Volume` is a numpy array in (z, y, x) order, exactly as ``SimpleITK.Ge
 together with spacing, origin and direction in SimpleITK's convention (x, y, z order, LPS physical space).
 A 2D image is a one-slice volume that remembers it was 2D, so that results are written back as 2D files.
 Intensities are kept as acquired; :func:`normalize` maps them to [0, 1] for the feature extractors.
+Non-finite voxels (NaN, +-inf) are missing values: left out of every window and statistic, and background
+(0) after normalisation; :func:`read_volume` warns with their number.
+Masks and label images are matched to their image by physical position, never by array index
+(:func:`labels_on_grid`).
 """
 
 from __future__ import annotations
@@ -14,11 +18,14 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import FMOneShotError
+from .errors import FMOneShotError, warn
 from .files import atomic_paths, refuse_existing
 
 MODALITIES = ("CT", "MR", "US", "XR")
 LABEL_EXTENSIONS = (".nrrd", ".nii.gz", ".nii", ".mha", ".png")
+# File name endings of the images FMOneShot reads (SimpleITK's formats); an output name keeps everything else.
+IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".tif", ".tiff", ".jpg", ".jpeg",
+                    ".bmp", ".dcm", ".hdr", ".img", ".vtk")
 # CT soft-tissue window (level 40 HU, width 400 HU): abdominal organs, the product's main use.
 CT_WINDOW = (-160.0, 240.0)
 # MR, ultrasound and X-ray have no absolute scale: robust percentiles of the whole volume.
@@ -169,6 +176,18 @@ class Volume:
                    False, name, modality)
 
 
+def image_stem(path) -> str:
+    """The name of an image file without its image extension (``p.001.nii.gz`` -> ``p.001``, case-insensitive);
+    a folder's (DICOM series) own name. The base of every output name derived from an input."""
+    path = Path(path)
+    name = path.name or Path(path).resolve().name
+    lower = name.lower()
+    for ext in sorted(IMAGE_EXTENSIONS, key=len, reverse=True):
+        if lower.endswith(ext) and len(name) > len(ext):
+            return name[: -len(ext)]
+    return name
+
+
 def _dicom_modality(reader: sitk.ImageSeriesReader) -> str | None:
     try:
         value = reader.GetMetaData(0, "0008|0060").strip().upper()
@@ -185,7 +204,7 @@ def read_volume(path, modality: str | None = None) -> Volume:
                              f"from {Path.cwd()}).")
     if modality is not None and modality not in MODALITIES:
         raise FMOneShotError(f"Unknown modality {modality!r}.", f"use one of {', '.join(MODALITIES)}.")
-    name = path.name.split(".")[0] if path.is_file() else path.name
+    name = image_stem(path)
     if path.is_dir():
         reader = sitk.ImageSeriesReader()
         series = reader.GetGDCMSeriesIDs(str(path))
@@ -212,14 +231,40 @@ def read_volume(path, modality: str | None = None) -> Volume:
             raise FMOneShotError(f"Cannot read {path} as an image.",
                                  "give a NIfTI (.nii/.nii.gz), NRRD, MHA, PNG or TIFF file, or a DICOM folder.") from None
     vol = Volume.from_sitk(img, name=name, modality=modality, source=str(path))
+    n_missing = count_non_finite(vol.array)
+    if n_missing:
+        warn(f"{path}: {n_missing} of {vol.array.size} voxels are NaN or infinite; they are treated as missing "
+             "(left out of the intensity window, background in the features).")
     if vol.modality is None:
         vol.modality = guess_modality(vol.array)
     return vol
 
 
+def count_non_finite(array: np.ndarray) -> int:
+    """The number of NaN and +-inf values (0 for integer arrays, which cannot hold them)."""
+    array = np.asarray(array)
+    if not np.issubdtype(array.dtype, np.inexact):
+        return 0
+    return int(array.size - np.count_nonzero(np.isfinite(array)))
+
+
+def finite_values(array: np.ndarray) -> np.ndarray:
+    """The array's values without NaN and +-inf, flattened (the array itself, flattened, when all are finite)."""
+    flat = np.asarray(array).ravel()
+    if np.issubdtype(flat.dtype, np.inexact):
+        ok = np.isfinite(flat)
+        if not ok.all():
+            return flat[ok]
+    return flat
+
+
 def guess_modality(array: np.ndarray) -> str | None:
-    """CT when the values look like Hounsfield units (air near -1000); otherwise unknown (None)."""
-    if array.size and np.issubdtype(array.dtype, np.number) and float(np.min(array)) < -500:
+    """CT when the values look like Hounsfield units (air near -1000); otherwise unknown (None).
+    Non-finite values are ignored."""
+    if not np.issubdtype(np.asarray(array).dtype, np.number):
+        return None
+    values = finite_values(array)
+    if values.size and float(np.min(values)) < -500:
         return "CT"
     return None
 
@@ -255,13 +300,80 @@ def label_volume(reference: Volume, labels: np.ndarray, name: str | None = None)
     return out
 
 
+def grid_mismatch(a: Volume, b: Volume) -> float:
+    """How far apart the voxel grids of ``a`` and ``b`` lie, in voxels of ``b``: over the 8 corner voxels of
+    ``a``'s grid, the largest distance between the index a voxel has in ``a`` and the continuous index its
+    physical centre has in ``b``. 0 for identical grids; below 0.5 every voxel centre of ``a`` falls inside
+    the voxel of ``b`` with the same index. ``inf`` when the shapes differ."""
+    if a.array.shape != b.array.shape:
+        return float("inf")
+    size = np.array(a.array.shape[::-1]) - 1  # (x, y, z) index of the last voxel
+    corners = np.array([[i, j, k] for i in (0, size[0]) for j in (0, size[1]) for k in (0, size[2])], float)
+    return float(np.abs(b.physical_to_index(a.index_to_physical(corners)) - corners).max())
+
+
+def _default_geometry(volume: Volume) -> bool:
+    """Whether the volume carries no geometry of its own (what numpy arrays saved without one get)."""
+    return (np.allclose(volume.origin, 0) and np.allclose(volume.spacing, 1)
+            and np.allclose(volume.direction, np.eye(3)))
+
+
+def labels_on_grid(labels: Volume, reference: Volume, what: str = "The mask") -> np.ndarray:
+    """The integer labels of ``labels`` on the voxel grid of ``reference``, matched by physical position.
+
+    When the two grids agree within half a voxel (:func:`grid_mismatch` < 0.5) the array is taken as it is.
+    Otherwise the labels are resampled onto ``reference``'s grid by nearest neighbour (SimpleITK
+    ``Resample``, identity transform; voxels outside ``labels`` are 0) and the mismatch is reported with
+    :func:`errors.warn`. Both are treated as 3D grids (a 2D image lies in the plane z = 0).
+
+    Returns a (z, y, x) array of ``reference``'s shape with ``labels``' integer dtype (float labels holding
+    whole numbers become int32). Raises FMOneShotError, naming ``what``, when the labels are not whole
+    numbers (NaN, 5.9) or when their grid does not overlap ``reference``'s at all.
+    """
+    array = np.asarray(labels.array)
+    if not np.issubdtype(array.dtype, np.integer) and array.dtype != bool:
+        if not np.issubdtype(array.dtype, np.floating) or not np.all(np.isfinite(array)) \
+                or not np.array_equal(array, np.round(array)):
+            raise FMOneShotError(f"{what} holds values that are not whole numbers (a probability map, or NaN); "
+                                 "a mask or label image holds 0 for background and whole label values.",
+                                 "threshold it into a label image first, e.g. (probability > 0.5).")
+        array = array.astype(np.int32)
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    mismatch = grid_mismatch(reference, labels)
+    if mismatch < 0.5:
+        return array
+    if array.min(initial=0) < 0:
+        raise FMOneShotError(f"{what} holds negative values ({int(array.min())}).",
+                             "give a label image with 0 for background and positive label values.")
+    flat = replace(labels, array=array.astype(np.uint32) + 1, is_2d=False)  # 0 marks "outside the labels"
+    grid = replace(reference, array=np.zeros(reference.array.shape, np.uint8), is_2d=False)
+    moved = sitk.GetArrayFromImage(sitk.Resample(flat.to_sitk(), grid.to_sitk(), sitk.Transform(),
+                                                 sitk.sitkNearestNeighbor, 0, sitk.sitkUInt32))
+    covered = moved > 0
+    if not covered.any():
+        raise FMOneShotError(f"{what} does not overlap its image: in physical space (origin, spacing, direction) "
+                             f"the two lie apart (mask origin {np.round(labels.origin, 2).tolist()} mm, image origin "
+                             f"{np.round(reference.origin, 2).tolist()} mm).",
+                             "give the mask that was drawn on this image, saved with the image's geometry"
+                             + (" (this one has none of its own: origin 0, spacing 1; give it the image's, e.g. "
+                                "with SimpleITK's CopyInformation)." if _default_geometry(labels) else "."))
+    how = (f"its voxel grid is {mismatch:.1f} voxels off the image's" if np.isfinite(mismatch) else
+           f"its grid ({array.shape[::-1]} voxels) differs from the image's ({reference.array.shape[::-1]})")
+    share = covered.mean()
+    warn(f"{what}: {how}; it was resampled onto the image's grid by physical position (nearest neighbour)"
+         + (f", and covers {100 * share:.0f}% of the image." if share < 1 else "."))
+    return np.where(covered, moved - 1, 0).astype(array.dtype)
+
+
 # --------------------------------------------------------------------------- intensities
 def intensity_window(volume_or_array, modality: str | None = None) -> tuple:
     """The (low, high) intensities mapped to 0 and 1, chosen by modality.
 
     CT: the fixed soft-tissue window, so Hounsfield units mean the same in every scan. MR, US, XR and
     unknown: the 0.5 and 99.5 percentiles of the whole volume (not of one slice, so that slices of one
-    volume stay comparable).
+    volume stay comparable), of its finite values only (NaN and +-inf are missing values). A volume without
+    contrast (one value, or no finite value) gets a window of width 1 starting at that value (0 when none).
     """
     array = volume_or_array.array if isinstance(volume_or_array, Volume) else np.asarray(volume_or_array)
     if modality is None and isinstance(volume_or_array, Volume):
@@ -271,6 +383,9 @@ def intensity_window(volume_or_array, modality: str | None = None) -> tuple:
     sample = array.ravel()
     if sample.size > 2_000_000:
         sample = sample[:: sample.size // 2_000_000 + 1]
+    sample = finite_values(sample)
+    if not sample.size:
+        return 0.0, 1.0
     lo, hi = np.percentile(sample.astype(np.float64), PERCENTILES)
     if hi <= lo:
         hi = lo + 1.0
@@ -278,7 +393,21 @@ def intensity_window(volume_or_array, modality: str | None = None) -> tuple:
 
 
 def normalize(array: np.ndarray, window: tuple) -> np.ndarray:
-    """Map intensities linearly so that window[0] -> 0 and window[1] -> 1, clipped, as float32."""
+    """Map intensities linearly so that window[0] -> 0 and window[1] -> 1, clipped, as float32.
+    Non-finite values (missing) become 0, the background. ``window`` must have window[1] > window[0]."""
     lo, hi = window
-    out = (np.asarray(array, dtype=np.float32) - np.float32(lo)) / np.float32(hi - lo)
+    if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
+        raise FMOneShotError(f"The intensity window {tuple(window)} is not a range (it needs low < high, finite).",
+                             "give a window such as (-160, 240), or let FMOneShot choose it (image.intensity_window).")
+    array = np.asarray(array)
+    out = (array.astype(np.float32) - np.float32(lo)) / np.float32(hi - lo)
+    if np.issubdtype(array.dtype, np.inexact):
+        out[~np.isfinite(out)] = 0.0
     return np.clip(out, 0.0, 1.0, out=out)
+
+
+def has_contrast(image: np.ndarray, window: tuple, tolerance: float = 1e-3) -> bool:
+    """Whether ``image`` holds more than one grey value after :func:`normalize` with ``window`` (a spread of
+    its normalised values above ``tolerance``); a constant or clipped-flat region has none."""
+    values = normalize(image, window)
+    return bool(values.size) and float(values.max() - values.min()) > tolerance

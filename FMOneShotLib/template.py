@@ -19,7 +19,7 @@ import SimpleITK as sitk
 from scipy import ndimage as ndi
 
 from .errors import FMOneShotError
-from .files import atomic_paths, refuse_existing
+from .files import atomic_paths, check_folder, refuse_existing
 from .image import ORIENTATIONS, Volume, intensity_window
 
 FORMAT = "fmoneshot-template"
@@ -192,7 +192,10 @@ class Template:
                 side[f"{path.stem}.slice{k}.masks.nrrd"] = _image(stack.astype(np.uint8), s.pixel_spacing)
         adapter_file = f"{path.stem}.adapter.safetensors"
         targets = [path.with_name(n) for n in side] + ([path.with_name(adapter_file)] if self.adapter else []) + [path]
+        for target in targets:
+            check_folder(target)
         refuse_existing(targets, force, "choose another template name, or pass --force (force=True) to overwrite.")
+        path.parent.mkdir(parents=True, exist_ok=True)
         doc = {
             "format": FORMAT, "version": VERSION, "modality": self.modality, "settings": self.settings,
             "orientation": self.orientation,
@@ -260,6 +263,28 @@ class Template:
             raise FMOneShotError(f"{path} is damaged or incomplete ({type(exc).__name__}: {exc}).",
                                  "re-create the template, or restore the file and its .nrrd side files.") from None
         return template.validate()
+
+
+def template_files(path, n_slices: int = 1, adapter: bool = True) -> list:
+    """The files :meth:`Template.save` writes for ``path`` (.json) with ``n_slices`` slices: each slice's
+    ``.slice<k>.nrrd`` and ``.slice<k>.masks.nrrd``, the ``.adapter.safetensors`` (when ``adapter``), the
+    .json last. For a template file that exists, also the side files its JSON names, so that a caller can
+    keep every file of a template it reads from being written over. Raises FMOneShotError when ``path`` does
+    not end with .json."""
+    path = Path(path)
+    if path.suffix != ".json":
+        raise FMOneShotError(f"A template file name must end with .json: {path}.", "e.g. liver-template.json")
+    names = [f"{path.stem}.slice{k}{kind}" for k in range(n_slices) for kind in (".nrrd", ".masks.nrrd")]
+    names += [f"{path.stem}.adapter.safetensors"] if adapter else []
+    if path.is_file():
+        try:
+            doc = json.loads(path.read_text())
+            names += [str(d.get(k)) for d in doc.get("slices", []) for k in ("image", "masks") if d.get(k)]
+            names += [str(doc["adapter"]["file"])] if isinstance(doc.get("adapter"), dict) and \
+                doc["adapter"].get("file") else []
+        except (ValueError, TypeError, AttributeError, KeyError, UnicodeDecodeError):
+            pass  # a damaged file is refused when it is loaded
+    return [path.parent / n for n in dict.fromkeys(names)] + [path]
 
 
 def _image(array: np.ndarray, pixel_spacing) -> sitk.Image:

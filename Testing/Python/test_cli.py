@@ -114,7 +114,7 @@ def test_segment_on_a_sagittal_template_slice(tmp_path, capsys):
     plane = vol.like(ref).resliced(0).array[k]
     pos, neg = sample_prompts(plane, 5, 5, 0)
     mask = tmp_path / "liver-mask.nrrd"
-    sitk.WriteImage(sitk.GetImageFromArray(ref.astype(np.uint8)), str(mask))
+    sitk.WriteImage(vol.to_sitk(ref.astype(np.uint8)), str(mask))  # with the CT's geometry
     points = [a for x, y in pos for a in ("--positive", f"liver:{x:g},{y:g}")]
     points += [a for x, y in neg for a in ("--negative", f"liver:{x:g},{y:g}")]
     out = tmp_path / "labels.nrrd"
