@@ -13,10 +13,11 @@ import io
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 
 from . import __version__
-from .errors import FMOneShotError
+from .errors import FMOneShotError, FMOneShotWarning
 from .features import available_backends, resolve_backend
 from .files import atomic_paths, check_folder, refuse_existing, refuse_inputs
 from .image import LABEL_EXTENSIONS
@@ -626,11 +627,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """FMOneShot's warnings as one line each (``fmoneshot: warning: ...``); others as Python shows them."""
+    if issubclass(category, FMOneShotWarning):
+        print(f"fmoneshot: warning: {message}", file=sys.stderr)
+    else:
+        print(warnings.formatwarning(message, category, filename, lineno, line).rstrip(), file=sys.stderr)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return args.func(args)
     except FMOneShotError as exc:
         print(f"fmoneshot: error: {exc}", file=sys.stderr)
         return 2
