@@ -30,6 +30,9 @@ IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png",
 CT_WINDOW = (-160.0, 240.0)
 # MR, ultrasound and X-ray have no absolute scale: robust percentiles of the whole volume.
 PERCENTILES = (0.5, 99.5)
+# A slice or region whose normalised grey values spread no more than this is blank (constant, all missing, or
+# wholly outside the intensity window): a template is refused there, and nothing is found on such a target slice.
+BLANK_SPREAD = 1e-3
 # Anatomical slicing planes and the LPS axis each plane is normal to.
 ORIENTATIONS = {"sagittal": 0, "coronal": 1, "axial": 2}
 # For slices along index axis a (x=0, y=1, z=2): the index axes that become the slice's columns and rows.
@@ -406,7 +409,7 @@ def normalize(array: np.ndarray, window: tuple) -> np.ndarray:
     return np.clip(out, 0.0, 1.0, out=out)
 
 
-def has_contrast(image: np.ndarray, window: tuple, tolerance: float = 1e-3) -> bool:
+def has_contrast(image: np.ndarray, window: tuple, tolerance: float = BLANK_SPREAD) -> bool:
     """Whether ``image`` holds more than one grey value after :func:`normalize` with ``window`` (a spread of
     its normalised values above ``tolerance``); a constant or clipped-flat region has none."""
     values = normalize(image, window)

@@ -20,7 +20,7 @@ from scipy import ndimage as ndi
 
 from .errors import FMOneShotError
 from .files import atomic_paths, check_folder, refuse_existing
-from .image import ORIENTATIONS, Volume, intensity_window
+from .image import BLANK_SPREAD, ORIENTATIONS, Volume, intensity_window, normalize
 
 FORMAT = "fmoneshot-template"
 VERSION = 1
@@ -165,6 +165,11 @@ class Template:
                 if not (-0.5 <= x < W - 0.5 and -0.5 <= y < H - 0.5):
                     raise FMOneShotError(f"Landmark {name!r} at ({x:g}, {y:g}) lies outside {where} "
                                          f"(x 0..{W - 1}, y 0..{H - 1}).", "place it inside the image.")
+            lo, hi = s.window
+            if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
+                raise FMOneShotError(f"The intensity window {list(s.window)} of {where} is not a range (low < high).",
+                                     "re-create the template, or give a window such as [-160, 240].")
+            _check_contrast(s, where)
             for name, m in s.masks.items():
                 if m.shape != (H, W):
                     raise FMOneShotError(f"The mask of {name!r} has shape {m.shape}, {where} has {(H, W)}.",
@@ -263,6 +268,28 @@ class Template:
             raise FMOneShotError(f"{path} is damaged or incomplete ({type(exc).__name__}: {exc}).",
                                  "re-create the template, or restore the file and its .nrrd side files.") from None
         return template.validate()
+
+
+def _check_contrast(s: TemplateSlice, where: str) -> None:
+    """Refuse a template slice without contrast: blank as a whole, or blank around one of its marks (within a
+    quarter of the slice's longer side), where a mark would describe nothing."""
+    image = normalize(s.image, s.window)
+    if float(np.ptp(image)) <= BLANK_SPREAD:
+        raise FMOneShotError(f"{where.capitalize()} has one grey value in the intensity window {list(s.window)} "
+                             "(blank, constant, or all missing): there is nothing to mark on it.",
+                             "choose a slice that shows the structures.")
+    H, W = image.shape
+    r = max(2, max(H, W) // 4)
+    marks = [(f"positive point of {n!r}", p) for n, pts in s.positive.items() for p in pts]
+    marks += [(f"negative point of {n!r}", p) for n, pts in s.negative.items() for p in pts]
+    marks += [(f"landmark {n!r}", p) for n, p in s.landmarks.items()]
+    for what, (x, y) in marks:
+        x, y = int(round(x)), int(round(y))
+        patch = image[max(0, y - r):y + r + 1, max(0, x - r):x + r + 1]
+        if patch.size and float(np.ptp(patch)) <= BLANK_SPREAD:
+            raise FMOneShotError(f"The {what} at ({x}, {y}) on {where} lies in a region of one grey value "
+                                 f"({2 * r + 1} pixels across): it describes nothing FMOneShot can find again.",
+                                 "place it on the structure, where the image shows it.")
 
 
 def template_files(path, n_slices: int = 1, adapter: bool = True) -> list:

@@ -214,3 +214,66 @@ def test_eval_refuses_an_existing_report_before_evaluating(tmp_path, capsys):
     assert not (tmp_path / "r.json").exists() and (report / "report.md").read_text() == "mine"
     code, _, err = run(capsys, "eval", data, "--labels", "liver", "--json", data / "dataset.json", "--force")
     assert code == 2 and "never writes over its inputs" in err
+
+
+# ------------------------------------------------------------------------------------------ non-finite values
+def test_nan_and_inf_are_missing_values(tmp_path, capsys, ct, liver):
+    """A NaN slice, a 20x20 NaN patch and an inf voxel in an NRRD CT: a warning with their number, CT still
+    recognised, the window and the segmentation of the other slices as without them (issue 16.2)."""
+    from FMOneShotLib.image import intensity_window, normalize
+
+    clean = ct.array.astype(np.float32)
+    broken = clean.copy()
+    broken[5] = np.nan
+    broken[20, 10:30, 10:30] = np.nan
+    broken[12, 0, 0] = np.inf
+    path = tmp_path / "nan.nrrd"
+    sitk.WriteImage(ct.to_sitk(broken), str(path))
+    clean_path = tmp_path / "clean.nrrd"
+    sitk.WriteImage(ct.to_sitk(clean), str(clean_path))
+    n = 101 * 122 + 400 + 1
+    with pytest.warns(FMOneShotWarning, match=f"{n} of {broken.size} voxels are NaN or infinite"):
+        vol = read_volume(path)
+    assert vol.modality == "CT"
+    mr = Volume(broken, modality="MR")
+    assert intensity_window(mr) == pytest.approx(intensity_window(clean[np.isfinite(broken)], "MR"))
+    assert np.all(np.isfinite(normalize(broken, intensity_window(mr))))
+    assert normalize(broken, (0, 1))[5].max() == 0.0  # missing -> background
+    runs = {}
+    for name, src in (("clean", clean_path), ("nan", path)):
+        out = tmp_path / f"{name}-labels.nrrd"
+        code, stdout, err = run(capsys, "segment", src, "--template-image", clean_path, "--slice", 24,
+                                "--positive", "liver:86,49", "--positive", "liver:88,37", "--output", out)
+        assert code == 0, err
+        runs[name] = read_volume(out).array == 1
+    assert "voxels are NaN or infinite" in err  # the CLI's one-line warning
+    found = [z for z in range(30) if z not in (5, 20) and runs["clean"][z].any()]
+    assert len(found) >= 10
+    assert np.mean([dice(runs["nan"][z], runs["clean"][z]) for z in found]) >= 0.9
+    assert not runs["nan"][5].any()  # a slice with no value has nothing on it
+
+
+# ------------------------------------------------------------------------------------------ content-free input
+def test_content_free_input_gets_no_answer(tmp_path, capsys, ct):
+    """A constant target volume: no label on any slice and landmarks with confidence 0; a blank template
+    slice, and a point in a blank region of a template, are refused (issue 16.7)."""
+    from FMOneShotLib.pipeline import OneShot
+    from FMOneShotLib.template import Template
+
+    flat = tmp_path / "flat.nrrd"
+    sitk.WriteImage(ct.to_sitk(np.full(ct.array.shape, 40, np.int16)), str(flat))
+    out = tmp_path / "l.nrrd"
+    code, stdout, err = run(capsys, "segment", flat, "--template-image", CT, "--slice", 24,
+                            "--positive", "liver:86,49", "--output", out)
+    assert code == 0, err
+    assert "liver on 0 of 30 axial slices" in stdout and not read_volume(out).array.any()
+    template = Template.from_volume(ct, 12, landmarks={"vertebra": [61, 75]})
+    result = OneShot(template).apply(Volume(np.full(ct.array.shape, 40, np.int16), modality="CT"))
+    assert max(lm.confidence for lm in result.landmarks["vertebra"]) == 0.0
+    code, _, err = run(capsys, "segment", CT, "--template-image", flat, "--positive", "liver:86,49", "--output", out,
+                       "--force")
+    assert code == 2 and "one grey value" in err and "Fix:" in err
+    padded = ct.array.copy()
+    padded[:, :, :61] = -1024  # the left half is air only
+    with pytest.raises(FMOneShotError, match=r"positive point of 'liver' at \(5, 50\).*one grey value"):
+        Template.from_volume(ct.like(padded), 24, positive={"liver": [[5, 50]]})
