@@ -153,6 +153,13 @@ class Volume:
     @classmethod
     def from_sitk(cls, img: sitk.Image, name: str = "", modality: str | None = None, source: str = "") -> "Volume":
         where = f" ({source})" if source else ""
+        if img.GetNumberOfComponentsPerPixel() == 2:
+            raise FMOneShotError(
+                f"The image{where} has 2 components per pixel (grey and alpha, or a 2-vector); FMOneShot works "
+                "on one grey value per pixel and does not guess what the second means.",
+                "save it without the alpha channel (e.g. as greyscale PNG), or take the grey component with "
+                "SimpleITK.VectorIndexSelectionCast(image, 0).",
+            )
         if img.GetNumberOfComponentsPerPixel() != 1:
             raise FMOneShotError(
                 f"The image{where} has {img.GetNumberOfComponentsPerPixel()} components per pixel "
@@ -199,6 +206,19 @@ def _dicom_modality(reader: sitk.ImageSeriesReader) -> str | None:
     return {"CT": "CT", "MR": "MR", "US": "US", "CR": "XR", "DX": "XR", "XA": "XR"}.get(value)
 
 
+def _png_colour_type(path: Path) -> int | None:
+    """The colour type of a PNG file's header (0 grey, 2 RGB, 3 palette, 4 grey + alpha, 6 RGBA; PNG
+    specification, IHDR chunk), or None for anything else."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(26)
+    except OSError:
+        return None
+    if len(head) == 26 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+        return head[25]
+    return None
+
+
 def read_volume(path, modality: str | None = None) -> Volume:
     """Read NIfTI, NRRD, MHA, PNG/TIFF or a folder holding one DICOM series into a :class:`Volume`."""
     path = Path(path)
@@ -230,8 +250,13 @@ def read_volume(path, modality: str | None = None) -> Volume:
     else:
         try:
             img = sitk.ReadImage(str(path))
-        except RuntimeError:
-            raise FMOneShotError(f"Cannot read {path} as an image.",
+        except RuntimeError as exc:
+            if _png_colour_type(path) == 4:  # SimpleITK reads no grey + alpha PNG
+                raise FMOneShotError(f"{path} is a PNG with grey and alpha (transparency) per pixel, which FMOneShot "
+                                     "does not read: it works on one grey value per pixel.",
+                                     "save it as a greyscale PNG without the alpha channel.") from None
+            reason = str(exc).strip().splitlines()[-1].replace("sitk::ERROR:", "").strip() if str(exc).strip() else ""
+            raise FMOneShotError(f"Cannot read {path} as an image" + (f" (SimpleITK: {reason})." if reason else "."),
                                  "give a NIfTI (.nii/.nii.gz), NRRD, MHA, PNG or TIFF file, or a DICOM folder.") from None
     vol = Volume.from_sitk(img, name=name, modality=modality, source=str(path))
     n_missing = count_non_finite(vol.array)

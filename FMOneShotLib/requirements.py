@@ -21,6 +21,7 @@ REQUIREMENTS = {
     "segment-anything>=1.0": "segment_anything",
     "safetensors>=0.4": "safetensors",
     "tqdm>=4.60": "tqdm",
+    "jsonschema>=4.18": "jsonschema",
 }
 TORCH = ("torch", "torchvision")
 

@@ -20,13 +20,71 @@ from scipy import ndimage as ndi
 
 from .errors import FMOneShotError
 from .files import atomic_paths, check_folder, refuse_existing
-from .image import BLANK_SPREAD, ORIENTATIONS, Volume, intensity_window, normalize
+from .image import BLANK_SPREAD, MODALITIES, ORIENTATIONS, Volume, intensity_window, normalize
 
 FORMAT = "fmoneshot-template"
 VERSION = 1
 # Distinct colours for labels 1, 2, ... (Slicer's GenericAnatomyColors feel: tissue-like, distinguishable).
 PALETTE = [(221, 130, 101), (157, 108, 162), (185, 102, 83), (216, 101, 79), (144, 238, 144),
            (128, 174, 128), (241, 214, 145), (177, 122, 101), (111, 184, 210), (230, 220, 70)]
+
+
+_NUMBER = {"type": "number"}
+_POINT = {"type": "array", "items": _NUMBER, "minItems": 2, "maxItems": 2,
+          "description": "pixel (x = column, y = row) of the template slice"}
+_FILE = {"type": "string", "pattern": r"^[^/\\]+$", "description": "a file beside the template .json"}
+# The structure of a template .json (JSON Schema draft 2020-12), checked on load before anything is read;
+# the checks on meaning (points inside the slice, known labels, contrast) are in Template.validate.
+SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "FMOneShot template",
+    "type": "object",
+    "required": ["format", "version", "labels", "slices"],
+    "properties": {
+        "format": {"const": FORMAT},
+        "version": {"const": VERSION},
+        "modality": {"enum": [None, *MODALITIES]},
+        "settings": {"type": "object"},
+        "orientation": {"enum": [None, *ORIENTATIONS]},
+        "labels": {"type": "array", "items": {
+            "type": "object", "required": ["name", "value"],
+            "properties": {"name": {"type": "string", "minLength": 1, "pattern": r"\S"},
+                           "value": {"type": "integer", "minimum": 1, "maximum": 65535},
+                           "color": {"type": ["array", "null"], "minItems": 3, "maxItems": 3,
+                                     "items": {"type": "integer", "minimum": 0, "maximum": 255}}}}},
+        "slices": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["image", "index", "window"],
+            "properties": {
+                "image": _FILE,
+                "masks": {"anyOf": [_FILE, {"type": "null"}]},
+                "mask_labels": {"type": "array", "items": {"type": "string"}},
+                "painted": {"type": "array", "items": {"type": "string"}},
+                "index": {"type": "integer", "minimum": 0},
+                "pixel_spacing": {"type": "array", "items": {"type": "number", "exclusiveMinimum": 0},
+                                  "minItems": 2, "maxItems": 2},
+                "window": {"type": "array", "items": _NUMBER, "minItems": 2, "maxItems": 2},
+                "source": {"type": "string"},
+                "positive": {"type": "object", "additionalProperties": {"type": "array", "items": _POINT}},
+                "negative": {"type": "object", "additionalProperties": {"type": "array", "items": _POINT}},
+                "landmarks": {"type": "object", "additionalProperties": _POINT},
+            }}},
+        "adapter": {"anyOf": [{"type": "null"}, {"type": "object", "required": ["file", "description"],
+                                                 "properties": {"file": _FILE, "description": {"type": "object"}}}]},
+    },
+}
+
+
+def check_schema(doc, where) -> None:
+    """Raise FMOneShotError naming the first field of ``doc`` that breaks :data:`SCHEMA` (``where``: the file,
+    for the message), e.g. ``slices[0].pixel_spacing: [3.0] is too short``. Uses the jsonschema library."""
+    import jsonschema
+
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(SCHEMA).iter_errors(doc))
+    if error is None:
+        return
+    field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path).lstrip(".")
+    raise FMOneShotError(f"{where}: the field {field or '(top level)'} is wrong: {error.message}.",
+                         "correct that field (the format is template.SCHEMA), or re-create the template.")
 
 
 def default_color(value: int) -> tuple:
@@ -244,6 +302,7 @@ class Template:
         if doc.get("version") != VERSION:
             raise FMOneShotError(f"{path} has template version {doc.get('version')}; this FMOneShot reads {VERSION}.",
                                  "update FMOneShot, or re-create the template.")
+        check_schema(doc, path)
         try:
             labels = [Label(d["name"], d["value"], d.get("color")) for d in doc["labels"]]
             slices = []
@@ -339,7 +398,11 @@ def _read(path: Path):
     if not path.is_file():
         raise FMOneShotError(f"The template side file {path} is missing.",
                              "keep the .nrrd files next to the template .json (copy them together).")
-    img = sitk.ReadImage(str(path))
+    try:
+        img = sitk.ReadImage(str(path))
+    except RuntimeError:
+        raise FMOneShotError(f"The template side file {path} is damaged (not an image SimpleITK reads).",
+                             "restore it from a copy, or re-create the template.") from None
     return sitk.GetArrayFromImage(img), tuple(img.GetSpacing()[:2])
 
 
