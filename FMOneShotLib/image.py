@@ -198,6 +198,71 @@ def image_stem(path) -> str:
     return name
 
 
+# Slices of a DICOM series are evenly spaced and untilted when their positions agree within this (mm), as in
+# Slicer's DICOMScalarVolumePlugin (spacingEpsilon 0.01 mm).
+DICOM_POSITION_TOLERANCE = 0.01
+
+
+def _regular_slices(img: sitk.Image, reader: sitk.ImageSeriesReader, n: int, path: Path) -> sitk.Image:
+    """The series image on a grid whose slices lie where the files say (ImagePositionPatient along the normal
+    of ImageOrientationPatient), as Slicer checks them. ITK's series reader places slices at one spacing,
+    which is wrong when slices are missing or unevenly spaced: such a series is resampled onto a regular grid
+    at its most common spacing (linear interpolation across the gaps, with a warning), so every acquired
+    slice keeps its true position. Gantry tilt (positions shifting within the slice plane) and repeated
+    positions are refused. A series without position tags is left as ITK read it."""
+    if n < 3 or img.GetDimension() != 3:
+        return img
+    try:
+        positions = np.array([[float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")] for i in range(n)])
+        cosines = np.array([float(v) for v in reader.GetMetaData(0, "0020|0037").split("\\")])
+    except (RuntimeError, ValueError):
+        return img
+    if positions.shape != (n, 3) or cosines.shape != (6,):
+        return img
+    row, col = cosines[:3], cosines[3:]
+    normal = np.cross(row, col)
+    depth = positions @ normal
+    order = np.argsort(depth, kind="stable")
+    depth, positions = depth[order], positions[order]
+    steps = np.diff(depth)
+    if steps.min() <= DICOM_POSITION_TOLERANCE:
+        raise FMOneShotError(f"The DICOM series in {path} has several slices at one position "
+                             f"({depth[np.argmin(steps)]:.2f} mm along the slice normal).",
+                             "keep one acquisition per folder (a series with repeated or overlapping acquisitions "
+                             "must be split first).")
+    shift = np.linalg.norm(np.diff(positions, axis=0) - steps[:, None] * normal, axis=1)
+    if shift.max() > DICOM_POSITION_TOLERANCE:
+        angle = np.degrees(np.arctan2(shift.max(), steps[np.argmax(shift)]))
+        raise FMOneShotError(f"The DICOM series in {path} is acquired with a gantry tilt of about {angle:.1f} "
+                             "degrees (slice positions shift within the slice plane); FMOneShot would place its "
+                             "slices at wrong positions.",
+                             "convert it to a volume with the tilt corrected first, e.g. with dcm2niix, or load it "
+                             "in Slicer with acquisition geometry regularization and save the result.")
+    spacing = float(np.median(steps))
+    if np.abs(steps - spacing).max() <= DICOM_POSITION_TOLERANCE:
+        return img
+    array = sitk.GetArrayFromImage(img)[order].astype(np.float64)
+    count = int(round((depth[-1] - depth[0]) / spacing)) + 1
+    targets = depth[0] + spacing * np.arange(count)
+    upper = np.clip(np.searchsorted(depth, targets - DICOM_POSITION_TOLERANCE), 1, n - 1)
+    weight = np.clip((targets - depth[upper - 1]) / (depth[upper] - depth[upper - 1]), 0.0, 1.0)
+    regular = (1 - weight)[:, None, None] * array[upper - 1] + weight[:, None, None] * array[upper]
+    dtype = sitk.GetArrayViewFromImage(img).dtype
+    if np.issubdtype(dtype, np.integer):
+        regular = np.round(regular)
+    out = sitk.GetImageFromArray(regular.astype(dtype))
+    out.SetSpacing((img.GetSpacing()[0], img.GetSpacing()[1], spacing))
+    out.SetOrigin(tuple(positions[0]))
+    out.SetDirection(tuple(np.column_stack([row, col, normal]).ravel()))
+    gaps = [(float(a), float(b)) for a, b, st in zip(depth[:-1], depth[1:], steps)
+            if abs(st - spacing) > DICOM_POSITION_TOLERANCE]
+    warn(f"The DICOM series in {path} has missing or unevenly spaced slices ({len(gaps)} gaps, e.g. between "
+         f"{gaps[0][0]:.2f} and {gaps[0][1]:.2f} mm along the slice normal); it was resampled onto a regular grid "
+         f"of {count} slices {spacing:.3g} mm apart, filling the gaps by linear interpolation, so every acquired "
+         "slice keeps its position.")
+    return out
+
+
 def _dicom_modality(reader: sitk.ImageSeriesReader) -> str | None:
     try:
         value = reader.GetMetaData(0, "0008|0060").strip().upper()
@@ -247,6 +312,7 @@ def read_volume(path, modality: str | None = None) -> Volume:
             raise FMOneShotError(f"Cannot read the DICOM series in {path}: {exc}".strip(),
                                  "check that the files are complete DICOM images of one series.") from None
         modality = modality or _dicom_modality(reader)
+        img = _regular_slices(img, reader, len(files), path)
     else:
         try:
             img = sitk.ReadImage(str(path))

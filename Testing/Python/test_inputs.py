@@ -277,3 +277,52 @@ def test_content_free_input_gets_no_answer(tmp_path, capsys, ct):
     padded[:, :, :61] = -1024  # the left half is air only
     with pytest.raises(FMOneShotError, match=r"positive point of 'liver' at \(5, 50\).*one grey value"):
         Template.from_volume(ct.like(padded), 24, positive={"liver": [[5, 50]]})
+
+
+# ------------------------------------------------------------------------------------------ DICOM geometry
+def write_series(folder, array, positions, spacing=(0.8, 0.9), cosines=(1, 0, 0, 0, 1, 0)):
+    """One DICOM file per slice of ``array`` at the given ImagePositionPatient (mm), with SimpleITK."""
+    folder.mkdir()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    series = "1.2.826.0.1.3680043.2.1125.1.77"
+    for k, (sl, pos) in enumerate(zip(array, positions)):
+        img = sitk.GetImageFromArray(sl[None])
+        img.SetSpacing((*spacing, 1.0))
+        tags = {"0008|0060": "CT", "0020|000e": series, "0020|000d": series + ".0", "0020|0013": str(k + 1),
+                "0020|0032": "\\".join(f"{p:.6f}" for p in pos), "0020|0037": "\\".join(f"{c:.6f}" for c in cosines),
+                "0028|0030": f"{spacing[1]:.6f}\\{spacing[0]:.6f}", "0008|0018": f"{series}.{k + 1}"}
+        for key, value in tags.items():
+            img.SetMetaData(key, value)
+        writer.SetFileName(str(folder / f"{k:03d}.dcm"))
+        writer.Execute(img)
+
+
+def test_a_dicom_series_with_missing_slices_keeps_every_slice_at_its_position(tmp_path):
+    """30 slices 2 mm apart with 3 missing: the volume is on a 2 mm grid of 30 slices (not 27 at an
+    averaged 2.23 mm), each acquired slice at its own position with its own pixels (issue 16.3)."""
+    rng = np.random.default_rng(4)
+    full = rng.integers(-1000, 1000, (30, 6, 8)).astype(np.int16)
+    kept = [z for z in range(30) if z not in (10, 11, 20)]
+    z0 = 40.0
+    write_series(tmp_path / "gaps", full[kept], [(5.0, 6.0, z0 + 2.0 * z) for z in kept])
+    with pytest.warns(FMOneShotWarning, match="2 gaps"):
+        vol = read_volume(tmp_path / "gaps")
+    assert vol.n_slices == 30 and vol.spacing[2] == pytest.approx(2.0)
+    for z in kept:
+        assert np.array_equal(vol.array[z], full[z])
+        assert vol.index_to_physical([0, 0, z]) == pytest.approx([5.0, 6.0, z0 + 2.0 * z], abs=1e-3)
+    assert np.allclose(vol.array[20], (full[19].astype(float) + full[21]) / 2, atol=0.51)  # filled between
+    write_series(tmp_path / "even", full, [(5.0, 6.0, z0 + 2.0 * z) for z in range(30)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FMOneShotWarning)
+        assert np.array_equal(read_volume(tmp_path / "even").array, full)  # a regular series is as it was
+
+
+def test_a_gantry_tilted_series_is_refused(tmp_path):
+    rng = np.random.default_rng(5)
+    arr = rng.integers(-1000, 1000, (6, 6, 8)).astype(np.int16)
+    shift = np.tan(np.radians(15)) * 2.0  # 15 degrees: each slice 0.54 mm further along y
+    write_series(tmp_path / "tilt", arr, [(5.0, 6.0 + shift * z, 40.0 + 2.0 * z) for z in range(6)])
+    with pytest.raises(FMOneShotError, match="gantry tilt of about 15.0 degrees"):
+        read_volume(tmp_path / "tilt")
