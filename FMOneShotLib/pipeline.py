@@ -322,7 +322,8 @@ class OneShot:
                 if self.q_landmarks:
                     t = time.perf_counter()
                     names_lm = list(self.q_landmarks)
-                    c = correspond(torch.cat([self.q_landmarks[n] for n in names_lm]), feats[b], shape)
+                    c = correspond(torch.cat([self.q_landmarks[n] for n in names_lm]), feats[b], shape,
+                                   subpixel=True)  # landmarks do not snap to feature cells
                     lm_probs = None if lm_grid is None else upsample(lm_grid[b], shape).numpy()
                     for k, n in enumerate(names_lm):
                         (x, y), score = c.xy[k], float(c.score[k])
