@@ -88,7 +88,8 @@ def correspond(queries: torch.Tensor, features: torch.Tensor, image_shape, chunk
     ``xy`` (N, 2) in pixels (x = column, y = row). By default the argmax of the map upsampled to pixels,
     which lies at a feature cell's centre. ``subpixel``: the continuous argmax instead, a parabola through
     the grid maximum and its two neighbours along each axis (the standard sub-pixel peak estimate, e.g.
-    Lowe 2004 / OpenCV's phase-correlation peak refinement), for landmarks that must not snap to cells.
+    Lowe 2004 / OpenCV's phase-correlation peak refinement), for landmarks that must not snap to cells; along
+    an axis where the grid has the image's resolution, the grid argmax itself.
     """
     H, W = image_shape
     if subpixel:
@@ -125,9 +126,10 @@ def _subpixel_correspond(queries: torch.Tensor, features: torch.Tensor, image_sh
     i, j = idx // w, idx % w
     n = np.arange(N)
     centre = maps[n, i, j]
-    dx = np.where((j > 0) & (j < w - 1), _peak_offset(maps[n, i, np.maximum(j - 1, 0)], centre,
+    # refined along an axis only where a cell spans more than a pixel: at pixel resolution the argmax is exact
+    dx = np.where((j > 0) & (j < w - 1) & (W > w), _peak_offset(maps[n, i, np.maximum(j - 1, 0)], centre,
                                                        maps[n, i, np.minimum(j + 1, w - 1)]), 0.0)
-    dy = np.where((i > 0) & (i < h - 1), _peak_offset(maps[n, np.maximum(i - 1, 0), j], centre,
+    dy = np.where((i > 0) & (i < h - 1) & (H > h), _peak_offset(maps[n, np.maximum(i - 1, 0), j], centre,
                                                        maps[n, np.minimum(i + 1, h - 1), j]), 0.0)
     x = (j + dx + 0.5) * W / w - 0.5
     y = (i + dy + 0.5) * H / h - 0.5
