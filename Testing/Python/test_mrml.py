@@ -225,6 +225,14 @@ def test_export_reads_back_with_simpleitk(tmp_path):
     mrml.export_segmentations([seg], tmp_path, ".seg.nrrd", overwrite=True)
     with pytest.raises(FMOneShotError, match="Unknown export format"):
         mrml.export_segmentations([seg], tmp_path, ".png")
+    # the file the volume was loaded from is never written over, even when overwriting is confirmed
+    source = tmp_path / "CT 1_a-labels.nrrd"
+    before = source.read_bytes()
+    node.AddDefaultStorageNode()
+    node.GetStorageNode().SetFileName(str(source))
+    with pytest.raises(FMOneShotError, match="is the input"):
+        mrml.export_segmentations([seg], tmp_path, ".nrrd", overwrite=True, labels=LABELS)
+    assert source.read_bytes() == before
 
 
 # ---------------------------------------------------------------------------------------------------- batch
