@@ -19,7 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import FMOneShotError, warn
-from .files import atomic_paths, refuse_existing
+from .files import atomic_paths, refuse_existing, refuse_inputs
 
 MODALITIES = ("CT", "MR", "US", "XR")
 LABEL_EXTENSIONS = (".nrrd", ".nii.gz", ".nii", ".mha", ".png")
@@ -50,6 +50,9 @@ class Volume:
     is_2d: bool = False
     name: str = ""
     modality: str | None = None
+    # The file or folder the pixels were read from ("" when made in memory). Volumes derived from it (``like``,
+    # ``label_volume``, ``resliced``) keep it, and ``write_volume`` never writes over it, even with ``force``.
+    source: str = ""
 
     def __post_init__(self):
         self.array = np.asarray(self.array)
@@ -181,9 +184,9 @@ class Volume:
             direction = np.eye(3)
             direction[:2, :2] = d2
             return cls(arr[None], tuple(img.GetSpacing()) + (1.0,), tuple(img.GetOrigin()) + (0.0,),
-                       direction, True, name, modality)
+                       direction, True, name, modality, source)
         return cls(arr, img.GetSpacing(), img.GetOrigin(), np.asarray(img.GetDirection()).reshape(3, 3),
-                   False, name, modality)
+                   False, name, modality, source)
 
 
 def image_stem(path) -> str:
@@ -373,9 +376,12 @@ def _check_output(path: Path, force: bool) -> None:
 
 
 def write_volume(volume: Volume, path, force: bool = False, compress: bool = True) -> Path:
-    """Write ``volume`` with its geometry. Refuses to overwrite unless ``force``; never leaves half a file."""
+    """Write ``volume`` with its geometry. Refuses to overwrite unless ``force``, and always refuses to write
+    over ``volume.source`` (the file it, or the image it was derived from, was read from); never leaves half a
+    file."""
     path = Path(path)
     _check_output(path, force)
+    refuse_inputs([path], [volume.source or None], "the output")
     img = volume.to_sitk()
     ext = next(e for e in LABEL_EXTENSIONS if str(path).endswith(e))
     if ext == ".png" and volume.array.dtype != np.uint8:

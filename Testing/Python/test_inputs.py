@@ -251,6 +251,12 @@ def test_nan_and_inf_are_missing_values(tmp_path, capsys, ct, liver):
     assert len(found) >= 10
     assert np.mean([dice(runs["nan"][z], runs["clean"][z]) for z in found]) >= 0.9
     assert not runs["nan"][5].any()  # a slice with no value has nothing on it
+    # a template slice with the NaN patch: its window is finite, and the liver is found as from a clean one
+    out = tmp_path / "from-nan-template.nrrd"
+    code, stdout, err = run(capsys, "segment", clean_path, "--template-image", path, "--slice", 20,
+                            "--positive", "liver:86,49", "--positive", "liver:88,37", "--output", out)
+    assert code == 0, err
+    assert (read_volume(out).array == 1).any(axis=(1, 2)).sum() >= 10
 
 
 # ------------------------------------------------------------------------------------------ content-free input
@@ -326,3 +332,19 @@ def test_a_gantry_tilted_series_is_refused(tmp_path):
     write_series(tmp_path / "tilt", arr, [(5.0, 6.0 + shift * z, 40.0 + 2.0 * z) for z in range(6)])
     with pytest.raises(FMOneShotError, match="gantry tilt of about 15.0 degrees"):
         read_volume(tmp_path / "tilt")
+
+
+def test_the_library_never_writes_labels_over_the_image_they_came_from(tmp_path):
+    """write_volume(..., force=True) onto the file the image was read from is refused: the label volume keeps
+    its image's source (issue 16.4, in the library as well as the CLI)."""
+    from FMOneShotLib.image import label_volume, write_volume
+
+    path = tmp_path / "ct.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(np.arange(24, dtype=np.int16).reshape(2, 3, 4)), str(path))
+    before = sha(path)
+    image = read_volume(path)
+    labels = label_volume(image, image.array > 10)
+    with pytest.raises(FMOneShotError, match="is the input"):
+        write_volume(labels, path, force=True)
+    assert sha(path) == before
+    assert read_volume(write_volume(labels, tmp_path / "ct-labels.nrrd")).array.sum() == 13
