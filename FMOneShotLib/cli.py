@@ -145,7 +145,7 @@ def _template_mask(text: str, volume, axis: int, z: int):
     return name, plane
 
 
-def _output_paths(targets, output: Path, suffix: str, fmt: str, force: bool, extensions=LABEL_EXTENSIONS):
+def _output_paths(targets, output, suffix: str, fmt: str, force: bool, extensions=LABEL_EXTENSIONS):
     """One output file per target: ``output`` itself when it names a file (one target only), else
     FOLDER/NAME+suffix+fmt, NAME the target's name without its image extension (image.image_stem).
 
@@ -153,7 +153,9 @@ def _output_paths(targets, output: Path, suffix: str, fmt: str, force: bool, ext
     refused unless it is an existing folder: a file name is never turned into a folder."""
     from .image import image_stem
 
-    if any(str(output).endswith(e) for e in extensions) and not output.is_dir():
+    folder = str(output).endswith(("/", "\\"))  # a trailing separator says: a folder
+    output = Path(output)
+    if any(str(output).endswith(e) for e in extensions) and not output.is_dir() and not folder:
         if len(targets) != 1:
             raise FMOneShotError(f"--output {output} names one file, but there are {len(targets)} targets.",
                                  "give a folder for --output (one file per target is written into it).")
@@ -162,11 +164,11 @@ def _output_paths(targets, output: Path, suffix: str, fmt: str, force: bool, ext
         if output.exists() and not output.is_dir():
             raise FMOneShotError(f"{output} is a file, not a folder for the outputs of {len(targets)} targets.",
                                  f"give a folder, or a file name ending with {', '.join(extensions)} for one target.")
-        if output.suffix and not output.exists():
+        if output.suffix and not output.exists() and not folder:
             raise FMOneShotError(f"Cannot tell whether --output {output} is a file or a folder: its extension "
                                  f"{output.suffix!r} is not one FMOneShot writes.",
-                                 f"end a file name with one of {', '.join(extensions)} (lower case), or create the "
-                                 "folder first.")
+                                 f"end a file name with one of {', '.join(extensions)} (lower case); for a folder, "
+                                 "end it with / or create it first.")
         names = [image_stem(t) for t in targets]
         clash = sorted({n for n in names if names.count(n) > 1})
         if clash:
@@ -270,7 +272,7 @@ def cmd_segment(args) -> int:
 
     # every output is checked before anything is read or computed
     _check_targets(args.targets)
-    paths = _output_paths(args.targets, Path(args.output), "-labels", args.format, args.force)
+    paths = _output_paths(args.targets, args.output, "-labels", args.format, args.force)
     outputs = list(paths)
     if args.save_template:
         saved = template_files(args.save_template, adapter=args.adapter not in (None, "none"))

@@ -150,6 +150,8 @@ def test_output_names_keep_everything_but_the_image_extension(tmp_path):
     targets = [tmp_path / "p.001.nii.gz", tmp_path / "p.002.nii.gz", tmp_path / "series.v2"]
     paths = _output_paths(targets, tmp_path / "out", "-labels", ".nrrd", force=False)
     assert [p.name for p in paths] == ["p.001-labels.nrrd", "p.002-labels.nrrd", "series.v2-labels.nrrd"]
+    assert _output_paths(targets[:1], f"{tmp_path}/results.v2/", "-labels", ".nrrd", False)[0] == \
+        tmp_path / "results.v2" / "p.001-labels.nrrd"  # a trailing / says: a folder
     assert image_stem("A.NII.GZ") == "A" and image_stem("ct.mhd") == "ct" and image_stem("dicom") == "dicom"
     with pytest.raises(FMOneShotError, match="Several targets are called p"):
         _output_paths([tmp_path / "a" / "p.nii.gz", tmp_path / "b" / "p.nrrd"], tmp_path / "out", "-labels",
