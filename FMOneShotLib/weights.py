@@ -351,6 +351,20 @@ def tensor_shapes(path) -> dict:
     return {k: tuple(v.shape) for k, v in load_state_dict(path).items() if hasattr(v, "shape")}
 
 
+def is_classifier(entry: Checkpoint, name: str) -> bool:
+    """Whether tensor ``name`` belongs to the classifier head of the entry's timm model (its pretrained
+    config's ``classifier``, e.g. CLIP's 512-d projection ``head``), which the feature extractor, built
+    without a head, neither needs nor loads."""
+    if not entry.timm_name:
+        return False
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(entry.timm_name)
+    heads = (cfg.classifier if cfg is not None and cfg.classifier else None) or "head"
+    heads = heads if isinstance(heads, (list, tuple)) else [heads]
+    return any(name == h or name.startswith(h + ".") for h in heads)
+
+
 def architecture_shapes(entry: Checkpoint) -> dict:
     """{tensor name: shape} the entry's timm architecture loads (as ``models.timm_vit`` builds it: dynamic
     image size, no classifier head), built on PyTorch's meta device, so no memory is spent on weights."""
@@ -376,7 +390,7 @@ def check_architecture(entry: Checkpoint, path, what: str, consequence: str, fix
                              fix) from None
     expected = architecture_shapes(entry)
     missing = [k for k in expected if k not in found]
-    extra = [k for k in found if k not in expected]
+    extra = [k for k in found if k not in expected and not is_classifier(entry, k)]
     wrong = [f"{k} {list(found[k])} (expected {list(expected[k])})" for k in expected
              if k in found and found[k] != expected[k]]
     if missing or extra or wrong:

@@ -216,8 +216,8 @@ def tiny_d2s14(monkeypatch, tmp_path):
     monkeypatch.setitem(W.REGISTRY, "d2s14", W.Checkpoint("d2s14", "model.safetensors", "http://127.0.0.1:9/none",
                                                           "Apache-2.0", timm_name="test_vit", description="tiny ViT"))
     files = {}
-    for name, arch in (("good", "test_vit"), ("other", "test_vit2")):
-        model = timm.create_model(arch, pretrained=False, num_classes=0)
+    for name, arch, classes in (("good", "test_vit", 0), ("other", "test_vit2", 0), ("with_head", "test_vit", 10)):
+        model = timm.create_model(arch, pretrained=False, num_classes=classes)
         files[name] = tmp_path / f"{name}.safetensors"
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(files[name]))
     data = files["good"].read_bytes()
@@ -271,3 +271,17 @@ def test_a_bad_pin_is_reported_with_its_replacement_and_replaced_by_import(tiny_
     # a working cached file is not replaced by another without --force
     assert main(["weights", "import", str(tiny_d2s14["other"]), "--name", "d2s14", "--cache", str(cache)]) == 2
     assert path.read_bytes() == tiny_d2s14["good"].read_bytes()
+
+
+def test_a_checkpoint_with_its_classifier_head_is_imported_and_loads(tiny_d2s14, tmp_path, monkeypatch):
+    """timm's files can carry the classifier head (CLIP's projection): the extractor has none, so the head is
+    neither required nor refused, and the rest loads strictly."""
+    from FMOneShotLib import models
+
+    cache = tmp_path / "cache"
+    W.import_file(tiny_d2s14["with_head"], "d2s14", cache)
+    monkeypatch.setenv("FMONESHOT_CACHE", str(cache))
+    monkeypatch.setattr(models, "_MODELS", {})
+    model = models.timm_vit("d2s14")
+    good = W.load_state_dict(tiny_d2s14["with_head"])
+    assert torch.equal(model.patch_embed.proj.weight, good["patch_embed.proj.weight"])
