@@ -63,8 +63,8 @@ def _template_from_args(args, landmarks_only: bool = False):
     from .template import Template
 
     if args.template:
-        if args.template_image or args.positive or args.negative or getattr(args, "landmark", None):
-            raise FMOneShotError("Both --template and inline points were given.",
+        if args.template_image or args.positive or args.negative or args.mask or getattr(args, "landmark", None):
+            raise FMOneShotError("Both --template and inline points or masks were given.",
                                  "use a saved template file, or --template-image with points, not both.")
         return Template.load(args.template)
     if not args.template_image:
@@ -104,9 +104,9 @@ def _template_mask(text: str, volume, axis: int, z: int):
 
     The file is matched to the template volume by physical position (image.labels_on_grid); a 2D file is
     the template slice itself. A file with several label values needs VALUE, which picks one of them."""
-    from .image import labels_on_grid, read_volume
-
     import numpy as np
+
+    from .image import labels_on_grid, read_volume
 
     name, _, file = text.partition(":")
     value = None
@@ -124,7 +124,7 @@ def _template_mask(text: str, volume, axis: int, z: int):
             raise FMOneShotError(f"{what} is a 2D image of {mask.slice_shape[::-1]} pixels (width, height); the "
                                  f"template slice has {plane_shape[::-1]}.",
                                  "give a mask of the template slice, or a mask volume with the template's geometry.")
-        plane = labels_on_grid(mask, mask, what)[0]
+        plane = labels_on_grid(mask, mask, what)[0]  # its own grid: only the check of its values
     else:
         plane = volume.like(labels_on_grid(mask, volume, what)).resliced(axis).array[z]
     found = [int(v) for v in np.unique(mask.array) if v != 0]

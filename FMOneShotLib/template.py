@@ -249,11 +249,11 @@ class Template:
         self.validate()
         side = {}
         for k, s in enumerate(self.slices):
-            side[f"{path.stem}.slice{k}.nrrd"] = _image(s.image, s.pixel_spacing)
+            side[side_file(path, k)] = _image(s.image, s.pixel_spacing)
             if s.masks:
                 stack = np.stack([s.masks.get(n, np.zeros(s.image.shape, bool)) for n in self.label_names])
-                side[f"{path.stem}.slice{k}.masks.nrrd"] = _image(stack.astype(np.uint8), s.pixel_spacing)
-        adapter_file = f"{path.stem}.adapter.safetensors"
+                side[side_file(path, k, "masks")] = _image(stack.astype(np.uint8), s.pixel_spacing)
+        adapter_file = side_file(path, None, "adapter")
         targets = [path.with_name(n) for n in side] + ([path.with_name(adapter_file)] if self.adapter else []) + [path]
         for target in targets:
             check_folder(target)
@@ -264,8 +264,8 @@ class Template:
             "orientation": self.orientation,
             "labels": [{"name": lb.name, "value": lb.value, "color": list(lb.color)} for lb in self.labels],
             "slices": [{
-                "image": f"{path.stem}.slice{k}.nrrd",
-                "masks": f"{path.stem}.slice{k}.masks.nrrd" if s.masks else None,
+                "image": side_file(path, k),
+                "masks": side_file(path, k, "masks") if s.masks else None,
                 "mask_labels": [n for n in self.label_names] if s.masks else [],
                 "painted": sorted(s.masks),
                 "index": s.index, "pixel_spacing": list(s.pixel_spacing), "window": list(s.window),
@@ -351,6 +351,15 @@ def _check_contrast(s: TemplateSlice, where: str) -> None:
                                  "place it on the structure, where the image shows it.")
 
 
+def side_file(path, k, kind: str = "image") -> str:
+    """The name of a template's side file beside ``path`` (.json): slice ``k``'s pixels (``image``:
+    NAME.slice<k>.nrrd) or painted masks (``masks``: NAME.slice<k>.masks.nrrd), or the trained ``adapter``
+    (NAME.adapter.safetensors)."""
+    stem = Path(path).stem
+    return {"image": f"{stem}.slice{k}.nrrd", "masks": f"{stem}.slice{k}.masks.nrrd",
+            "adapter": f"{stem}.adapter.safetensors"}[kind]
+
+
 def template_files(path, n_slices: int = 1, adapter: bool = True) -> list:
     """The files :meth:`Template.save` writes for ``path`` (.json) with ``n_slices`` slices: each slice's
     ``.slice<k>.nrrd`` and ``.slice<k>.masks.nrrd``, the ``.adapter.safetensors`` (when ``adapter``), the
@@ -360,8 +369,8 @@ def template_files(path, n_slices: int = 1, adapter: bool = True) -> list:
     path = Path(path)
     if path.suffix != ".json":
         raise FMOneShotError(f"A template file name must end with .json: {path}.", "e.g. liver-template.json")
-    names = [f"{path.stem}.slice{k}{kind}" for k in range(n_slices) for kind in (".nrrd", ".masks.nrrd")]
-    names += [f"{path.stem}.adapter.safetensors"] if adapter else []
+    names = [side_file(path, k, kind) for k in range(n_slices) for kind in ("image", "masks")]
+    names += [side_file(path, None, "adapter")] if adapter else []
     if path.is_file():
         try:
             doc = json.loads(path.read_text())

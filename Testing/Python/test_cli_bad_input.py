@@ -144,6 +144,7 @@ def test_malformed_images(tmp_path, capsys, make, message, role):
     (["segment", CT, "--template-image", CT, "--positive", "liver:86,49", "--threshold", "0.4"], "basic adapter"),
     (["segment", CT, "--template-image", CT, "--positive", "liver:86,49", "--backend", "offline", "--stride", 4],
      "offline backend"),
+    (["segment", CT, "--template", "t.json", "--mask", "liver:m.nrrd"], "Both --template and inline points or masks"),
     (["segment", "missing.nii.gz", "--template-image", CT, "--positive", "liver:86,49"], "Target not found"),
     (["segment", CT, "--template-image", CT, "--positive", "liver:86,49", "--save-template", "t.txt"], ".json"),
     (["localize", CT, "--template-image", CT, "--landmark", "a:1,1", "--output", "lm.txt"], ".json or .csv"),
