@@ -502,12 +502,6 @@ def normalize(array: np.ndarray, window: tuple) -> np.ndarray:
     array = np.asarray(array)
     out = (array.astype(np.float32) - np.float32(lo)) / np.float32(hi - lo)
     if np.issubdtype(array.dtype, np.inexact):
-        out[~np.isfinite(out)] = 0.0
+        out[~np.isfinite(array)] = 0.0  # missing, not the values beyond float32 (those clip to 0 or 1)
     return np.clip(out, 0.0, 1.0, out=out)
 
-
-def has_contrast(image: np.ndarray, window: tuple, tolerance: float = BLANK_SPREAD) -> bool:
-    """Whether ``image`` holds more than one grey value after :func:`normalize` with ``window`` (a spread of
-    its normalised values above ``tolerance``); a constant or clipped-flat region has none."""
-    values = normalize(image, window)
-    return bool(values.size) and float(values.max() - values.min()) > tolerance
