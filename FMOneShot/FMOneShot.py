@@ -756,7 +756,8 @@ class FMOneShotTest(ScriptedLoadableModuleTest):
         if not os.path.isdir(SAMPLE):
             self.skipTest(f"sample data not found at {SAMPLE}")
         case = load_dataset(SAMPLE).cases[0]
-        volume, reference = case.read_image(), case.read_mask()
+        volume = case.read_image()
+        reference = case.read_mask(volume)
         node = mrml.node_from_volume(slicer.mrmlScene, volume, name="sample CT")
         node.CreateDefaultDisplayNodes()
         slicer.util.setSliceViewerLayers(background=node, fit=True)

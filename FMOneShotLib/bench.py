@@ -42,7 +42,8 @@ def bench_volume(slices: int = 100, size: int = 512):
         raise FMOneShotError(f"A benchmark volume of {slices} slices of {size}x{size} is too small.",
                              "use at least 2 slices of 32x32.")
     case = load_dataset(SAMPLE).cases[0]
-    ct, ref = case.read_image(), case.read_mask()
+    ct = case.read_image()
+    ref = case.read_mask(ct)
     zoom = (slices / ct.array.shape[0], size / ct.array.shape[1], size / ct.array.shape[2])
     image = ndi.zoom(ct.array.astype(np.float32), zoom, order=1)
     labels = ndi.zoom(ref, zoom, order=0)

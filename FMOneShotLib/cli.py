@@ -13,12 +13,13 @@ import io
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 
 from . import __version__
-from .errors import FMOneShotError
+from .errors import FMOneShotError, FMOneShotWarning
 from .features import available_backends, resolve_backend
-from .files import atomic_paths, refuse_existing
+from .files import atomic_paths, check_folder, refuse_existing, refuse_inputs
 from .image import LABEL_EXTENSIONS
 
 SEGMENTER_HELP = "auto (SAM when its weights are in the cache, else offline), sam, offline or none"
@@ -64,8 +65,8 @@ def _template_from_args(args, landmarks_only: bool = False):
     from .template import Template
 
     if args.template:
-        if args.template_image or args.positive or args.negative or getattr(args, "landmark", None):
-            raise FMOneShotError("Both --template and inline points were given.",
+        if args.template_image or args.positive or args.negative or args.mask or getattr(args, "landmark", None):
+            raise FMOneShotError("Both --template and inline points or masks were given.",
                                  "use a saved template file, or --template-image with points, not both.")
         return Template.load(args.template)
     if not args.template_image:
@@ -87,15 +88,12 @@ def _template_from_args(args, landmarks_only: bool = False):
     for text in args.negative or []:
         name, xy = _parse_point(text, "negative point")
         negative.setdefault(name, []).append(xy)
-    masks = {}
-    for text in args.mask or []:
-        name, _, file = text.partition(":")
-        if not file:
-            raise FMOneShotError(f"Cannot read --mask {text!r}.", "write it as NAME:FILE (a mask of the template slice).")
-        m = read_volume(file).array
-        # a mask volume on the template's grid gives its slice z of the plane; a 2D mask is that slice itself
-        masks[name] = (volume.like(m).resliced(axis).array[z] if m.shape == volume.array.shape and m.shape[0] > 1
-                       else m[0]) > 0
+    masks = dict(_template_mask(text, volume, axis, z) for text in args.mask or [])
+    for name in masks:
+        if positive and name not in positive:
+            raise FMOneShotError(f"Unknown label {name!r} in --mask: no --positive point names it "
+                                 f"(labels: {', '.join(positive)}).",
+                                 f"write the label's name as in --positive, or add --positive {name}:X,Y.")
     for name in negative:
         if name not in positive and name not in masks:
             raise FMOneShotError(f"Label {name!r} has negative points but no positive point.",
@@ -103,21 +101,104 @@ def _template_from_args(args, landmarks_only: bool = False):
     return Template.from_volume(volume, z, positive, negative, masks, orientation=plane)
 
 
-def _output_paths(targets, output: Path, suffix: str, fmt: str, force: bool, extensions=LABEL_FORMATS):
-    """One output file per target: ``output`` itself for one target with a file name, else DIR/NAME+suffix."""
-    if len(targets) == 1 and any(str(output).endswith(e) for e in extensions):
+def _template_mask(text: str, volume, axis: int, z: int):
+    """'NAME:FILE' or 'NAME:FILE:VALUE' -> (name, the (H, W) bool mask on slice ``z`` of the template plane).
+
+    The file is matched to the template volume by physical position (image.labels_on_grid); a 2D file is
+    the template slice itself. A file with several label values needs VALUE, which picks one of them."""
+    import numpy as np
+
+    from .image import labels_on_grid, read_volume
+
+    name, _, file = text.partition(":")
+    value = None
+    head, sep, tail = file.rpartition(":")
+    if sep and tail.strip().isdigit():
+        file, value = head, int(tail)
+    if not name or not file:
+        raise FMOneShotError(f"Cannot read --mask {text!r}.", "write it as NAME:FILE, or NAME:FILE:VALUE to take "
+                             "one label value of a multi-label file (a mask of the template slice or volume).")
+    mask = read_volume(file)
+    what = f"The mask {file} of label {name!r}"
+    if mask.is_2d and not volume.is_2d:  # a 2D file is the template slice itself
+        plane_shape = volume.resliced(axis).slice_shape
+        if mask.slice_shape != plane_shape:
+            raise FMOneShotError(f"{what} is a 2D image of {mask.slice_shape[::-1]} pixels (width, height); the "
+                                 f"template slice has {plane_shape[::-1]}.",
+                                 "give a mask of the template slice, or a mask volume with the template's geometry.")
+        plane = labels_on_grid(mask, mask, what)[0]  # its own grid: only the check of its values
+    else:
+        plane = volume.like(labels_on_grid(mask, volume, what)).resliced(axis).array[z]
+    found = [int(v) for v in np.unique(mask.array) if v != 0]
+    if value is not None:
+        if value not in found:
+            raise FMOneShotError(f"{what} holds no value {value} (it holds {', '.join(map(str, found)) or 'only 0'}).",
+                                 "pick one of the values it holds after the last colon, NAME:FILE:VALUE.")
+        plane = plane == value
+    elif len(found) > 1:
+        shown = ", ".join(map(str, found[:8])) + (", ..." if len(found) > 8 else "")
+        raise FMOneShotError(f"{what} holds {len(found)} label values ({shown}), not one mask.",
+                             f"pick the value of {name!r} with --mask {name}:{file}:VALUE, or give a binary mask.")
+    else:
+        plane = plane != 0
+    if not plane.any():
+        raise FMOneShotError(f"{what} is empty on the template slice {z}.",
+                             "give the mask painted on that slice, or choose its --slice (and --plane).")
+    return name, plane
+
+
+def _output_paths(targets, output, suffix: str, fmt: str, force: bool, extensions=LABEL_EXTENSIONS):
+    """One output file per target: ``output`` itself when it names a file (one target only), else
+    FOLDER/NAME+suffix+fmt, NAME the target's name without its image extension (image.image_stem).
+
+    A path ending with an extension that is not one of ``extensions`` (``result.txt``, ``X.NII.GZ``) is
+    refused unless it is an existing folder: a file name is never turned into a folder."""
+    from .image import image_stem
+
+    folder = str(output).endswith(("/", "\\"))  # a trailing separator says: a folder
+    output = Path(output)
+    if any(str(output).endswith(e) for e in extensions) and not output.is_dir() and not folder:
+        if len(targets) != 1:
+            raise FMOneShotError(f"--output {output} names one file, but there are {len(targets)} targets.",
+                                 "give a folder for --output (one file per target is written into it).")
         paths = [output]
     else:
         if output.exists() and not output.is_dir():
-            raise FMOneShotError(f"{output} is a file but there are {len(targets)} targets.",
-                                 "give a folder for --output.")
-        names = [Path(t).name.split(".")[0] or Path(t).resolve().name for t in targets]
-        if len(set(names)) != len(names):
-            raise FMOneShotError("Two targets have the same name, so their outputs would collide.",
-                                 "rename one of them or segment them in separate runs.")
+            raise FMOneShotError(f"{output} is a file, not a folder for the outputs of {len(targets)} targets.",
+                                 f"give a folder, or a file name ending with {', '.join(extensions)} for one target.")
+        if output.suffix and not output.exists() and not folder:
+            raise FMOneShotError(f"Cannot tell whether --output {output} is a file or a folder: its extension "
+                                 f"{output.suffix!r} is not one FMOneShot writes.",
+                                 f"end a file name with one of {', '.join(extensions)} (lower case); for a folder, "
+                                 "end it with / or create it first.")
+        names = [image_stem(t) for t in targets]
+        clash = sorted({n for n in names if names.count(n) > 1})
+        if clash:
+            raise FMOneShotError(f"Several targets are called {', '.join(clash)} (without their image extension), "
+                                 "so their outputs would have one name.",
+                                 "rename or link one of them under another name, or segment each in a run of its own "
+                                 "with its own --output folder.")
         paths = [output / f"{n}{suffix}{fmt}" for n in names]
+    for path in paths:
+        check_folder(path)
     refuse_existing(paths, force, "choose another --output, or pass --force to overwrite.")
     return paths
+
+
+def _inputs(args) -> list:
+    """Every file the command reads: targets, template image and file (with its side files), masks."""
+    from .template import template_files
+
+    inputs = [*getattr(args, "targets", [])]
+    inputs += [getattr(args, "template_image", None)]
+    if getattr(args, "template", None):
+        inputs += template_files(args.template)
+    for text in getattr(args, "mask", None) or []:
+        inputs.append(text.partition(":")[2])
+        head, sep, tail = inputs[-1].rpartition(":")
+        if sep and tail.strip().isdigit():
+            inputs.append(head)
+    return inputs
 
 
 def _check_targets(targets):
@@ -189,22 +270,35 @@ def _segmenter_options(args) -> dict:
 def cmd_segment(args) -> int:
     from .image import read_volume, write_volume
     from .pipeline import OneShot
+    from .template import template_files
 
-    template = _template_from_args(args)
-    if not template.labels:
-        raise FMOneShotError("The template has no label to segment.", "add --positive NAME:X,Y points.")
+    # every output is checked before anything is read or computed
     _check_targets(args.targets)
     if args.format == DICOM_SEG:
         from .dicomseg import SEG_EXTENSION, series_files
 
         sources = [series_files(t) for t in args.targets]  # refuses what is not one DICOM series
-        paths = _output_paths(args.targets, Path(args.output), ".seg", SEG_EXTENSION, args.force,
+        paths = _output_paths(args.targets, args.output, ".seg", SEG_EXTENSION, args.force,
                               extensions=(SEG_EXTENSION,))
     else:
-        paths = _output_paths(args.targets, Path(args.output), "-labels", args.format, args.force)
+        paths = _output_paths(args.targets, args.output, "-labels", args.format, args.force)
+    outputs = list(paths)
     if args.save_template:
-        refuse_existing([args.save_template], args.force, "choose another --save-template name, or pass --force.")
+        saved = template_files(args.save_template, adapter=args.adapter not in (None, "none"))
+        for f in saved:
+            check_folder(f)
+        refuse_existing(saved, args.force, "choose another --save-template name, or pass --force.")
+        outputs += saved
+    refuse_inputs(outputs, _inputs(args))
+    template = _template_from_args(args)
+    if not template.labels:
+        raise FMOneShotError("The template has no label to segment.", "add --positive NAME:X,Y points.")
     volumes = [read_volume(t, args.modality or template.modality) for t in args.targets]
+    for path, volume in zip(paths, volumes):
+        if str(path).endswith(".png") and not volume.is_2d:
+            raise FMOneShotError(f"--output {path} is a PNG, and {volume.name} is a volume of {volume.n_slices} "
+                                 "slices; PNG holds one 2D image.",
+                                 f"end --output with one of {', '.join(LABEL_FORMATS)}.")
     engine = OneShot(template, backend=args.backend, adapter=args.adapter, segmenter=args.segmenter,
                      seed=args.seed, adapter_options=_adapter_options(args), backend_options=_backend_options(args),
                      segmenter_options=_segmenter_options(args)).fit()
@@ -222,7 +316,8 @@ def cmd_segment(args) -> int:
         else:
             write_volume(result.labels, path, force=args.force)
         found = {n: int(result.present[:, i].sum()) for i, n in enumerate(result.label_names)}
-        print(f"{path}: " + ", ".join(f"{n} on {k} of {result.labels.n_slices} slices" for n, k in found.items()))
+        print(f"{path}: " + ", ".join(f"{n} on {k} of {len(result.present)} {result.orientation} slices"
+                                      for n, k in found.items()))
     if args.save_template:
         template.save(args.save_template, force=args.force)
         print(f"template saved to {args.save_template}")
@@ -233,14 +328,16 @@ def cmd_localize(args) -> int:
     from .image import read_volume
     from .pipeline import OneShot
 
-    template = _template_from_args(args, landmarks_only=True)
-    if not template.landmark_names:
-        raise FMOneShotError("The template has no landmark.", "add --landmark NAME:X,Y, or use a landmark template.")
     _check_targets(args.targets)
     out = Path(args.output)
     if out.suffix not in (".json", ".csv"):
         raise FMOneShotError(f"Cannot tell the format of {out}.", "end --output with .json or .csv.")
+    check_folder(out)
     refuse_existing([out], args.force, "choose another --output, or pass --force.")
+    refuse_inputs([out], _inputs(args))
+    template = _template_from_args(args, landmarks_only=True)
+    if not template.landmark_names:
+        raise FMOneShotError("The template has no landmark.", "add --landmark NAME:X,Y, or use a landmark template.")
     volumes = [read_volume(t, args.modality or template.modality) for t in args.targets]
     engine = OneShot(template, backend=args.backend, adapter=args.adapter, seed=args.seed, segmenter="offline",
                      adapter_options=_adapter_options(args), backend_options=_backend_options(args)).fit()
@@ -336,6 +433,7 @@ def _json_output(args) -> Path | None:
     out = Path(args.json)
     if out.suffix != ".json":
         raise FMOneShotError(f"Cannot write JSON to {out}.", "end --json with .json.")
+    check_folder(out)
     refuse_existing([out], args.force, "choose another --json file, or pass --force.")
     return out
 
@@ -350,9 +448,16 @@ def _write_json(out: Path | None, doc: dict) -> None:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import evaluate, write_report
+    from .datasets import load_dataset
+    from .evaluate import dataset_files, evaluate, report_files, write_report
 
     out = _json_output(args)
+    # the report's files are checked before the evaluation, not after it
+    dataset = load_dataset(args.dataset)
+    names = ["all"] if dataset.task == "landmarks" else (args.labels or list(dataset.labels.values()))
+    report = report_files(args.report, names) if args.report else []
+    refuse_existing(report, args.force, "choose another --report folder, or pass --force to overwrite it.")
+    refuse_inputs([out, *report] if out else report, dataset_files(dataset))
     with _progress("eval") as update:
         summary, targets = evaluate(args.dataset, labels=args.labels, backend=args.backend,
                                     backend_options=_backend_options(args),
@@ -602,11 +707,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """FMOneShot's warnings as one line each (``fmoneshot: warning: ...``); others as Python shows them."""
+    if issubclass(category, FMOneShotWarning):
+        print(f"fmoneshot: warning: {message}", file=sys.stderr)
+    else:
+        print(warnings.formatwarning(message, category, filename, lineno, line).rstrip(), file=sys.stderr)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return args.func(args)
     except FMOneShotError as exc:
         print(f"fmoneshot: error: {exc}", file=sys.stderr)
         return 2

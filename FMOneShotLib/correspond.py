@@ -80,9 +80,20 @@ class Correspondence:
     score: np.ndarray  # (N,)
 
 
-def correspond(queries: torch.Tensor, features: torch.Tensor, image_shape, chunk: int = 8) -> Correspondence:
-    """Paper A, Eq. 1 for every query: the pixel of highest cosine similarity and that similarity."""
+def correspond(queries: torch.Tensor, features: torch.Tensor, image_shape, chunk: int = 8,
+               subpixel: bool = False) -> Correspondence:
+    """Paper A, Eq. 1 for every query: the pixel of highest cosine similarity and that similarity.
+
+    ``queries`` (N, C), ``features`` (C, h, w), ``image_shape`` (H, W) -> :class:`Correspondence` with
+    ``xy`` (N, 2) in pixels (x = column, y = row). By default the argmax of the map upsampled to pixels,
+    which lies at a feature cell's centre. ``subpixel``: the continuous argmax instead, a parabola through
+    the grid maximum and its two neighbours along each axis (the standard sub-pixel peak estimate, e.g.
+    Lowe 2004 / OpenCV's phase-correlation peak refinement), for landmarks that must not snap to cells; along
+    an axis where the grid has the image's resolution, the grid argmax itself.
+    """
     H, W = image_shape
+    if subpixel:
+        return _subpixel_correspond(queries, features, image_shape)
     xy = np.zeros((len(queries), 2))
     score = np.zeros(len(queries))
     for start in range(0, len(queries), chunk):
@@ -94,3 +105,33 @@ def correspond(queries: torch.Tensor, features: torch.Tensor, image_shape, chunk
         xy[start:start + chunk, 1] = idx // W
         score[start:start + chunk] = best.numpy()
     return Correspondence(xy, score)
+
+
+def _peak_offset(left: np.ndarray, centre: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """Vertex of the parabola through (-1, left), (0, centre), (1, right), in [-0.5, 0.5]; 0 where flat."""
+    curvature = left - 2 * centre + right
+    with np.errstate(divide="ignore", invalid="ignore"):
+        offset = np.where(curvature < 0, 0.5 * (left - right) / curvature, 0.0)
+    return np.clip(np.nan_to_num(offset), -0.5, 0.5)
+
+
+def _subpixel_correspond(queries: torch.Tensor, features: torch.Tensor, image_shape) -> Correspondence:
+    """:func:`correspond` with ``subpixel``: argmax at the feature grid, refined by a parabola per axis, and
+    mapped to pixels with the grid convention of features.base (cell centres at (j + 0.5) W / w - 0.5)."""
+    H, W = image_shape
+    maps = similarity_maps(queries, features).float().numpy()  # (N, h, w)
+    N, h, w = maps.shape
+    flat = maps.reshape(N, -1)
+    idx = flat.argmax(axis=1)
+    i, j = idx // w, idx % w
+    n = np.arange(N)
+    centre = maps[n, i, j]
+    # refined along an axis only where a cell spans more than a pixel: at pixel resolution the argmax is exact
+    dx = np.where((j > 0) & (j < w - 1) & (W > w), _peak_offset(maps[n, i, np.maximum(j - 1, 0)], centre,
+                                                       maps[n, i, np.minimum(j + 1, w - 1)]), 0.0)
+    dy = np.where((i > 0) & (i < h - 1) & (H > h), _peak_offset(maps[n, np.maximum(i - 1, 0), j], centre,
+                                                       maps[n, np.minimum(i + 1, h - 1), j]), 0.0)
+    x = (j + dx + 0.5) * W / w - 0.5
+    y = (i + dy + 0.5) * H / h - 0.5
+    xy = np.stack([np.clip(x, 0, W - 1), np.clip(y, 0, H - 1)], axis=1)
+    return Correspondence(xy, centre.astype(float))

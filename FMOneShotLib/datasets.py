@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import FMOneShotError
-from .image import MODALITIES, Volume, read_volume
+from .image import MODALITIES, Volume, labels_on_grid, read_volume
 
 
 @dataclass
@@ -23,11 +23,14 @@ class Case:
     def read_image(self) -> Volume:
         return read_volume(self.image, self.modality)
 
-    def read_mask(self) -> np.ndarray:
-        """Integer labels (z, y, x) on the image's grid."""
+    def read_mask(self, image: Volume | None = None) -> np.ndarray:
+        """Integer labels (z, y, x) on the grid of the case's image (``image``: that image, already read),
+        matched by physical position (:func:`image.labels_on_grid`: resampled with a warning when the mask's
+        geometry differs by more than half a voxel, refused when the two do not overlap)."""
         if self.mask is None:
             raise FMOneShotError(f"Case {self.id} has no mask.", "add a 'mask' to the case in dataset.json.")
-        mask = read_volume(self.mask).array
+        image = self.read_image() if image is None else image
+        mask = labels_on_grid(read_volume(self.mask), image, f"The mask of case {self.id} ({self.mask})")
         return mask.astype(np.int32) if mask.dtype.kind in "fi" and mask.dtype.itemsize > 4 else mask
 
     def read_points(self) -> dict:

@@ -58,7 +58,7 @@ def run_demo(output_dir, data=SAMPLE, labels=DEMO_LABELS, backend: str = "offlin
     refuse_existing(files, force, "pass --force to overwrite them, or choose another --output folder.")
     values = [ds.label_value(n) for n in labels]  # unknown names fail here, before anything is read
     volume = case.read_image()
-    reference = case.read_mask()
+    reference = case.read_mask(volume)
     z = choose_template_slice(reference, values)
     positive, negative, masks = {}, {}, {}
     for name, v in zip(labels, values):

@@ -29,7 +29,7 @@ import numpy as np
 
 from .datasets import Case, Dataset, load_dataset
 from .errors import FMOneShotError
-from .files import atomic_paths, refuse_existing
+from .files import atomic_paths, check_folder, refuse_existing
 from .image import Volume, intensity_window, normalize
 from .metrics import dice, distances, iou, prompt_accuracy
 from .pipeline import OneShot
@@ -86,12 +86,7 @@ class _Cases:
 
     def mask(self, case: Case) -> np.ndarray:
         if case.id not in self._masks:
-            mask = case.read_mask()
-            if mask.shape != self.image(case).array.shape:
-                raise FMOneShotError(f"The mask of case {case.id} has shape {mask.shape}, its image "
-                                     f"{self.image(case).array.shape}.",
-                                     "give each case a mask on the grid of its image.")
-            self._masks[case.id] = mask
+            self._masks[case.id] = case.read_mask(self.image(case))
         return self._masks[case.id]
 
 
@@ -295,18 +290,36 @@ def _fmt(value, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def write_report(summary: dict, targets: list, folder, force: bool = False) -> Path:
-    """``folder``/report.md with the table and PNG overlays of the best, median and worst targets."""
+REPORT_PICKS = ("worst", "median", "best")
+
+
+def report_files(folder, names) -> list:
+    """The files :func:`write_report` may write into ``folder`` for the labels ``names`` (landmark reports:
+    the one name "all"): report.md and NAME-worst/-median/-best.png. Raises FMOneShotError when ``folder`` is
+    a file. Callers check these before evaluating, so that a refused report costs no evaluation."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise FMOneShotError(f"{folder} is a file.", "give a folder for --report.")
+    check_folder(folder / "report.md")
+    return [folder / "report.md"] + [folder / f"{n}-{kind}.png" for n in names for kind in REPORT_PICKS]
+
+
+def dataset_files(dataset: Dataset) -> list:
+    """Every file a dataset's evaluation reads (dataset.json, images, masks, points): never an output."""
+    return [dataset.root / "dataset.json"] + [p for c in dataset.cases for p in (c.image, c.mask, c.points) if p]
+
+
+def write_report(summary: dict, targets: list, folder, force: bool = False) -> Path:
+    """``folder``/report.md with the table and PNG overlays of the best, median and worst targets."""
+    folder = Path(folder)
+    report_files(folder, [])
     page = folder / "report.md"
     picks = {}
     for label in dict.fromkeys(t.label for t in targets):
         mine = sorted((t for t in targets if t.label == label), key=lambda t: t.score)
         if summary["task"] == "landmarks":
             mine = mine[::-1]  # a larger distance is worse
-        picks[label] = {"worst": mine[0], "median": mine[len(mine) // 2], "best": mine[-1]}
+        picks[label] = dict(zip(REPORT_PICKS, (mine[0], mine[len(mine) // 2], mine[-1])))
     pngs = {(label, kind): folder / f"{label}-{kind}.png" for label, p in picks.items() for kind in p}
     refuse_existing([page, *pngs.values()], force, "choose another --report folder, or pass --force to overwrite it.")
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """Writing files safely: never over something that exists unless asked, never half a file.
 
-Every writer in FMOneShot (label volumes, templates, landmark tables) goes through these two helpers.
+Every writer in FMOneShot (label volumes, templates, landmark tables) goes through these helpers; the
+command line checks every output with them before any work is done.
 """
 
 from __future__ import annotations
@@ -20,6 +21,40 @@ def refuse_existing(paths, force: bool, fix: str = "choose another output name, 
     if existing and not force:
         verb = "exists" if len(existing) == 1 else "exist"
         raise FMOneShotError(f"{', '.join(existing)} already {verb}; nothing was written.", fix)
+
+
+def same_file(a, b) -> bool:
+    """Whether paths ``a`` and ``b`` name one file (after resolving links, ``..`` and the working folder; for
+    existing files also hard links and case-insensitive file systems)."""
+    a, b = Path(a), Path(b)
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return a.resolve() == b.resolve()
+
+
+def refuse_inputs(outputs, inputs, what: str = "an output") -> None:
+    """Raise, even where overwriting was allowed (``--force``), when an output path names an input file:
+    nothing a user gave FMOneShot is ever replaced by what it computed. ``inputs`` may hold ``None``."""
+    inputs = [Path(p) for p in inputs if p is not None]
+    for out in outputs:
+        for src in inputs:
+            if same_file(out, src):
+                raise FMOneShotError(f"{what.capitalize()} {out} is the input {src}; FMOneShot never writes over its "
+                                     "inputs (not even with --force), and nothing was written.",
+                                     "choose another output name or folder.")
+
+
+def check_folder(path) -> None:
+    """Raise when the folder that is to hold ``path`` cannot be: an existing file stands in its way."""
+    for parent in Path(path).parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise FMOneShotError(f"Cannot write {path}: {parent} is a file, not a folder.",
+                                     "choose an output path inside a folder.")
+            return
 
 
 @contextlib.contextmanager

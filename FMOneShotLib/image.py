@@ -4,6 +4,10 @@ A :class:`Volume` is a numpy array in (z, y, x) order, exactly as ``SimpleITK.Ge
 together with spacing, origin and direction in SimpleITK's convention (x, y, z order, LPS physical space).
 A 2D image is a one-slice volume that remembers it was 2D, so that results are written back as 2D files.
 Intensities are kept as acquired; :func:`normalize` maps them to [0, 1] for the feature extractors.
+Non-finite voxels (NaN, +-inf) are missing values: left out of every window and statistic, and background
+(0) after normalisation; :func:`read_volume` warns with their number.
+Masks and label images are matched to their image by physical position, never by array index
+(:func:`labels_on_grid`).
 """
 
 from __future__ import annotations
@@ -14,15 +18,21 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import FMOneShotError
-from .files import atomic_paths, refuse_existing
+from .errors import FMOneShotError, warn
+from .files import atomic_paths, refuse_existing, refuse_inputs
 
 MODALITIES = ("CT", "MR", "US", "XR")
 LABEL_EXTENSIONS = (".nrrd", ".nii.gz", ".nii", ".mha", ".png")
+# File name endings of the images FMOneShot reads (SimpleITK's formats); an output name keeps everything else.
+IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".tif", ".tiff", ".jpg", ".jpeg",
+                    ".bmp", ".dcm", ".hdr", ".img", ".vtk")
 # CT soft-tissue window (level 40 HU, width 400 HU): abdominal organs, the product's main use.
 CT_WINDOW = (-160.0, 240.0)
 # MR, ultrasound and X-ray have no absolute scale: robust percentiles of the whole volume.
 PERCENTILES = (0.5, 99.5)
+# A slice or region whose normalised grey values spread no more than this is blank (constant, all missing, or
+# wholly outside the intensity window): a template is refused there, and nothing is found on such a target slice.
+BLANK_SPREAD = 1e-3
 # Anatomical slicing planes and the LPS axis each plane is normal to.
 ORIENTATIONS = {"sagittal": 0, "coronal": 1, "axial": 2}
 # For slices along index axis a (x=0, y=1, z=2): the index axes that become the slice's columns and rows.
@@ -40,6 +50,9 @@ class Volume:
     is_2d: bool = False
     name: str = ""
     modality: str | None = None
+    # The file or folder the pixels were read from ("" when made in memory). Volumes derived from it (``like``,
+    # ``label_volume``, ``resliced``) keep it, and ``write_volume`` never writes over it, even with ``force``.
+    source: str = ""
 
     def __post_init__(self):
         self.array = np.asarray(self.array)
@@ -143,6 +156,13 @@ class Volume:
     @classmethod
     def from_sitk(cls, img: sitk.Image, name: str = "", modality: str | None = None, source: str = "") -> "Volume":
         where = f" ({source})" if source else ""
+        if img.GetNumberOfComponentsPerPixel() == 2:
+            raise FMOneShotError(
+                f"The image{where} has 2 components per pixel (grey and alpha, or a 2-vector); FMOneShot works "
+                "on one grey value per pixel and does not guess what the second means.",
+                "save it without the alpha channel (e.g. as greyscale PNG), or take the grey component with "
+                "SimpleITK.VectorIndexSelectionCast(image, 0).",
+            )
         if img.GetNumberOfComponentsPerPixel() != 1:
             raise FMOneShotError(
                 f"The image{where} has {img.GetNumberOfComponentsPerPixel()} components per pixel "
@@ -164,9 +184,86 @@ class Volume:
             direction = np.eye(3)
             direction[:2, :2] = d2
             return cls(arr[None], tuple(img.GetSpacing()) + (1.0,), tuple(img.GetOrigin()) + (0.0,),
-                       direction, True, name, modality)
+                       direction, True, name, modality, source)
         return cls(arr, img.GetSpacing(), img.GetOrigin(), np.asarray(img.GetDirection()).reshape(3, 3),
-                   False, name, modality)
+                   False, name, modality, source)
+
+
+def image_stem(path) -> str:
+    """The name of an image file without its image extension (``p.001.nii.gz`` -> ``p.001``, case-insensitive);
+    a folder's (DICOM series) own name. The base of every output name derived from an input."""
+    path = Path(path)
+    name = path.name or Path(path).resolve().name
+    lower = name.lower()
+    for ext in sorted(IMAGE_EXTENSIONS, key=len, reverse=True):
+        if lower.endswith(ext) and len(name) > len(ext):
+            return name[: -len(ext)]
+    return name
+
+
+# Slices of a DICOM series are evenly spaced and untilted when their positions agree within this (mm), as in
+# Slicer's DICOMScalarVolumePlugin (spacingEpsilon 0.01 mm).
+DICOM_POSITION_TOLERANCE = 0.01
+
+
+def _regular_slices(img: sitk.Image, reader: sitk.ImageSeriesReader, n: int, path: Path) -> sitk.Image:
+    """The series image on a grid whose slices lie where the files say (ImagePositionPatient along the normal
+    of ImageOrientationPatient), as Slicer checks them. ITK's series reader places slices at one spacing,
+    which is wrong when slices are missing or unevenly spaced: such a series is resampled onto a regular grid
+    at its most common spacing (linear interpolation across the gaps, with a warning), so every acquired
+    slice keeps its true position. Gantry tilt (positions shifting within the slice plane) and repeated
+    positions are refused. A series without position tags is left as ITK read it."""
+    if n < 3 or img.GetDimension() != 3:
+        return img
+    try:
+        positions = np.array([[float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")] for i in range(n)])
+        cosines = np.array([float(v) for v in reader.GetMetaData(0, "0020|0037").split("\\")])
+    except (RuntimeError, ValueError):
+        return img
+    if positions.shape != (n, 3) or cosines.shape != (6,):
+        return img
+    row, col = cosines[:3], cosines[3:]
+    normal = np.cross(row, col)
+    depth = positions @ normal
+    order = np.argsort(depth, kind="stable")
+    depth, positions = depth[order], positions[order]
+    steps = np.diff(depth)
+    if steps.min() <= DICOM_POSITION_TOLERANCE:
+        raise FMOneShotError(f"The DICOM series in {path} has several slices at one position "
+                             f"({depth[np.argmin(steps)]:.2f} mm along the slice normal).",
+                             "keep one acquisition per folder (a series with repeated or overlapping acquisitions "
+                             "must be split first).")
+    shift = np.linalg.norm(np.diff(positions, axis=0) - steps[:, None] * normal, axis=1)
+    if shift.max() > DICOM_POSITION_TOLERANCE:
+        angle = np.degrees(np.arctan2(shift.max(), steps[np.argmax(shift)]))
+        raise FMOneShotError(f"The DICOM series in {path} is acquired with a gantry tilt of about {angle:.1f} "
+                             "degrees (slice positions shift within the slice plane); FMOneShot would place its "
+                             "slices at wrong positions.",
+                             "convert it to a volume with the tilt corrected first, e.g. with dcm2niix, or load it "
+                             "in Slicer with acquisition geometry regularization and save the result.")
+    spacing = float(np.median(steps))
+    if np.abs(steps - spacing).max() <= DICOM_POSITION_TOLERANCE:
+        return img
+    array = sitk.GetArrayFromImage(img)[order].astype(np.float64)
+    count = int(round((depth[-1] - depth[0]) / spacing)) + 1
+    targets = depth[0] + spacing * np.arange(count)
+    upper = np.clip(np.searchsorted(depth, targets - DICOM_POSITION_TOLERANCE), 1, n - 1)
+    weight = np.clip((targets - depth[upper - 1]) / (depth[upper] - depth[upper - 1]), 0.0, 1.0)
+    regular = (1 - weight)[:, None, None] * array[upper - 1] + weight[:, None, None] * array[upper]
+    dtype = sitk.GetArrayViewFromImage(img).dtype
+    if np.issubdtype(dtype, np.integer):
+        regular = np.round(regular)
+    out = sitk.GetImageFromArray(regular.astype(dtype))
+    out.SetSpacing((img.GetSpacing()[0], img.GetSpacing()[1], spacing))
+    out.SetOrigin(tuple(positions[0]))
+    out.SetDirection(tuple(np.column_stack([row, col, normal]).ravel()))
+    gaps = [(float(a), float(b)) for a, b, st in zip(depth[:-1], depth[1:], steps)
+            if abs(st - spacing) > DICOM_POSITION_TOLERANCE]
+    warn(f"The DICOM series in {path} has missing or unevenly spaced slices ({len(gaps)} gaps, e.g. between "
+         f"{gaps[0][0]:.2f} and {gaps[0][1]:.2f} mm along the slice normal); it was resampled onto a regular grid "
+         f"of {count} slices {spacing:.3g} mm apart, filling the gaps by linear interpolation, so every acquired "
+         "slice keeps its position.")
+    return out
 
 
 def _dicom_modality(reader: sitk.ImageSeriesReader) -> str | None:
@@ -177,6 +274,19 @@ def _dicom_modality(reader: sitk.ImageSeriesReader) -> str | None:
     return {"CT": "CT", "MR": "MR", "US": "US", "CR": "XR", "DX": "XR", "XA": "XR"}.get(value)
 
 
+def _png_colour_type(path: Path) -> int | None:
+    """The colour type of a PNG file's header (0 grey, 2 RGB, 3 palette, 4 grey + alpha, 6 RGBA; PNG
+    specification, IHDR chunk), or None for anything else."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(26)
+    except OSError:
+        return None
+    if len(head) == 26 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+        return head[25]
+    return None
+
+
 def read_volume(path, modality: str | None = None) -> Volume:
     """Read NIfTI, NRRD, MHA, PNG/TIFF or a folder holding one DICOM series into a :class:`Volume`."""
     path = Path(path)
@@ -185,7 +295,7 @@ def read_volume(path, modality: str | None = None) -> Volume:
                              f"from {Path.cwd()}).")
     if modality is not None and modality not in MODALITIES:
         raise FMOneShotError(f"Unknown modality {modality!r}.", f"use one of {', '.join(MODALITIES)}.")
-    name = path.name.split(".")[0] if path.is_file() else path.name
+    name = image_stem(path)
     if path.is_dir():
         reader = sitk.ImageSeriesReader()
         series = reader.GetGDCMSeriesIDs(str(path))
@@ -205,21 +315,53 @@ def read_volume(path, modality: str | None = None) -> Volume:
             raise FMOneShotError(f"Cannot read the DICOM series in {path}: {exc}".strip(),
                                  "check that the files are complete DICOM images of one series.") from None
         modality = modality or _dicom_modality(reader)
+        img = _regular_slices(img, reader, len(files), path)
     else:
         try:
             img = sitk.ReadImage(str(path))
-        except RuntimeError:
-            raise FMOneShotError(f"Cannot read {path} as an image.",
+        except RuntimeError as exc:
+            if _png_colour_type(path) == 4:  # SimpleITK reads no grey + alpha PNG
+                raise FMOneShotError(f"{path} is a PNG with grey and alpha (transparency) per pixel, which FMOneShot "
+                                     "does not read: it works on one grey value per pixel.",
+                                     "save it as a greyscale PNG without the alpha channel.") from None
+            reason = str(exc).strip().splitlines()[-1].replace("sitk::ERROR:", "").strip() if str(exc).strip() else ""
+            raise FMOneShotError(f"Cannot read {path} as an image" + (f" (SimpleITK: {reason})." if reason else "."),
                                  "give a NIfTI (.nii/.nii.gz), NRRD, MHA, PNG or TIFF file, or a DICOM folder.") from None
     vol = Volume.from_sitk(img, name=name, modality=modality, source=str(path))
+    n_missing = count_non_finite(vol.array)
+    if n_missing:
+        warn(f"{path}: {n_missing} of {vol.array.size} voxels are NaN or infinite; they are treated as missing "
+             "(left out of the intensity window, background in the features).")
     if vol.modality is None:
         vol.modality = guess_modality(vol.array)
     return vol
 
 
+def count_non_finite(array: np.ndarray) -> int:
+    """The number of NaN and +-inf values (0 for integer arrays, which cannot hold them)."""
+    array = np.asarray(array)
+    if not np.issubdtype(array.dtype, np.inexact):
+        return 0
+    return int(array.size - np.count_nonzero(np.isfinite(array)))
+
+
+def finite_values(array: np.ndarray) -> np.ndarray:
+    """The array's values without NaN and +-inf, flattened (the array itself, flattened, when all are finite)."""
+    flat = np.asarray(array).ravel()
+    if np.issubdtype(flat.dtype, np.inexact):
+        ok = np.isfinite(flat)
+        if not ok.all():
+            return flat[ok]
+    return flat
+
+
 def guess_modality(array: np.ndarray) -> str | None:
-    """CT when the values look like Hounsfield units (air near -1000); otherwise unknown (None)."""
-    if array.size and np.issubdtype(array.dtype, np.number) and float(np.min(array)) < -500:
+    """CT when the values look like Hounsfield units (air near -1000); otherwise unknown (None).
+    Non-finite values are ignored."""
+    if not np.issubdtype(np.asarray(array).dtype, np.number):
+        return None
+    values = finite_values(array)
+    if values.size and float(np.min(values)) < -500:
         return "CT"
     return None
 
@@ -234,9 +376,12 @@ def _check_output(path: Path, force: bool) -> None:
 
 
 def write_volume(volume: Volume, path, force: bool = False, compress: bool = True) -> Path:
-    """Write ``volume`` with its geometry. Refuses to overwrite unless ``force``; never leaves half a file."""
+    """Write ``volume`` with its geometry. Refuses to overwrite unless ``force``, and always refuses to write
+    over ``volume.source`` (the file it, or the image it was derived from, was read from); never leaves half a
+    file."""
     path = Path(path)
     _check_output(path, force)
+    refuse_inputs([path], [volume.source or None], "the output")
     img = volume.to_sitk()
     ext = next(e for e in LABEL_EXTENSIONS if str(path).endswith(e))
     if ext == ".png" and volume.array.dtype != np.uint8:
@@ -255,13 +400,80 @@ def label_volume(reference: Volume, labels: np.ndarray, name: str | None = None)
     return out
 
 
+def grid_mismatch(a: Volume, b: Volume) -> float:
+    """How far apart the voxel grids of ``a`` and ``b`` lie, in voxels of ``b``: over the 8 corner voxels of
+    ``a``'s grid, the largest distance between the index a voxel has in ``a`` and the continuous index its
+    physical centre has in ``b``. 0 for identical grids; below 0.5 every voxel centre of ``a`` falls inside
+    the voxel of ``b`` with the same index. ``inf`` when the shapes differ."""
+    if a.array.shape != b.array.shape:
+        return float("inf")
+    size = np.array(a.array.shape[::-1]) - 1  # (x, y, z) index of the last voxel
+    corners = np.array([[i, j, k] for i in (0, size[0]) for j in (0, size[1]) for k in (0, size[2])], float)
+    return float(np.abs(b.physical_to_index(a.index_to_physical(corners)) - corners).max())
+
+
+def _default_geometry(volume: Volume) -> bool:
+    """Whether the volume carries no geometry of its own (what numpy arrays saved without one get)."""
+    return (np.allclose(volume.origin, 0) and np.allclose(volume.spacing, 1)
+            and np.allclose(volume.direction, np.eye(3)))
+
+
+def labels_on_grid(labels: Volume, reference: Volume, what: str = "The mask") -> np.ndarray:
+    """The integer labels of ``labels`` on the voxel grid of ``reference``, matched by physical position.
+
+    When the two grids agree within half a voxel (:func:`grid_mismatch` < 0.5) the array is taken as it is.
+    Otherwise the labels are resampled onto ``reference``'s grid by nearest neighbour (SimpleITK
+    ``Resample``, identity transform; voxels outside ``labels`` are 0) and the mismatch is reported with
+    :func:`errors.warn`. Both are treated as 3D grids (a 2D image lies in the plane z = 0).
+
+    Returns a (z, y, x) array of ``reference``'s shape with ``labels``' integer dtype (float labels holding
+    whole numbers become int32). Raises FMOneShotError, naming ``what``, when the labels are not whole
+    numbers (NaN, 5.9) or when their grid does not overlap ``reference``'s at all.
+    """
+    array = np.asarray(labels.array)
+    if not np.issubdtype(array.dtype, np.integer) and array.dtype != bool:
+        if not np.issubdtype(array.dtype, np.floating) or not np.all(np.isfinite(array)) \
+                or not np.array_equal(array, np.round(array)):
+            raise FMOneShotError(f"{what} holds values that are not whole numbers (a probability map, or NaN); "
+                                 "a mask or label image holds 0 for background and whole label values.",
+                                 "threshold it into a label image first, e.g. (probability > 0.5).")
+        array = array.astype(np.int32)
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    mismatch = grid_mismatch(reference, labels)
+    if mismatch < 0.5:
+        return array
+    if array.min(initial=0) < 0:
+        raise FMOneShotError(f"{what} holds negative values ({int(array.min())}).",
+                             "give a label image with 0 for background and positive label values.")
+    flat = replace(labels, array=array.astype(np.uint32) + 1, is_2d=False)  # 0 marks "outside the labels"
+    grid = replace(reference, array=np.zeros(reference.array.shape, np.uint8), is_2d=False)
+    moved = sitk.GetArrayFromImage(sitk.Resample(flat.to_sitk(), grid.to_sitk(), sitk.Transform(),
+                                                 sitk.sitkNearestNeighbor, 0, sitk.sitkUInt32))
+    covered = moved > 0
+    if not covered.any():
+        raise FMOneShotError(f"{what} does not overlap its image: in physical space (origin, spacing, direction) "
+                             f"the two lie apart (mask origin {np.round(labels.origin, 2).tolist()} mm, image origin "
+                             f"{np.round(reference.origin, 2).tolist()} mm).",
+                             "give the mask that was drawn on this image, saved with the image's geometry"
+                             + (" (this one has none of its own: origin 0, spacing 1; give it the image's, e.g. "
+                                "with SimpleITK's CopyInformation)." if _default_geometry(labels) else "."))
+    how = (f"its voxel grid is {mismatch:.1f} voxels off the image's" if np.isfinite(mismatch) else
+           f"its grid ({array.shape[::-1]} voxels) differs from the image's ({reference.array.shape[::-1]})")
+    share = covered.mean()
+    warn(f"{what}: {how}; it was resampled onto the image's grid by physical position (nearest neighbour)"
+         + (f", and covers {100 * share:.0f}% of the image." if share < 1 else "."))
+    return np.where(covered, moved - 1, 0).astype(array.dtype)
+
+
 # --------------------------------------------------------------------------- intensities
 def intensity_window(volume_or_array, modality: str | None = None) -> tuple:
     """The (low, high) intensities mapped to 0 and 1, chosen by modality.
 
     CT: the fixed soft-tissue window, so Hounsfield units mean the same in every scan. MR, US, XR and
     unknown: the 0.5 and 99.5 percentiles of the whole volume (not of one slice, so that slices of one
-    volume stay comparable).
+    volume stay comparable), of its finite values only (NaN and +-inf are missing values). A volume without
+    contrast (one value, or no finite value) gets a window of width 1 starting at that value (0 when none).
     """
     array = volume_or_array.array if isinstance(volume_or_array, Volume) else np.asarray(volume_or_array)
     if modality is None and isinstance(volume_or_array, Volume):
@@ -271,6 +483,9 @@ def intensity_window(volume_or_array, modality: str | None = None) -> tuple:
     sample = array.ravel()
     if sample.size > 2_000_000:
         sample = sample[:: sample.size // 2_000_000 + 1]
+    sample = finite_values(sample)
+    if not sample.size:
+        return 0.0, 1.0
     lo, hi = np.percentile(sample.astype(np.float64), PERCENTILES)
     if hi <= lo:
         hi = lo + 1.0
@@ -278,7 +493,15 @@ def intensity_window(volume_or_array, modality: str | None = None) -> tuple:
 
 
 def normalize(array: np.ndarray, window: tuple) -> np.ndarray:
-    """Map intensities linearly so that window[0] -> 0 and window[1] -> 1, clipped, as float32."""
+    """Map intensities linearly so that window[0] -> 0 and window[1] -> 1, clipped, as float32.
+    Non-finite values (missing) become 0, the background. ``window`` must have window[1] > window[0]."""
     lo, hi = window
-    out = (np.asarray(array, dtype=np.float32) - np.float32(lo)) / np.float32(hi - lo)
+    if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
+        raise FMOneShotError(f"The intensity window {tuple(window)} is not a range (it needs low < high, finite).",
+                             "give a window such as (-160, 240), or let FMOneShot choose it (image.intensity_window).")
+    array = np.asarray(array)
+    out = (array.astype(np.float32) - np.float32(lo)) / np.float32(hi - lo)
+    if np.issubdtype(array.dtype, np.inexact):
+        out[~np.isfinite(array)] = 0.0  # missing, not the values beyond float32 (those clip to 0 or 1)
     return np.clip(out, 0.0, 1.0, out=out)
+

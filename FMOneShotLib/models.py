@@ -73,13 +73,16 @@ def _check_weights(weights, overrides, what):
 
 def _state(weights, entry_name):
     """The state dict for ``weights`` ('pretrained' or a file), verified where the registry knows the file."""
-    if weights == "pretrained":
-        return W.load_state_dict(W.verify(entry_name))
-    path = Path(weights)
     entry = W.checkpoint(entry_name)
-    if path.name == entry.file:  # the official file under its own name: check it
-        W.check_published(entry, path, str(path), "it was not loaded", f"download it again from {entry.url}.")
-    return W.load_state_dict(path)
+    if weights == "pretrained":
+        state = W.load_state_dict(W.verify(entry_name))
+    else:
+        path = Path(weights)
+        if path.name == entry.file:  # the official file under its own name: check it
+            W.check_published(entry, path, str(path), "it was not loaded", f"download it again from {entry.url}.")
+        state = W.load_state_dict(path)
+    # the classifier head of a timm checkpoint (CLIP's projection) is not part of the feature extractor
+    return {k: v for k, v in state.items() if not W.is_classifier(entry, k)}
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ import numpy as np
 
 from .dicomseg import algorithm_parameters
 from .errors import FMOneShotError
-from .files import atomic_paths, refuse_existing
+from .files import atomic_paths, refuse_existing, refuse_inputs
 from .image import IN_PLANE, MODALITIES, Volume, guess_modality, write_volume
 
 if TYPE_CHECKING:  # .template imports scipy, which Slicer does not ship: the panel opens before it is installed
@@ -471,6 +471,9 @@ def _export_jobs(seg_nodes: list, folder, fmt: str) -> list:
     if clash:
         raise FMOneShotError(f"Several segmentations would be written to {', '.join(clash)}.",
                              "give the volumes different names, or export them separately.")
+    # the files the volumes were loaded from are never written over, even when overwriting is confirmed
+    storage = [ref.GetStorageNode() for _, ref, _ in jobs]
+    refuse_inputs(paths, [s.GetFileName() for s in storage if s is not None and s.GetFileName()], "the export")
     return jobs
 
 

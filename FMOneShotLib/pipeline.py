@@ -11,6 +11,8 @@ For each target slice and label:
   4. the segmenter turns the prompts into a mask; overlaps between labels go to the more probable label;
   5. landmarks: the correspondence of every template landmark, in pixels and in mm; with an adapter chosen
      explicitly, the centre of the adapter's localised region of each landmark (paper B) instead;
+  Blank slices (one grey value after normalisation: constant, all missing, or wholly outside the window)
+  are left empty and give landmarks confidence 0;
   6. after the last slice, a 3D clean-up per label: detections in connected components (over the processed
      slices) smaller than ``minor_components`` of the largest are dropped, and those slices count as empty.
 
@@ -31,7 +33,7 @@ from .adapters import Adapter, adapter_from_state, create_adapter, mask_to_grid,
 from .correspond import FeatureStandardizer, correspond, upsample
 from .errors import FMOneShotError
 from .features import create_extractor, sample_features
-from .image import Volume, intensity_window, label_volume, normalize
+from .image import BLANK_SPREAD, Volume, intensity_window, label_volume, normalize
 from .postprocess import drop_minor_components, keep_components
 from .segmenters import Segmenter, create_segmenter
 from .template import Template
@@ -244,7 +246,7 @@ class OneShot:
         pixel_area = spacing[0] * spacing[1]
         shape = volume.slice_shape
         batch = max(1, self.extractor.batch_size)
-        done = 0
+        done, blank_slices = 0, set()
         for start in range(0, len(todo), batch):
             chunk = todo[start:start + batch]
             images = normalize(volume.array[chunk], window)
@@ -269,7 +271,14 @@ class OneShot:
                     raise Cancelled(f"cancelled at slice {z}")
                 rng = np.random.default_rng(self.seed + z)
                 scores = np.full((L,) + shape, -np.inf, dtype=np.float32)
+                # a slice of one grey value (constant, all missing, or outside the window) holds nothing
+                blank = float(np.ptp(images[b])) <= BLANK_SPREAD
+                if blank:
+                    blank_slices.add(z)
                 for i, name in enumerate(names):
+                    if blank:
+                        matches[(z, name)] = (np.zeros((0, 2)), np.zeros((0, 2)))
+                        continue
                     t = time.perf_counter()
                     pos = correspond(self.q_pos[name], feats[b], shape) if len(self.q_pos[name]) else None
                     neg = correspond(self.q_neg[name], feats[b], shape) if len(self.q_neg[name]) else None
@@ -313,7 +322,8 @@ class OneShot:
                 if self.q_landmarks:
                     t = time.perf_counter()
                     names_lm = list(self.q_landmarks)
-                    c = correspond(torch.cat([self.q_landmarks[n] for n in names_lm]), feats[b], shape)
+                    c = correspond(torch.cat([self.q_landmarks[n] for n in names_lm]), feats[b], shape,
+                                   subpixel=True)  # landmarks do not snap to feature cells
                     lm_probs = None if lm_grid is None else upsample(lm_grid[b], shape).numpy()
                     for k, n in enumerate(names_lm):
                         (x, y), score = c.xy[k], float(c.score[k])
@@ -325,13 +335,14 @@ class OneShot:
                                 ys, xs = np.nonzero(region)
                                 x, y = float((xs * wts).sum() / wts.sum()), float((ys * wts).sum() / wts.sum())
                                 score = float(wts.mean())
+                        score = 0.0 if blank else score
                         landmarks[n].append(Landmark(n, z, (float(x), float(y)),
                                                      tuple(volume.index_to_physical([x, y, z]).tolist()), score))
                     timings["correspondence"] += time.perf_counter() - t
                 done += 1
                 if progress is not None:
                     progress(done, len(todo))
-        self._clean_up_3d(labels, present, confidence, sorted(set(todo)))
+        self._clean_up_3d(labels, present, confidence, sorted(set(todo) - blank_slices))
         out = label_volume(source, Volume.unslice(labels, axis),
                            name=f"{volume.name}-labels" if volume.name else "labels")
         return Result(out, names, confidence, present, prompts, matches, landmarks, timings,

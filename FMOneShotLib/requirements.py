@@ -24,6 +24,7 @@ REQUIREMENTS = {
     "tqdm>=4.60": "tqdm",
     "packaging>=20": "packaging",  # reads the versions below (Slicer ships it)
     "highdicom>=0.22": "highdicom",
+    "jsonschema>=4.18": "jsonschema",
 }
 TORCH = ("torch", "torchvision")
 

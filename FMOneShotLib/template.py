@@ -20,8 +20,8 @@ import SimpleITK as sitk
 from scipy import ndimage as ndi
 
 from .errors import FMOneShotError
-from .files import atomic_paths, refuse_existing
-from .image import ORIENTATIONS, Volume, intensity_window
+from .files import atomic_paths, check_folder, refuse_existing
+from .image import BLANK_SPREAD, MODALITIES, ORIENTATIONS, Volume, intensity_window, normalize
 from .terminology import Terminology, for_name
 
 FORMAT = "fmoneshot-template"
@@ -29,6 +29,65 @@ VERSION = 1
 # Distinct colours for labels 1, 2, ... (Slicer's GenericAnatomyColors feel: tissue-like, distinguishable).
 PALETTE = [(221, 130, 101), (157, 108, 162), (185, 102, 83), (216, 101, 79), (144, 238, 144),
            (128, 174, 128), (241, 214, 145), (177, 122, 101), (111, 184, 210), (230, 220, 70)]
+
+
+_NUMBER = {"type": "number"}
+_POINT = {"type": "array", "items": _NUMBER, "minItems": 2, "maxItems": 2,
+          "description": "pixel (x = column, y = row) of the template slice"}
+_FILE = {"type": "string", "pattern": r"^[^/\\]+$", "description": "a file beside the template .json"}
+# The structure of a template .json (JSON Schema draft 2020-12), checked on load before anything is read;
+# the checks on meaning (points inside the slice, known labels, contrast) are in Template.validate.
+SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "FMOneShot template",
+    "type": "object",
+    "required": ["format", "version", "labels", "slices"],
+    "properties": {
+        "format": {"const": FORMAT},
+        "version": {"const": VERSION},
+        "modality": {"enum": [None, *MODALITIES]},
+        "settings": {"type": "object"},
+        "orientation": {"enum": [None, *ORIENTATIONS]},
+        "labels": {"type": "array", "items": {
+            "type": "object", "required": ["name", "value"],
+            "properties": {"name": {"type": "string", "minLength": 1, "pattern": r"\S"},
+                           "value": {"type": "integer", "minimum": 1, "maximum": 65535},
+                           "color": {"type": ["array", "null"], "minItems": 3, "maxItems": 3,
+                                     "items": {"type": "integer", "minimum": 0, "maximum": 255}},
+                           "terminology": {"type": ["object", "null"]}}}},
+        "slices": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["image", "index", "window"],
+            "properties": {
+                "image": _FILE,
+                "masks": {"anyOf": [_FILE, {"type": "null"}]},
+                "mask_labels": {"type": "array", "items": {"type": "string"}},
+                "painted": {"type": "array", "items": {"type": "string"}},
+                "index": {"type": "integer", "minimum": 0},
+                "pixel_spacing": {"type": "array", "items": {"type": "number", "exclusiveMinimum": 0},
+                                  "minItems": 2, "maxItems": 2},
+                "window": {"type": "array", "items": _NUMBER, "minItems": 2, "maxItems": 2},
+                "source": {"type": "string"},
+                "positive": {"type": "object", "additionalProperties": {"type": "array", "items": _POINT}},
+                "negative": {"type": "object", "additionalProperties": {"type": "array", "items": _POINT}},
+                "landmarks": {"type": "object", "additionalProperties": _POINT},
+            }}},
+        "adapter": {"anyOf": [{"type": "null"}, {"type": "object", "required": ["file", "description"],
+                                                 "properties": {"file": _FILE, "description": {"type": "object"}}}]},
+    },
+}
+
+
+def check_schema(doc, where) -> None:
+    """Raise FMOneShotError naming the first field of ``doc`` that breaks :data:`SCHEMA` (``where``: the file,
+    for the message), e.g. ``slices[0].pixel_spacing: [3.0] is too short``. Uses the jsonschema library."""
+    import jsonschema
+
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(SCHEMA).iter_errors(doc))
+    if error is None:
+        return
+    field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path).lstrip(".")
+    raise FMOneShotError(f"{where}: the field {field or '(top level)'} is wrong: {error.message}.",
+                         "correct that field (the format is template.SCHEMA), or re-create the template.")
 
 
 def default_color(value: int) -> tuple:
@@ -176,6 +235,11 @@ class Template:
                 if not (-0.5 <= x < W - 0.5 and -0.5 <= y < H - 0.5):
                     raise FMOneShotError(f"Landmark {name!r} at ({x:g}, {y:g}) lies outside {where} "
                                          f"(x 0..{W - 1}, y 0..{H - 1}).", "place it inside the image.")
+            lo, hi = s.window
+            if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
+                raise FMOneShotError(f"The intensity window {list(s.window)} of {where} is not a range (low < high).",
+                                     "re-create the template, or give a window such as [-160, 240].")
+            _check_contrast(s, where)
             for name, m in s.masks.items():
                 if m.shape != (H, W):
                     raise FMOneShotError(f"The mask of {name!r} has shape {m.shape}, {where} has {(H, W)}.",
@@ -224,21 +288,24 @@ class Template:
         self.validate()
         side = {}
         for k, s in enumerate(self.slices):
-            side[f"{path.stem}.slice{k}.nrrd"] = _image(s.image, s.pixel_spacing)
+            side[side_file(path, k)] = _image(s.image, s.pixel_spacing)
             if s.masks:
                 stack = np.stack([s.masks.get(n, np.zeros(s.image.shape, bool)) for n in self.label_names])
-                side[f"{path.stem}.slice{k}.masks.nrrd"] = _image(stack.astype(np.uint8), s.pixel_spacing)
-        adapter_file = f"{path.stem}.adapter.safetensors"
+                side[side_file(path, k, "masks")] = _image(stack.astype(np.uint8), s.pixel_spacing)
+        adapter_file = side_file(path, None, "adapter")
         targets = [path.with_name(n) for n in side] + ([path.with_name(adapter_file)] if self.adapter else []) + [path]
+        for target in targets:
+            check_folder(target)
         refuse_existing(targets, force, "choose another template name, or pass --force (force=True) to overwrite.")
+        path.parent.mkdir(parents=True, exist_ok=True)
         doc = {
             "format": FORMAT, "version": VERSION, "modality": self.modality, "settings": self.settings,
             "orientation": self.orientation,
             "labels": [{"name": lb.name, "value": lb.value, "color": list(lb.color),
                         "terminology": lb.terminology.to_dict()} for lb in self.labels],
             "slices": [{
-                "image": f"{path.stem}.slice{k}.nrrd",
-                "masks": f"{path.stem}.slice{k}.masks.nrrd" if s.masks else None,
+                "image": side_file(path, k),
+                "masks": side_file(path, k, "masks") if s.masks else None,
                 "mask_labels": [n for n in self.label_names] if s.masks else [],
                 "painted": sorted(s.masks),
                 "index": s.index, "pixel_spacing": list(s.pixel_spacing), "window": list(s.window),
@@ -275,6 +342,7 @@ class Template:
         if doc.get("version") != VERSION:
             raise FMOneShotError(f"{path} has template version {doc.get('version')}; this FMOneShot reads {VERSION}.",
                                  "update FMOneShot, or re-create the template.")
+        check_schema(doc, path)
         try:
             # templates written before terminology was kept take the codes from the label's name
             labels = [Label(d["name"], d["value"], d.get("color"), d.get("terminology")) for d in doc["labels"]]
@@ -302,6 +370,59 @@ class Template:
         return template.validate()
 
 
+def _check_contrast(s: TemplateSlice, where: str) -> None:
+    """Refuse a template slice without contrast: blank as a whole, or blank around one of its marks (within a
+    quarter of the slice's longer side), where a mark would describe nothing."""
+    image = normalize(s.image, s.window)
+    if float(np.ptp(image)) <= BLANK_SPREAD:
+        raise FMOneShotError(f"{where.capitalize()} has one grey value in the intensity window {list(s.window)} "
+                             "(blank, constant, or all missing): there is nothing to mark on it.",
+                             "choose a slice that shows the structures.")
+    H, W = image.shape
+    r = max(2, max(H, W) // 4)
+    marks = [(f"positive point of {n!r}", p) for n, pts in s.positive.items() for p in pts]
+    marks += [(f"negative point of {n!r}", p) for n, pts in s.negative.items() for p in pts]
+    marks += [(f"landmark {n!r}", p) for n, p in s.landmarks.items()]
+    for what, (x, y) in marks:
+        x, y = int(round(x)), int(round(y))
+        patch = image[max(0, y - r):y + r + 1, max(0, x - r):x + r + 1]
+        if patch.size and float(np.ptp(patch)) <= BLANK_SPREAD:
+            raise FMOneShotError(f"The {what} at ({x}, {y}) on {where} lies in a region of one grey value "
+                                 f"({2 * r + 1} pixels across): it describes nothing FMOneShot can find again.",
+                                 "place it on the structure, where the image shows it.")
+
+
+def side_file(path, k, kind: str = "image") -> str:
+    """The name of a template's side file beside ``path`` (.json): slice ``k``'s pixels (``image``:
+    NAME.slice<k>.nrrd) or painted masks (``masks``: NAME.slice<k>.masks.nrrd), or the trained ``adapter``
+    (NAME.adapter.safetensors)."""
+    stem = Path(path).stem
+    return {"image": f"{stem}.slice{k}.nrrd", "masks": f"{stem}.slice{k}.masks.nrrd",
+            "adapter": f"{stem}.adapter.safetensors"}[kind]
+
+
+def template_files(path, n_slices: int = 1, adapter: bool = True) -> list:
+    """The files :meth:`Template.save` writes for ``path`` (.json) with ``n_slices`` slices: each slice's
+    ``.slice<k>.nrrd`` and ``.slice<k>.masks.nrrd``, the ``.adapter.safetensors`` (when ``adapter``), the
+    .json last. For a template file that exists, also the side files its JSON names, so that a caller can
+    keep every file of a template it reads from being written over. Raises FMOneShotError when ``path`` does
+    not end with .json."""
+    path = Path(path)
+    if path.suffix != ".json":
+        raise FMOneShotError(f"A template file name must end with .json: {path}.", "e.g. liver-template.json")
+    names = [side_file(path, k, kind) for k in range(n_slices) for kind in ("image", "masks")]
+    names += [side_file(path, None, "adapter")] if adapter else []
+    if path.is_file():
+        try:
+            doc = json.loads(path.read_text())
+            names += [str(d.get(k)) for d in doc.get("slices", []) for k in ("image", "masks") if d.get(k)]
+            names += [str(doc["adapter"]["file"])] if isinstance(doc.get("adapter"), dict) and \
+                doc["adapter"].get("file") else []
+        except (ValueError, TypeError, AttributeError, KeyError, UnicodeDecodeError):
+            pass  # a damaged file is refused when it is loaded
+    return [path.parent / n for n in dict.fromkeys(names)] + [path]
+
+
 def _image(array: np.ndarray, pixel_spacing) -> sitk.Image:
     img = sitk.GetImageFromArray(array)
     img.SetSpacing(tuple(pixel_spacing) + ((1.0,) if array.ndim == 3 else ()))
@@ -327,7 +448,11 @@ def _read(path: Path):
     if not path.is_file():
         raise FMOneShotError(f"The template side file {path} is missing.",
                              "keep the .nrrd files next to the template .json (copy them together).")
-    img = sitk.ReadImage(str(path))
+    try:
+        img = sitk.ReadImage(str(path))
+    except RuntimeError:
+        raise FMOneShotError(f"The template side file {path} is damaged (not an image SimpleITK reads).",
+                             "restore it from a copy, or re-create the template.") from None
     return sitk.GetArrayFromImage(img), tuple(img.GetSpacing()[:2])
 
 

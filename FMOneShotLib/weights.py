@@ -8,6 +8,10 @@ the first complete download or import is written beside the file and every later
 The cache folder is ``$FMONESHOT_CACHE`` when set (the Slicer module sets it to the folder chosen in its panel), else
 ``$XDG_CACHE_HOME/fmoneshot`` or ``~/.cache/fmoneshot``. Each checkpoint lives at ``CACHE/NAME/FILE``.
 Files are only ever loaded with safetensors or ``torch.load(..., weights_only=True)``, never plain pickle.
+A file without a published digest is pinned only after it was checked against its architecture (every
+tensor, every shape: :func:`check_architecture`), so a truncated or wrong file never becomes the pinned one;
+a cached file that fails its checks is reported with the commands that replace it, and an import replaces a
+broken cached file without ``--force``.
 """
 
 from __future__ import annotations
@@ -168,9 +172,20 @@ def verify(name, folder=None) -> Path:
     if expected is not None and digest != expected:
         raise FMOneShotError(
             f"The checkpoint {path} is damaged or not the published file (sha256 {digest[:12]}..., expected "
-            f"{expected[:12]}...); it was not loaded.", f"delete it and {how_to_get(entry, folder)}")
+            f"{expected[:12]}...); it was not loaded.", how_to_replace(entry, folder))
+    # a file without a published digest is checked against its architecture before it is pinned (a file
+    # put there by hand), and again each time (one pinned by an older FMOneShot that did not check)
+    check_architecture(entry, path, f"The cached checkpoint {path}", "it was not loaded",
+                       how_to_replace(entry, folder))
     _accept(entry, path, digest)  # a file put there by hand without a pin is pinned now, as an import would
     return path
+
+
+def how_to_replace(entry: Checkpoint, folder=None) -> str:
+    """The commands that replace a broken cached checkpoint (import replaces a broken one without --force)."""
+    return (f"replace it: run 'fmoneshot weights import FILE --name {entry.name}' with a good copy of "
+            f"{entry.url}, or delete {local_path(entry, folder).parent} and run 'fmoneshot weights download "
+            f"{entry.name}'.")
 
 
 def _console_progress(entry: Checkpoint):
@@ -245,6 +260,8 @@ def download(name, folder=None, url: str | None = None, progress: Callable | boo
     try:
         digest = check_published(entry, part, f"The downloaded {url}", "it was deleted and not loaded",
                                  f"download again; if it keeps failing, {how_to_get(entry, folder)}")
+        check_architecture(entry, part, f"The downloaded {url}", "it was deleted and not pinned",
+                           f"download again from the registry's URL; if it keeps failing, {how_to_get(entry, folder)}")
     except FMOneShotError:
         part.unlink()
         raise
@@ -259,14 +276,21 @@ def import_file(source, name, folder=None, force: bool = False) -> Path:
     source = Path(source)
     if not source.is_file():
         raise FMOneShotError(f"{source} is not a file.", f"give the path of the downloaded {entry.file}.")
-    digest = check_published(entry, source, str(source), "nothing was imported",
-                             f"download it again from {entry.url}: the file is damaged, truncated or another one.")
+    fix = f"download it again from {entry.url}: the file is damaged, truncated or another one."
+    digest = check_published(entry, source, str(source), "nothing was imported", fix)
+    check_architecture(entry, source, str(source), "nothing was imported", fix)
     path = local_path(entry, folder)
     if path.exists() and not force:
         if sha256_of(path) == digest:
+            _accept(entry, path, digest)
             return path
-        raise FMOneShotError(f"{path} already exists and differs from {source}; nothing was imported.",
-                             "pass --force (force=True) to replace it.")
+        try:
+            verify(entry, folder)
+        except FMOneShotError:
+            pass  # the cached file is broken: the good one replaces it, nothing of value is lost
+        else:
+            raise FMOneShotError(f"{path} already exists, works and differs from {source}; nothing was imported.",
+                                 "pass --force (force=True) to replace it.")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".import")
     shutil.copyfile(source, tmp)
@@ -308,6 +332,73 @@ def load_state_dict(path) -> dict:
     if not isinstance(state, dict):
         raise FMOneShotError(f"{path} holds no tensors by name.", "give a checkpoint file (state dict).")
     return state
+
+
+def tensor_shapes(path) -> dict:
+    """{tensor name: shape} of a checkpoint file: from the header alone for .safetensors (which also refuses
+    a truncated file), else by loading it safely (:func:`load_state_dict`). Raises FMOneShotError for a
+    damaged file."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except (SafetensorError, OSError) as exc:
+            raise FMOneShotError(f"Cannot read the checkpoint {path}: {str(exc)[:200]}.",
+                                 "it is damaged, truncated or not a checkpoint.") from None
+    return {k: tuple(v.shape) for k, v in load_state_dict(path).items() if hasattr(v, "shape")}
+
+
+def is_classifier(entry: Checkpoint, name: str) -> bool:
+    """Whether tensor ``name`` belongs to the classifier head of the entry's timm model (its pretrained
+    config's ``classifier``, e.g. CLIP's 512-d projection ``head``), which the feature extractor, built
+    without a head, neither needs nor loads."""
+    if not entry.timm_name:
+        return False
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(entry.timm_name)
+    heads = (cfg.classifier if cfg is not None and cfg.classifier else None) or "head"
+    heads = heads if isinstance(heads, (list, tuple)) else [heads]
+    return any(name == h or name.startswith(h + ".") for h in heads)
+
+
+def architecture_shapes(entry: Checkpoint) -> dict:
+    """{tensor name: shape} the entry's timm architecture loads (as ``models.timm_vit`` builds it: dynamic
+    image size, no classifier head), built on PyTorch's meta device, so no memory is spent on weights."""
+    import timm
+    import torch
+
+    with torch.device("meta"):
+        model = timm.create_model(entry.timm_name, pretrained=False, dynamic_img_size=True, num_classes=0)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_architecture(entry: Checkpoint, path, what: str, consequence: str, fix: str) -> None:
+    """For an entry without a published digest (timm's files), check before its digest is pinned that the
+    file loads and holds every tensor of the architecture with the right shape and nothing else (what the
+    strict load in ``models`` needs). Entries with a published digest are checked by it instead.
+    Raises FMOneShotError: ``what`` names the file, ``consequence`` what happened to it, ``fix`` the remedy."""
+    if entry.sha256 or not entry.timm_name:
+        return
+    try:
+        found = tensor_shapes(path)
+    except FMOneShotError as exc:
+        raise FMOneShotError(f"{what} is not a checkpoint of {entry.description}: {exc.problem} {consequence}.",
+                             fix) from None
+    expected = architecture_shapes(entry)
+    missing = [k for k in expected if k not in found]
+    extra = [k for k in found if k not in expected and not is_classifier(entry, k)]
+    wrong = [f"{k} {list(found[k])} (expected {list(expected[k])})" for k in expected
+             if k in found and found[k] != expected[k]]
+    if missing or extra or wrong:
+        parts = ([f"{len(missing)} tensors missing ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})"]
+                 if missing else []) + ([f"{len(extra)} unknown ({', '.join(extra[:3])})"] if extra else []) + \
+                ([f"wrong shapes: {', '.join(wrong[:3])}"] if wrong else [])
+        raise FMOneShotError(f"{what} does not fit {entry.description} ({entry.timm_name}): {'; '.join(parts)}; "
+                             f"{consequence}.", fix)
 
 
 # What "auto" picks: the first of these whose checkpoint is in the weights cache, else the offline backend.

@@ -160,7 +160,8 @@ def test_clean_up_joins_neighbouring_processed_slices_only():
     from FMOneShotLib.pipeline import OneShot
     from FMOneShotLib.template import Template
 
-    engine = OneShot(Template.from_volume(Volume(np.zeros((3, 8, 8), np.float32)), 1, {"organ": [[2, 2]]}))
+    blank_free = np.random.default_rng(0).random((3, 8, 8)).astype(np.float32)  # a blank template is refused
+    engine = OneShot(Template.from_volume(Volume(blank_free), 1, {"organ": [[2, 2]]}))
 
     def run(done):
         labels = np.zeros((20, 10, 10), np.uint16)

@@ -114,13 +114,14 @@ def test_segment_on_a_sagittal_template_slice(tmp_path, capsys):
     plane = vol.like(ref).resliced(0).array[k]
     pos, neg = sample_prompts(plane, 5, 5, 0)
     mask = tmp_path / "liver-mask.nrrd"
-    sitk.WriteImage(sitk.GetImageFromArray(ref.astype(np.uint8)), str(mask))
+    sitk.WriteImage(vol.to_sitk(ref.astype(np.uint8)), str(mask))  # with the CT's geometry
     points = [a for x, y in pos for a in ("--positive", f"liver:{x:g},{y:g}")]
     points += [a for x, y in neg for a in ("--negative", f"liver:{x:g},{y:g}")]
     out = tmp_path / "labels.nrrd"
-    code, _, err = run(capsys, "segment", CT, "--template-image", CT, "--plane", "sagittal", "--slice", k, *points,
-                       "--mask", f"liver:{mask}", "--output", out, "--save-template", tmp_path / "t.json")
+    code, stdout, err = run(capsys, "segment", CT, "--template-image", CT, "--plane", "sagittal", "--slice", k,
+                            *points, "--mask", f"liver:{mask}", "--output", out, "--save-template", tmp_path / "t.json")
     assert code == 0, err
+    assert " of 122 sagittal slices" in stdout  # counted in the plane processed (122 columns), not 30 axial
     labels = read_volume(out).array
     assert labels.shape == vol.array.shape
     assert dice(labels[:, :, k] == 1, plane) >= 0.8

@@ -59,3 +59,23 @@ def test_landmarks_through_the_chain_in_pixels_and_mm():
     assert np.allclose(best["blob"].xy, (36, 39), atol=1.0)
     assert np.allclose(best["square"].xy, (68, 64), atol=1.0)
     assert np.allclose(best["square"].physical, (10 + 68 * 0.5, 20 + 64 * 0.5, 30), atol=0.5)
+
+
+def test_landmark_correspondence_does_not_snap_to_feature_cells():
+    """A similarity peak between cell centres (grid 5.35, 7.62 on a 20x16 grid of a 160x128 image): the
+    continuous argmax lands within a pixel of it, where the pixel argmax is 2.3 and 2.5 pixels away (16.8)."""
+    import torch
+
+    from FMOneShotLib.correspond import correspond
+
+    h, w, H, W, gx, gy = 16, 20, 128, 160, 5.35, 7.62
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
+                            indexing="ij")
+    features = torch.stack([torch.ones_like(xx), 0.3 * (xx - gx), 0.3 * (yy - gy)])  # cosine peak at (gx, gy)
+    query = torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64)
+    truth = np.array([(gx + 0.5) * W / w - 0.5, (gy + 0.5) * H / h - 0.5])
+    snapped = correspond(query, features, (H, W)).xy[0]
+    refined = correspond(query, features, (H, W), subpixel=True)
+    assert np.abs(snapped - truth).min() > 2.0  # at a cell centre: what landmarks were before
+    assert np.abs(refined.xy[0] - truth).max() < 1.0
+    assert refined.score[0] == pytest.approx(float(features[:, 8, 5][0] / features[:, 8, 5].norm()), abs=1e-6)

@@ -13,6 +13,11 @@ slicer = pytest.importorskip("slicer", reason="slicer-core is part of the [test]
 from FMOneShotLib import mrml  # noqa: E402
 
 
+def textured(shape):
+    """A volume's pixels with contrast everywhere (a blank template slice is refused)."""
+    return np.random.default_rng(0).integers(-100, 100, shape).astype(np.int16)
+
+
 def oblique():
     a = np.deg2rad(20)
     rot = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
@@ -75,7 +80,7 @@ def node_names(scene):
 
 
 def test_points_on_an_axial_slice_become_its_pixels():
-    vol = Volume(np.zeros((12, 20, 16), np.int16), (0.7, 0.9, 3.0), (10.0, -20.0, 35.5), oblique(), name="ct")
+    vol = Volume(textured((12, 20, 16)), (0.7, 0.9, 3.0), (10.0, -20.0, 35.5), oblique(), name="ct")
     scene, node = scene_with(vol)
     pos = points_node(scene, vol, "liver +", [(3, 4, 5), (7.2, 8.4, 5.3)])
     neg = points_node(scene, vol, "liver -", [(12, 15, 5)])
@@ -108,7 +113,7 @@ def test_points_on_a_sagittal_slice_become_its_pixels():
 
 
 def test_bad_marks_are_refused_before_anything_runs():
-    vol = Volume(np.zeros((6, 10, 10), np.int16), (1.0, 1.0, 2.0), name="ct")
+    vol = Volume(textured((6, 10, 10)), (1.0, 1.0, 2.0), name="ct")
     scene, node = scene_with(vol)
     stray = points_node(scene, vol, "stray", [(2, 2, 1), (5, 5, 3)])  # differ in x, y and z
     with pytest.raises(FMOneShotError, match="different slices"):
@@ -128,7 +133,7 @@ def test_bad_marks_are_refused_before_anything_runs():
 
 
 def test_a_painted_segment_is_the_template_mask():
-    vol = Volume(np.zeros((6, 10, 12), np.int16), (1.0, 1.0, 2.0), (5.0, 5.0, 5.0), name="ct")
+    vol = Volume(textured((6, 10, 12)), (1.0, 1.0, 2.0), (5.0, 5.0, 5.0), name="ct")
     scene, node = scene_with(vol)
     painted = np.zeros(vol.array.shape, np.uint8)
     painted[4, 2:6, 3:9] = 1  # largest on slice 4
@@ -220,6 +225,14 @@ def test_export_reads_back_with_simpleitk(tmp_path):
     mrml.export_segmentations([seg], tmp_path, ".seg.nrrd", overwrite=True)
     with pytest.raises(FMOneShotError, match="Unknown export format"):
         mrml.export_segmentations([seg], tmp_path, ".png")
+    # the file the volume was loaded from is never written over, even when overwriting is confirmed
+    source = tmp_path / "CT 1_a-labels.nrrd"
+    before = source.read_bytes()
+    node.AddDefaultStorageNode()
+    node.GetStorageNode().SetFileName(str(source))
+    with pytest.raises(FMOneShotError, match="is the input"):
+        mrml.export_segmentations([seg], tmp_path, ".nrrd", overwrite=True, labels=LABELS)
+    assert source.read_bytes() == before
 
 
 class SceneCheckedLogic:
@@ -244,7 +257,7 @@ class SceneCheckedLogic:
 def test_every_node_given_to_a_segmentations_import_or_export_is_in_the_scene(tmp_path, monkeypatch):
     """Every way FMOneShot reaches the Segmentations logic (results, painted masks, labelmap export) gives it
     only nodes in the scene, and the scene is left as it was (the temporary nodes are removed)."""
-    vol = Volume(np.zeros((5, 7, 9), np.int16), (0.7, 0.9, 3.0), (10.0, -20.0, 35.5), oblique(), name="ct")
+    vol = Volume(textured((5, 7, 9)), (0.7, 0.9, 3.0), (10.0, -20.0, 35.5), oblique(), name="ct")
     scene, node = scene_with(vol)
     checked = SceneCheckedLogic(scene)
     monkeypatch.setattr(mrml, "_segmentations_logic", lambda: checked)
@@ -408,7 +421,7 @@ def test_a_cancelled_run_leaves_the_scene_as_it_was(sample):
 
 
 def test_labels_live_in_the_scene_as_tagged_point_lists():
-    vol = Volume(np.zeros((6, 10, 12), np.int16), (1.0, 1.0, 2.0), name="ct")
+    vol = Volume(textured((6, 10, 12)), (1.0, 1.0, 2.0), name="ct")
     scene, node = scene_with(vol)
     pos, neg = mrml.add_label(scene, "liver", (200, 10, 10))
     mrml.add_label(scene, "spleen")

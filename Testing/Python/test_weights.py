@@ -204,3 +204,84 @@ def test_cli_weights_list_import_verify(tmp_path, capsys, monkeypatch):
     (cache / "sam_vit_b" / sam.file).write_bytes(PAYLOAD[:-1])  # damaged in the cache
     assert main(["weights", "verify", "sam_vit_b", "--cache", str(cache)]) == 1
     assert "damaged" in capsys.readouterr().out
+
+
+@pytest.fixture
+def tiny_d2s14(monkeypatch, tmp_path):
+    """d2s14's registry entry on timm's tiny 'test_vit' architecture (no published digest, like the real
+    one), and files of it: a good one (random weights), a truncated, an empty, and another architecture's."""
+    import timm
+    from safetensors.torch import save_file
+
+    monkeypatch.setitem(W.REGISTRY, "d2s14", W.Checkpoint("d2s14", "model.safetensors", "http://127.0.0.1:9/none",
+                                                          "Apache-2.0", timm_name="test_vit", description="tiny ViT"))
+    files = {}
+    for name, arch, classes in (("good", "test_vit", 0), ("other", "test_vit2", 0), ("with_head", "test_vit", 10)):
+        model = timm.create_model(arch, pretrained=False, num_classes=classes)
+        files[name] = tmp_path / f"{name}.safetensors"
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(files[name]))
+    data = files["good"].read_bytes()
+    files["truncated"] = tmp_path / "truncated.safetensors"
+    files["truncated"].write_bytes(data[: len(data) // 2])
+    files["empty"] = tmp_path / "empty.safetensors"
+    files["empty"].write_bytes(b"")
+    return files
+
+
+@pytest.mark.parametrize("bad", ["truncated", "empty", "other"])
+def test_a_broken_checkpoint_is_never_imported_or_pinned(tiny_d2s14, tmp_path, capsys, bad):
+    cache = tmp_path / "cache"
+    code = main(["weights", "import", str(tiny_d2s14[bad]), "--name", "d2s14", "--cache", str(cache)])
+    err = capsys.readouterr().err
+    assert code == 2 and "nothing was imported" in err and len(err.strip().splitlines()) == 1
+    assert not W.is_present("d2s14", cache) and not list(cache.rglob("*.sha256"))
+    assert W.resolve_backend("auto", cache)[0] == "offline"
+    path = W.import_file(tiny_d2s14["good"], "d2s14", cache)
+    assert W.verify("d2s14", cache) == path and W.expected_digest(W.REGISTRY["d2s14"], path) == W.sha256_of(path)
+
+
+def test_a_broken_download_is_deleted_not_pinned(tiny_d2s14, server, tmp_path):
+    server.payload = tiny_d2s14["truncated"].read_bytes()  # complete transfer of a truncated file
+    with pytest.raises(FMOneShotError, match="does not fit|not a checkpoint"):
+        W.download("d2s14", tmp_path, url=server.url, progress=False)
+    assert not any((tmp_path / "d2s14").iterdir())
+
+
+def test_a_bad_pin_is_reported_with_its_replacement_and_replaced_by_import(tiny_d2s14, tmp_path, capsys,
+                                                                          monkeypatch):
+    """A truncated file pinned by an older FMOneShot: verify and loading name the command that replaces it,
+    and importing the good file over it works without --force, and leaves a working, pinned checkpoint."""
+    from FMOneShotLib import models
+
+    cache = tmp_path / "cache"
+    path = W.local_path(W.REGISTRY["d2s14"], cache)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(tiny_d2s14["truncated"].read_bytes())
+    path.with_name(path.name + ".sha256").write_text(f"{W.sha256_of(path)}  model.safetensors\n")
+    assert main(["weights", "verify", "d2s14", "--cache", str(cache)]) == 1
+    assert "weights import FILE --name d2s14" in capsys.readouterr().out
+    monkeypatch.setenv("FMONESHOT_CACHE", str(cache))
+    monkeypatch.setattr(models, "_MODELS", {})
+    with pytest.raises(FMOneShotError, match="weights import FILE --name d2s14"):
+        models.timm_vit("d2s14")  # what --backend auto / d2s14 would load
+    assert main(["weights", "import", str(tiny_d2s14["good"]), "--name", "d2s14", "--cache", str(cache)]) == 0
+    assert path.read_bytes() == tiny_d2s14["good"].read_bytes()
+    assert main(["weights", "verify", "d2s14", "--cache", str(cache)]) == 0
+    assert models.timm_vit("d2s14").patch_embed.proj.weight.shape[0] == 64  # it loads into the architecture
+    # a working cached file is not replaced by another without --force
+    assert main(["weights", "import", str(tiny_d2s14["other"]), "--name", "d2s14", "--cache", str(cache)]) == 2
+    assert path.read_bytes() == tiny_d2s14["good"].read_bytes()
+
+
+def test_a_checkpoint_with_its_classifier_head_is_imported_and_loads(tiny_d2s14, tmp_path, monkeypatch):
+    """timm's files can carry the classifier head (CLIP's projection): the extractor has none, so the head is
+    neither required nor refused, and the rest loads strictly."""
+    from FMOneShotLib import models
+
+    cache = tmp_path / "cache"
+    W.import_file(tiny_d2s14["with_head"], "d2s14", cache)
+    monkeypatch.setenv("FMONESHOT_CACHE", str(cache))
+    monkeypatch.setattr(models, "_MODELS", {})
+    model = models.timm_vit("d2s14")
+    good = W.load_state_dict(tiny_d2s14["with_head"])
+    assert torch.equal(model.patch_embed.proj.weight, good["patch_embed.proj.weight"])
