@@ -29,6 +29,7 @@ from .errors import FMOneShotError
 from .image import Volume, intensity_window, normalize, read_volume, write_volume
 from .pipeline import OneShot
 from .template import Template, sample_prompts
+from .threads import SMALL_WORK_THREADS, model_threads, set_model_threads, small_work
 
 BENCH_LABEL = "gallbladder"
 
@@ -62,7 +63,8 @@ def naive_slice(engine: OneShot, image01: np.ndarray, spacing, name: str) -> dic
     for p in parts:
         p.precision = "fp32"
     try:
-        return _naive_slice(engine, image01, spacing, name)
+        with small_work():  # the thread policy of the chain, so that the comparison is of the paths alone
+            return _naive_slice(engine, image01, spacing, name)
     finally:
         for p, precision in zip(parts, saved):
             p.precision = precision
@@ -88,7 +90,19 @@ def _naive_slice(engine, image01, spacing, name) -> dict:
 
 def run_bench(slices: int = 100, size: int = 512, backend: str = "offline", segmenter: str = "auto",
               adapter: str | None = "auto", backend_options: dict | None = None, naive_slices: int = 3,
-              seed: int = 0, progress=None, segmenter_options: dict | None = None) -> dict:
+              seed: int = 0, progress=None, segmenter_options: dict | None = None, threads: int | None = None) -> dict:
+    """Run the benchmark; ``threads``: threads of the model forwards (None: PyTorch's own number; small-tensor
+    work always runs on :data:`~FMOneShotLib.threads.SMALL_WORK_THREADS`). Returns the figures as a dict."""
+    previous = set_model_threads(threads)
+    try:
+        return _run_bench(slices, size, backend, segmenter, adapter, backend_options, naive_slices, seed, progress,
+                          segmenter_options)
+    finally:
+        set_model_threads(previous)
+
+
+def _run_bench(slices, size, backend, segmenter, adapter, backend_options, naive_slices, seed, progress,
+               segmenter_options) -> dict:
     vol, ref = bench_volume(slices, size)
     value = load_dataset(SAMPLE).label_value(BENCH_LABEL)
     on = (ref == value).any(axis=(1, 2))
@@ -130,7 +144,7 @@ def run_bench(slices: int = 100, size: int = 512, backend: str = "offline", segm
         "segmenter": engine.segmenter.name, "device": getattr(engine.extractor, "device", "cpu"),
         "precision": {"features": getattr(engine.extractor, "precision", "fp32"),
                       "segmenter": getattr(engine.segmenter, "precision", "fp32")},
-        "threads": torch.get_num_threads(),
+        "threads": {"model_forwards": model_threads(), "small_work": SMALL_WORK_THREADS},
         "seconds": {"total": round(total, 3), **stages},
         "seconds_per_slice": round(total / volume.n_slices, 4),
         "adapter_ms_per_slice": round(1000 * result.timings["adapter"] / volume.n_slices, 2),

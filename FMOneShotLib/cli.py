@@ -338,12 +338,14 @@ def cmd_bench(args) -> int:
     with _progress("bench") as update:
         r = run_bench(args.slices, args.size, backend=args.backend, segmenter=args.segmenter, adapter=args.adapter,
                       backend_options=_backend_options(args), segmenter_options=_segmenter_options(args),
-                      naive_slices=args.naive_slices, seed=args.seed, progress=update)
+                      naive_slices=args.naive_slices, seed=args.seed, progress=update, threads=args.threads)
     v, sec = r["volume"], r["seconds"]
     print(f"FMOneShot bench: {v['slices']} slices of {v['size'][0]}x{v['size'][1]}, {v['structure']} on "
           f"{v['slices_with_structure']} slices (found on {v['slices_found']}); backend {r['backend']}, adapter "
-          f"{r['adapter']}, segmenter {r['segmenter']}, {r['device']}, {r['threads']} threads, precision "
+          f"{r['adapter']}, segmenter {r['segmenter']}, {r['device']}, precision "
           f"{r['precision']['features']} (features) / {r['precision']['segmenter']} (segmenter)")
+    print(f"  threads: {r['threads']['model_forwards']} for model forwards, {r['threads']['small_work']} for "
+          "small-tensor work (adapters, offline features, correspondences)")
     print(f"  total {sec['total']:.2f} s = {r['seconds_per_slice'] * 1000:.1f} ms per slice")
     for stage in ("io", "fit", "features", "adapter", "correspondence", "segmenter"):
         print(f"    {stage:15s} {sec.get(stage, 0.0):8.2f} s")
@@ -507,6 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--adapter", default="auto", help="auto, none, basic, classification or contrastive")
     b.add_argument("--naive-slices", type=int, default=3, help="slices the naive path is measured on")
     b.add_argument("--json", help="also write the figures to this .json file")
+    b.add_argument("--threads", type=int, help="CPU threads of the model forwards (default: PyTorch's, the cores "
+                   "or $OMP_NUM_THREADS); small-tensor work always runs on one (docs/results.md, Threads)")
     model_args(b)
     b.set_defaults(func=cmd_bench)
 
