@@ -18,16 +18,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from scipy import ndimage as ndi
 
-from .correspond import correspond
 from .datasets import load_dataset
 from .demo import SAMPLE
 from .errors import FMOneShotError
 from .image import Volume, intensity_window, normalize, read_volume, write_volume
-from .pipeline import OneShot
 from .template import Template, sample_prompts
 from .threads import SMALL_WORK_THREADS, model_threads, set_model_threads, small_work
 
@@ -53,7 +49,7 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def naive_slice(engine: OneShot, image01: np.ndarray, spacing, name: str) -> dict:
+def naive_slice(engine, image01: np.ndarray, spacing, name: str) -> dict:
     """One slice the naive way (float32, pixel-level features, the segmenter whatever the slice holds);
     returns the seconds spent per stage."""
     if hasattr(engine.segmenter, "forget_encoding"):  # the naive path encodes every slice, even one the chain did
@@ -71,6 +67,11 @@ def naive_slice(engine: OneShot, image01: np.ndarray, spacing, name: str) -> dic
 
 
 def _naive_slice(engine, image01, spacing, name) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from .correspond import correspond
+
     t = {}
     s = time.perf_counter()
     with torch.inference_mode():
@@ -109,6 +110,10 @@ def _run_bench(slices, size, backend, segmenter, adapter, backend_options, naive
     z = int(np.argmax((ref == value).sum(axis=(1, 2))))
     pos, neg = sample_prompts(ref[z] == value, 5, 5, seed)
     template = Template.from_volume(vol, z, {BENCH_LABEL: pos}, {BENCH_LABEL: neg}, {BENCH_LABEL: ref[z] == value})
+    import torch  # only once the inputs are checked
+
+    from .pipeline import OneShot
+
     with tempfile.TemporaryDirectory() as tmp:
         src = write_volume(vol, Path(tmp) / "bench.nii.gz")
         t0 = time.perf_counter()

@@ -17,9 +17,12 @@ from pathlib import Path
 
 from . import __version__
 from .errors import FMOneShotError
-from .features import available_backends, resolve_backend
 from .files import atomic_paths, refuse_existing
 from .image import LABEL_EXTENSIONS
+from .weights import BACKENDS, resolve_backend
+
+# PyTorch and the modules that use it are imported inside the commands, after the inputs are checked: --help
+# and a one-line error do not wait seconds for it.
 
 SEGMENTER_HELP = "auto (SAM when its weights are in the cache, else offline), sam, offline or none"
 # Label volumes are 3D: every format the image writer knows except PNG.
@@ -186,7 +189,6 @@ def _segmenter_options(args) -> dict:
 
 def cmd_segment(args) -> int:
     from .image import read_volume, write_volume
-    from .pipeline import OneShot
 
     template = _template_from_args(args)
     if not template.labels:
@@ -196,6 +198,8 @@ def cmd_segment(args) -> int:
     if args.save_template:
         refuse_existing([args.save_template], args.force, "choose another --save-template name, or pass --force.")
     volumes = [read_volume(t, args.modality or template.modality) for t in args.targets]
+    from .pipeline import OneShot
+
     engine = OneShot(template, backend=args.backend, adapter=args.adapter, segmenter=args.segmenter,
                      seed=args.seed, adapter_options=_adapter_options(args), backend_options=_backend_options(args),
                      segmenter_options=_segmenter_options(args)).fit()
@@ -216,7 +220,6 @@ def cmd_segment(args) -> int:
 
 def cmd_localize(args) -> int:
     from .image import read_volume
-    from .pipeline import OneShot
 
     template = _template_from_args(args, landmarks_only=True)
     if not template.landmark_names:
@@ -227,6 +230,8 @@ def cmd_localize(args) -> int:
         raise FMOneShotError(f"Cannot tell the format of {out}.", "end --output with .json or .csv.")
     refuse_existing([out], args.force, "choose another --output, or pass --force.")
     volumes = [read_volume(t, args.modality or template.modality) for t in args.targets]
+    from .pipeline import OneShot
+
     engine = OneShot(template, backend=args.backend, adapter=args.adapter, seed=args.seed, segmenter="offline",
                      adapter_options=_adapter_options(args), backend_options=_backend_options(args)).fit()
     rows = []
@@ -413,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp):
-        sp.add_argument("--backend", default="offline", choices=["auto", *available_backends()],
+        sp.add_argument("--backend", default="offline", choices=["auto", *BACKENDS],
                         help="feature backend (auto: the first foundation model with downloaded weights, else offline)")
         sp.add_argument("--seed", type=int, default=0, help="random seed (prompt sampling, adapter training)")
         sp.add_argument("--force", action="store_true", help="overwrite existing output files")

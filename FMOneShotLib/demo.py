@@ -14,7 +14,6 @@ from .errors import FMOneShotError
 from .files import refuse_existing
 from .image import intensity_window, normalize, write_volume
 from .metrics import dice
-from .pipeline import OneShot
 from .template import Label, Template, sample_prompts
 from .viz import montage
 
@@ -64,6 +63,8 @@ def run_demo(output_dir, data=SAMPLE, labels=DEMO_LABELS, backend: str = "offlin
     template = Template.from_volume(volume, z, positive, negative, masks,
                                     labels=[Label(n, v) for n, v in zip(labels, values)],
                                     settings={"backend": backend, "segmenter": segmenter})
+    from .pipeline import OneShot  # PyTorch: only once the inputs are checked
+
     t0 = time.perf_counter()
     engine = OneShot(template, backend=backend, segmenter=segmenter, seed=seed, backend_options=backend_options,
                      segmenter_options=segmenter_options).fit()

@@ -32,7 +32,6 @@ from .errors import FMOneShotError
 from .files import atomic_paths, refuse_existing
 from .image import Volume, intensity_window, normalize
 from .metrics import dice, distances, iou, prompt_accuracy
-from .pipeline import OneShot
 from .template import Label, Template, default_color, sample_prompts
 from .viz import mark_points, overlay, radiological, write_png
 
@@ -168,6 +167,8 @@ def _evaluate_segmentation(dataset, labels, backend, options, adapter, segmenter
         mask = ref[z] == value
         pos, neg = sample_prompts(mask, points, points, seed)
         tpl = Template.from_volume(vol, z, {name: pos}, {name: neg}, {name: mask}, labels=[Label(name, value)])
+        from .pipeline import OneShot  # PyTorch: only once the dataset and labels are checked
+
         engine = OneShot(tpl, backend=backend, adapter=adapter, segmenter=segmenter, backend_options=options,
                          seed=seed, adapter_options=adapter_options, segmenter_options=segmenter_options).fit()
         tpl_info[name] = {"case": tcase.id, "slice": z}
@@ -245,6 +246,8 @@ def _evaluate_landmarks(dataset, names, backend, options, adapter, template_id, 
                              f"choose landmarks it has: {', '.join(tpoints)}.")
     vol = cases.image(tcase)
     tpl = Template.from_volume(vol, 0, landmarks={n: tpoints[n] for n in names})
+    from .pipeline import OneShot  # PyTorch: only once the dataset and landmarks are checked
+
     engine = OneShot(tpl, backend=backend, adapter=adapter, backend_options=options, seed=seed,
                      adapter_options=adapter_options).fit()
     targets = _spread([c for c in with_points if c.id != tcase.id], max_targets)

@@ -310,6 +310,12 @@ def load_state_dict(path) -> dict:
     return state
 
 
+#: The foundation-model backends built with timm: every registry entry that names a timm model.
+TIMM_BACKENDS = tuple(c.name for c in REGISTRY.values() if c.timm_name)
+#: Every feature backend's name, known without importing PyTorch (the command line's choices);
+#: ``features`` registers exactly these (a test holds it).
+BACKENDS = ("offline", *TIMM_BACKENDS, "sam")
+
 # What "auto" picks: the first of these whose checkpoint is in the weights cache, else the offline backend.
 # DINOv2 ViT-S/14 first: paper A's family, and 0.16-0.39 s a slice on a 2-core CPU (docs/results.md).
 AUTO_ORDER = ("d2s14", "d2b14", "d2l14", "d2g14", "d1s8", "d1b8", "d1s16", "d1b16", "d3s16", "d3b16")

@@ -25,10 +25,9 @@ import torch.nn.functional as F
 from .. import models
 from ..errors import FMOneShotError
 from ..threads import model_forward
+from ..weights import TIMM_BACKENDS  # paper names; each is a registry entry (weights.py) naming its timm model
 from .base import FeatureExtractor, log_bin, register
 
-# paper name -> registry entry (weights.py) holding the timm model name
-TIMM_BACKENDS = ("d1s8", "d1s16", "d1b8", "d1b16", "d2s14", "d2b14", "d2l14", "d2g14", "d3s16", "d3b16", "clip")
 DEFAULT_INPUT_SIZE = 448
 
 
