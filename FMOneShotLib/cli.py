@@ -189,12 +189,15 @@ def _segmenter_options(args) -> dict:
 
 def cmd_segment(args) -> int:
     from .image import read_volume, write_volume
+    from .template import color_table_path, write_color_table
 
     template = _template_from_args(args)
     if not template.labels:
         raise FMOneShotError("The template has no label to segment.", "add --positive NAME:X,Y points.")
     _check_targets(args.targets)
     paths = _output_paths(args.targets, Path(args.output), "-labels", args.format, args.force)
+    tables = [color_table_path(p) for p in paths]  # which value is which label, beside each label file
+    refuse_existing(tables, args.force, "choose another --output, or pass --force to overwrite.")
     if args.save_template:
         refuse_existing([args.save_template], args.force, "choose another --save-template name, or pass --force.")
     volumes = [read_volume(t, args.modality or template.modality) for t in args.targets]
@@ -207,11 +210,15 @@ def cmd_segment(args) -> int:
     for volume in volumes:
         with _progress(volume.name) as update:
             results.append(engine.apply(volume, progress=update))
-    for path, result in zip(paths, results):
+    for path, table, result in zip(paths, tables, results):
         path.parent.mkdir(parents=True, exist_ok=True)
         write_volume(result.labels, path, force=args.force)
+        write_color_table(template.labels, table, force=args.force)
         found = {n: int(result.present[:, i].sum()) for i, n in enumerate(result.label_names)}
-        print(f"{path}: " + ", ".join(f"{n} on {k} of {result.labels.n_slices} slices" for n, k in found.items()))
+        print(f"{path}: " + ", ".join(f"{n} on {k} of {len(result.present)} {result.orientation} slices"
+                                      for n, k in found.items()))
+    print("label values: " + ", ".join(f"{lb.value} {lb.name}" for lb in template.labels) + " (0 background); "
+          f"Slicer colour table beside each label file: {', '.join(str(t) for t in tables)}")
     if args.save_template:
         template.save(args.save_template, force=args.force)
         print(f"template saved to {args.save_template}")
@@ -274,8 +281,12 @@ def cmd_demo(args) -> int:
         print(f"  {name:8s} Dice {d:.3f} (mean over the slices that contain it); {empty}")
     print(f"  time {report.seconds:.2f} s for {report.n_slices} slices (fit {report.fit_seconds:.2f} s), "
           f"peak memory {report.peak_memory_mb:.0f} MB")
+    print("  label values: " + ", ".join(f"{v} {n}" for n, v in report.label_values.items()) + " (0 background)")
     for f in report.files:
         print(f"  wrote {f}")
+    print("  montage.png shows each slice as radiologists read it (anterior at the top, the patient's left on the "
+          "right); point coordinates (X = column, Y = row) count pixels in the file's storage order, which can be "
+          "flipped relative to that")
     return 0
 
 
@@ -472,7 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(s)
     template_args(s)
     s.add_argument("targets", nargs="+", help="target volumes (files or DICOM folders)")
-    s.add_argument("--positive", action="append", metavar="NAME:X,Y", help="a positive point (repeat)")
+    s.add_argument("--positive", action="append", metavar="NAME:X,Y", help="a positive point (repeat); X = column, "
+                   "Y = row of the slice in the file's storage order (a viewer may show it flipped)")
     s.add_argument("--negative", action="append", metavar="NAME:X,Y", help="a negative point (repeat)")
     s.add_argument("--mask", action="append", metavar="NAME:FILE", help="a painted mask of the template slice")
     s.add_argument("--output", "-o", required=True, help="a folder (one file per target) or, for one target, a file")
