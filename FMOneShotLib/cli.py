@@ -386,7 +386,8 @@ def cmd_weights(args) -> int:
         if args.json:
             print(json.dumps(rows, indent=1))
             return 0
-        print(f"cache: {Path(folder) if folder else W.cache_dir()} (set ${W.CACHE_ENV} or --cache to change)")
+        print(f"cache: {Path(folder) if folder else W.cache_dir()} (set ${W.CACHE_ENV} or --cache to change; "
+              "URLs: weights list --json)")
         print(f"  {'name':10s} {'model':24s} {'present':7s} {'checked by':32s} licence")
         for r in rows:
             print(f"  {r['name']:10s} {r['description']:24s} {'yes' if r['present'] else 'no':7s} {r['check']:32s} "
@@ -535,7 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("action", choices=["list", "download", "import", "verify"])
     w.add_argument("items", nargs="*", help="checkpoint names (download, verify) or the FILE to import")
     w.add_argument("--name", help="the checkpoint a file is imported as (import)")
-    w.add_argument("--cache", help="cache folder (default: $FMONESHOT_CACHE or ~/.cache/fmoneshot)")
+    w.add_argument("--cache", help="cache folder (default: $FMONESHOT_CACHE, else $XDG_CACHE_HOME/fmoneshot, else "
+                   "~/.cache/fmoneshot)")
     w.add_argument("--url", help="download from this mirror instead of the registry's URL")
     w.add_argument("--timeout", type=float, default=30.0, help="seconds without data before a download gives up")
     w.add_argument("--accept-licence", action="store_true", help="accept an opt-in licence (DINOv3)")

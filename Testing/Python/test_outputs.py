@@ -125,3 +125,15 @@ def test_landmark_pictures_use_the_colour_key(tmp_path):
     colours = {tuple(int(c) for c in pic[y, x]) for x, y in truth.values()}
     assert colours <= {REFERENCE_COLOR, FOUND_LANDMARK_COLOR}  # found landmarks can hide the reference
     assert FOUND_LANDMARK_COLOR in {tuple(int(c) for c in px) for px in pic.reshape(-1, 3)}
+
+
+def test_weights_list_names_the_cache_it_uses_and_where_the_urls_are(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("FMONESHOT_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert main(["weights", "list"]) == 0
+    printed = capsys.readouterr().out
+    assert f"cache: {tmp_path / 'xdg' / 'fmoneshot'} " in printed and "weights list --json" in printed
+    assert main(["weights", "list", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert next(r for r in rows if r["name"] == "sam_vit_b")["url"].endswith("/sam_vit_b_01ec64.pth")
+    assert not (tmp_path / "xdg").exists()  # listing creates nothing
