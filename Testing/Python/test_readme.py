@@ -23,7 +23,7 @@ def bash_blocks(text: str) -> list:
 
 
 def test_quick_start_is_two_commands_in_a_virtual_environment():
-    quick = bash_blocks((REPO / "README.md").read_text())[0]
+    quick = bash_blocks((REPO / "README.md").read_text(encoding="utf-8"))[0]
     assert len(quick) == 2
     assert quick[0].startswith("python3 -m venv .venv && . .venv/bin/activate") and "fmoneshot demo" in quick[0]
     assert "pytest" in quick[1]
@@ -32,7 +32,7 @@ def test_quick_start_is_two_commands_in_a_virtual_environment():
 
 def test_every_command_line_example_parses_and_its_inputs_exist():
     variables, written, checked = {}, set(), 0
-    for block in bash_blocks((REPO / "README.md").read_text())[1:]:
+    for block in bash_blocks((REPO / "README.md").read_text(encoding="utf-8"))[1:]:
         for command in block:
             if re.fullmatch(r"[A-Z_]+=\S+", command):
                 name, value = command.split("=", 1)
