@@ -4,7 +4,6 @@ writes). Running them all is Testing/Benchmarks' business: they take minutes."""
 
 import re
 import shlex
-from pathlib import Path
 
 import pytest
 
