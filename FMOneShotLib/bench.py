@@ -21,17 +21,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from scipy import ndimage as ndi
 
-from .correspond import correspond
 from .datasets import load_dataset
 from .demo import SAMPLE
 from .errors import FMOneShotError
 from .image import Volume, intensity_window, normalize, read_volume, write_volume
-from .pipeline import OneShot
 from .template import Template, sample_prompts
+from .threads import SMALL_WORK_THREADS, model_threads, set_model_threads, small_work
 
 BENCH_LABEL = "gallbladder"
 
@@ -56,7 +53,7 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0 if resource else float("nan")
 
 
-def naive_slice(engine: OneShot, image01: np.ndarray, spacing, name: str) -> dict:
+def naive_slice(engine, image01: np.ndarray, spacing, name: str) -> dict:
     """One slice the naive way (float32, pixel-level features, the segmenter whatever the slice holds);
     returns the seconds spent per stage."""
     if hasattr(engine.segmenter, "forget_encoding"):  # the naive path encodes every slice, even one the chain did
@@ -66,13 +63,19 @@ def naive_slice(engine: OneShot, image01: np.ndarray, spacing, name: str) -> dic
     for p in parts:
         p.precision = "fp32"
     try:
-        return _naive_slice(engine, image01, spacing, name)
+        with small_work():  # the thread policy of the chain, so that the comparison is of the paths alone
+            return _naive_slice(engine, image01, spacing, name)
     finally:
         for p, precision in zip(parts, saved):
             p.precision = precision
 
 
 def _naive_slice(engine, image01, spacing, name) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from .correspond import correspond
+
     t = {}
     s = time.perf_counter()
     with torch.inference_mode():
@@ -92,13 +95,29 @@ def _naive_slice(engine, image01, spacing, name) -> dict:
 
 def run_bench(slices: int = 100, size: int = 512, backend: str = "offline", segmenter: str = "auto",
               adapter: str | None = "auto", backend_options: dict | None = None, naive_slices: int = 3,
-              seed: int = 0, progress=None, segmenter_options: dict | None = None) -> dict:
+              seed: int = 0, progress=None, segmenter_options: dict | None = None, threads: int | None = None) -> dict:
+    """Run the benchmark; ``threads``: threads of the model forwards (None: PyTorch's own number; small-tensor
+    work always runs on :data:`~FMOneShotLib.threads.SMALL_WORK_THREADS`). Returns the figures as a dict."""
+    previous = set_model_threads(threads)
+    try:
+        return _run_bench(slices, size, backend, segmenter, adapter, backend_options, naive_slices, seed, progress,
+                          segmenter_options)
+    finally:
+        set_model_threads(previous)
+
+
+def _run_bench(slices, size, backend, segmenter, adapter, backend_options, naive_slices, seed, progress,
+               segmenter_options) -> dict:
     vol, ref = bench_volume(slices, size)
     value = load_dataset(SAMPLE).label_value(BENCH_LABEL)
     on = (ref == value).any(axis=(1, 2))
     z = int(np.argmax((ref == value).sum(axis=(1, 2))))
     pos, neg = sample_prompts(ref[z] == value, 5, 5, seed)
     template = Template.from_volume(vol, z, {BENCH_LABEL: pos}, {BENCH_LABEL: neg}, {BENCH_LABEL: ref[z] == value})
+    import torch  # only once the inputs are checked
+
+    from .pipeline import OneShot
+
     with tempfile.TemporaryDirectory() as tmp:
         src = write_volume(vol, Path(tmp) / "bench.nii.gz")
         t0 = time.perf_counter()
@@ -134,7 +153,7 @@ def run_bench(slices: int = 100, size: int = 512, backend: str = "offline", segm
         "segmenter": engine.segmenter.name, "device": getattr(engine.extractor, "device", "cpu"),
         "precision": {"features": getattr(engine.extractor, "precision", "fp32"),
                       "segmenter": getattr(engine.segmenter, "precision", "fp32")},
-        "threads": torch.get_num_threads(),
+        "threads": {"model_forwards": model_threads(), "small_work": SMALL_WORK_THREADS},
         "seconds": {"total": round(total, 3), **stages},
         "seconds_per_slice": round(total / volume.n_slices, 4),
         "adapter_ms_per_slice": round(1000 * result.timings["adapter"] / volume.n_slices, 2),

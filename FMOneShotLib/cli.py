@@ -18,9 +18,12 @@ from pathlib import Path
 
 from . import __version__
 from .errors import FMOneShotError, FMOneShotWarning
-from .features import available_backends, resolve_backend
 from .files import atomic_paths, check_folder, refuse_existing, refuse_inputs
 from .image import LABEL_EXTENSIONS
+from .weights import BACKENDS, resolve_backend
+
+# PyTorch and the modules that use it are imported inside the commands, after the inputs are checked: --help
+# and a one-line error do not wait seconds for it.
 
 SEGMENTER_HELP = "auto (SAM when its weights are in the cache, else offline), sam, offline or none"
 # Label volumes are 3D: every format the image writer knows except PNG.
@@ -269,8 +272,7 @@ def _segmenter_options(args) -> dict:
 
 def cmd_segment(args) -> int:
     from .image import read_volume, write_volume
-    from .pipeline import OneShot
-    from .template import template_files
+    from .template import color_table_path, template_files, write_color_table
 
     # every output is checked before anything is read or computed
     _check_targets(args.targets)
@@ -282,7 +284,10 @@ def cmd_segment(args) -> int:
                               extensions=(SEG_EXTENSION,))
     else:
         paths = _output_paths(args.targets, args.output, "-labels", args.format, args.force)
-    outputs = list(paths)
+    # which value is which label, beside each label file (DICOM SEG carries it in the file)
+    tables = [] if args.format == DICOM_SEG else [color_table_path(p) for p in paths]
+    refuse_existing(tables, args.force, "choose another --output, or pass --force to overwrite.")
+    outputs = list(paths) + tables
     if args.save_template:
         saved = template_files(args.save_template, adapter=args.adapter not in (None, "none"))
         for f in saved:
@@ -299,6 +304,8 @@ def cmd_segment(args) -> int:
             raise FMOneShotError(f"--output {path} is a PNG, and {volume.name} is a volume of {volume.n_slices} "
                                  "slices; PNG holds one 2D image.",
                                  f"end --output with one of {', '.join(LABEL_FORMATS)}.")
+    from .pipeline import OneShot
+
     engine = OneShot(template, backend=args.backend, adapter=args.adapter, segmenter=args.segmenter,
                      seed=args.seed, adapter_options=_adapter_options(args), backend_options=_backend_options(args),
                      segmenter_options=_segmenter_options(args)).fit()
@@ -315,9 +322,12 @@ def cmd_segment(args) -> int:
                             force=args.force)
         else:
             write_volume(result.labels, path, force=args.force)
+            write_color_table(template.labels, tables[k], force=args.force)
         found = {n: int(result.present[:, i].sum()) for i, n in enumerate(result.label_names)}
         print(f"{path}: " + ", ".join(f"{n} on {k} of {len(result.present)} {result.orientation} slices"
                                       for n, k in found.items()))
+    print("label values: " + ", ".join(f"{lb.value} {lb.name}" for lb in template.labels) + " (0 background)"
+          + (f"; Slicer colour table beside each label file: {', '.join(str(t) for t in tables)}" if tables else ""))
     if args.save_template:
         template.save(args.save_template, force=args.force)
         print(f"template saved to {args.save_template}")
@@ -326,7 +336,6 @@ def cmd_segment(args) -> int:
 
 def cmd_localize(args) -> int:
     from .image import read_volume
-    from .pipeline import OneShot
 
     _check_targets(args.targets)
     out = Path(args.output)
@@ -339,6 +348,8 @@ def cmd_localize(args) -> int:
     if not template.landmark_names:
         raise FMOneShotError("The template has no landmark.", "add --landmark NAME:X,Y, or use a landmark template.")
     volumes = [read_volume(t, args.modality or template.modality) for t in args.targets]
+    from .pipeline import OneShot
+
     engine = OneShot(template, backend=args.backend, adapter=args.adapter, seed=args.seed, segmenter="offline",
                      adapter_options=_adapter_options(args), backend_options=_backend_options(args)).fit()
     rows = []
@@ -421,8 +432,12 @@ def cmd_demo(args) -> int:
         print(f"  {name:8s} Dice {d:.3f} (mean over the slices that contain it); {empty}")
     print(f"  time {report.seconds:.2f} s for {report.n_slices} slices (fit {report.fit_seconds:.2f} s), "
           f"peak memory {report.peak_memory_mb:.0f} MB")
+    print("  label values: " + ", ".join(f"{v} {n}" for n, v in report.label_values.items()) + " (0 background)")
     for f in report.files:
         print(f"  wrote {f}")
+    print("  montage.png shows each slice as radiologists read it (anterior at the top, the patient's left on the "
+          "right); point coordinates (X = column, Y = row) count pixels in the file's storage order, which can be "
+          "flipped relative to that")
     return 0
 
 
@@ -498,12 +513,14 @@ def cmd_bench(args) -> int:
     with _progress("bench") as update:
         r = run_bench(args.slices, args.size, backend=args.backend, segmenter=args.segmenter, adapter=args.adapter,
                       backend_options=_backend_options(args), segmenter_options=_segmenter_options(args),
-                      naive_slices=args.naive_slices, seed=args.seed, progress=update)
+                      naive_slices=args.naive_slices, seed=args.seed, progress=update, threads=args.threads)
     v, sec = r["volume"], r["seconds"]
     print(f"FMOneShot bench: {v['slices']} slices of {v['size'][0]}x{v['size'][1]}, {v['structure']} on "
           f"{v['slices_with_structure']} slices (found on {v['slices_found']}); backend {r['backend']}, adapter "
-          f"{r['adapter']}, segmenter {r['segmenter']}, {r['device']}, {r['threads']} threads, precision "
+          f"{r['adapter']}, segmenter {r['segmenter']}, {r['device']}, precision "
           f"{r['precision']['features']} (features) / {r['precision']['segmenter']} (segmenter)")
+    print(f"  threads: {r['threads']['model_forwards']} for model forwards, {r['threads']['small_work']} for "
+          "small-tensor work (adapters, offline features, correspondences)")
     print(f"  total {sec['total']:.2f} s = {r['seconds_per_slice'] * 1000:.1f} ms per slice")
     for stage in ("io", "fit", "features", "adapter", "correspondence", "segmenter"):
         print(f"    {stage:15s} {sec.get(stage, 0.0):8.2f} s")
@@ -528,7 +545,8 @@ def cmd_weights(args) -> int:
         if args.json:
             print(json.dumps(rows, indent=1))
             return 0
-        print(f"cache: {Path(folder) if folder else W.cache_dir()} (set ${W.CACHE_ENV} or --cache to change)")
+        print(f"cache: {Path(folder) if folder else W.cache_dir()} (set ${W.CACHE_ENV} or --cache to change; "
+              "URLs: weights list --json)")
         print(f"  {'name':10s} {'model':24s} {'present':7s} {'checked by':32s} licence")
         for r in rows:
             print(f"  {r['name']:10s} {r['description']:24s} {'yes' if r['present'] else 'no':7s} {r['check']:32s} "
@@ -571,7 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp):
-        sp.add_argument("--backend", default="offline", choices=["auto", *available_backends()],
+        sp.add_argument("--backend", default="offline", choices=["auto", *BACKENDS],
                         help="feature backend (auto: the first foundation model with downloaded weights, else offline)")
         sp.add_argument("--seed", type=int, default=0, help="random seed (prompt sampling, adapter training)")
         sp.add_argument("--force", action="store_true", help="overwrite existing output files")
@@ -625,7 +643,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(s)
     template_args(s)
     s.add_argument("targets", nargs="+", help="target volumes (files or DICOM folders)")
-    s.add_argument("--positive", action="append", metavar="NAME:X,Y", help="a positive point (repeat)")
+    s.add_argument("--positive", action="append", metavar="NAME:X,Y", help="a positive point (repeat); X = column, "
+                   "Y = row of the slice in the file's storage order (a viewer may show it flipped)")
     s.add_argument("--negative", action="append", metavar="NAME:X,Y", help="a negative point (repeat)")
     s.add_argument("--mask", action="append", metavar="NAME:FILE", help="a painted mask of the template slice")
     s.add_argument("--output", "-o", required=True, help="a folder (one file per target) or, for one target, a file")
@@ -690,6 +709,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--adapter", default="auto", help="auto, none, basic, classification or contrastive")
     b.add_argument("--naive-slices", type=int, default=3, help="slices the naive path is measured on")
     b.add_argument("--json", help="also write the figures to this .json file")
+    b.add_argument("--threads", type=int, help="CPU threads of the model forwards (default: PyTorch's, the cores "
+                   "or $OMP_NUM_THREADS); small-tensor work always runs on one (docs/results.md, Threads)")
     model_args(b)
     b.set_defaults(func=cmd_bench)
 
@@ -697,7 +718,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("action", choices=["list", "download", "import", "verify"])
     w.add_argument("items", nargs="*", help="checkpoint names (download, verify) or the FILE to import")
     w.add_argument("--name", help="the checkpoint a file is imported as (import)")
-    w.add_argument("--cache", help="cache folder (default: $FMONESHOT_CACHE or ~/.cache/fmoneshot)")
+    w.add_argument("--cache", help="cache folder (default: $FMONESHOT_CACHE, else $XDG_CACHE_HOME/fmoneshot, else "
+                   "~/.cache/fmoneshot)")
     w.add_argument("--url", help="download from this mirror instead of the registry's URL")
     w.add_argument("--timeout", type=float, default=30.0, help="seconds without data before a download gives up")
     w.add_argument("--accept-licence", action="store_true", help="accept an opt-in licence (DINOv3)")

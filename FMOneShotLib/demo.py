@@ -7,7 +7,7 @@ try:
 except ImportError:  # Windows: the library imports, the figure is nan
     resource = None
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +17,7 @@ from .errors import FMOneShotError
 from .files import refuse_existing
 from .image import intensity_window, normalize, write_volume
 from .metrics import dice
-from .pipeline import OneShot
-from .template import Label, Template, sample_prompts
+from .template import Label, Template, color_table_path, sample_prompts, write_color_table
 from .viz import montage
 
 SAMPLE = Path(__file__).resolve().parents[1] / "Testing" / "Data" / "totalseg-ct-small"
@@ -40,8 +39,9 @@ class DemoReport:
     seconds: float
     fit_seconds: float
     peak_memory_mb: float
-    files: list
+    files: list  # every file written, in the order written
     segmenter: str = "offline"
+    label_values: dict = field(default_factory=dict)  # label -> its value in the label file
 
 
 def run_demo(output_dir, data=SAMPLE, labels=DEMO_LABELS, backend: str = "offline", segmenter: str = "auto",
@@ -54,8 +54,8 @@ def run_demo(output_dir, data=SAMPLE, labels=DEMO_LABELS, backend: str = "offlin
     ds = load_dataset(data)
     case = ds.cases[0]
     out = Path(output_dir)
-    files = [out / f"{case.id}-labels.nii.gz", out / "montage.png", out / "template.json"]
-    refuse_existing(files, force, "pass --force to overwrite them, or choose another --output folder.")
+    labels_file, montage_file, template_file = (out / f"{case.id}-labels.nii.gz", out / "montage.png",
+                                                out / "template.json")
     values = [ds.label_value(n) for n in labels]  # unknown names fail here, before anything is read
     volume = case.read_image()
     reference = case.read_mask(volume)
@@ -67,6 +67,10 @@ def run_demo(output_dir, data=SAMPLE, labels=DEMO_LABELS, backend: str = "offlin
     template = Template.from_volume(volume, z, positive, negative, masks,
                                     labels=[Label(n, v) for n, v in zip(labels, values)],
                                     settings={"backend": backend, "segmenter": segmenter})
+    files = [labels_file, color_table_path(labels_file), montage_file, *template.files(template_file, adapter=True)]
+    refuse_existing(files, force, "pass --force to overwrite them, or choose another --output folder.")
+    from .pipeline import OneShot  # PyTorch: only once the inputs are checked
+
     t0 = time.perf_counter()
     engine = OneShot(template, backend=backend, segmenter=segmenter, seed=seed, backend_options=backend_options,
                      segmenter_options=segmenter_options).fit()
@@ -80,12 +84,14 @@ def run_demo(output_dir, data=SAMPLE, labels=DEMO_LABELS, backend: str = "offlin
         scores[name] = float(np.mean([dice(pred[k], ref[k]) for k in on]))
         empty[name] = float(np.mean([not pred[k].any() for k in off])) if off else float("nan")
     out.mkdir(parents=True, exist_ok=True)
-    write_volume(result.labels, files[0], force=force)
+    write_volume(result.labels, labels_file, force=force)
+    write_color_table(template.labels, color_table_path(labels_file), force=force)
     shown = np.where(np.isin(reference, values), reference, 0)
     montage(normalize(volume.array, intensity_window(volume)), result.labels.array,
-            {lb.value: lb.color for lb in template.labels}, files[1], reference=shown,
+            {lb.value: lb.color for lb in template.labels}, montage_file, reference=shown,
             direction=volume.direction)
-    template.save(files[2], force=force)
+    template.save(template_file, force=force)
+    files = [labels_file, color_table_path(labels_file), montage_file, *template.files(template_file)]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0 if resource else float("nan")
     return DemoReport(z, volume.n_slices, scores, empty, seconds, engine.fit_seconds, peak, [str(f) for f in files],
-                      engine.segmenter.name)
+                      engine.segmenter.name, dict(zip(labels, values)))

@@ -32,9 +32,9 @@ from .errors import FMOneShotError
 from .files import atomic_paths, check_folder, refuse_existing
 from .image import Volume, intensity_window, normalize
 from .metrics import dice, distances, iou, prompt_accuracy
-from .pipeline import OneShot
 from .template import Label, Template, default_color, sample_prompts
-from .viz import mark_points, overlay, radiological, write_png
+from .viz import (COLOR_KEY, FOUND_LANDMARK_COLOR, NEGATIVE_COLOR, POSITIVE_COLOR, REFERENCE_COLOR, mark_points,
+                  overlay, radiological, write_png)
 
 SEGMENTATION_KEYS = ("dataset", "task", "backend", "adapter", "segmenter", "template", "labels", "mean_dice",
                      "seconds")
@@ -163,6 +163,8 @@ def _evaluate_segmentation(dataset, labels, backend, options, adapter, segmenter
         mask = ref[z] == value
         pos, neg = sample_prompts(mask, points, points, seed)
         tpl = Template.from_volume(vol, z, {name: pos}, {name: neg}, {name: mask}, labels=[Label(name, value)])
+        from .pipeline import OneShot  # PyTorch: only once the dataset and labels are checked
+
         engine = OneShot(tpl, backend=backend, adapter=adapter, segmenter=segmenter, backend_options=options,
                          seed=seed, adapter_options=adapter_options, segmenter_options=segmenter_options).fit()
         tpl_info[name] = {"case": tcase.id, "slice": z}
@@ -197,8 +199,8 @@ def _evaluate_segmentation(dataset, labels, backend, options, adapter, segmenter
                     if keep_pictures:
                         pic = overlay(normalize(tvol.array[k], window), pred[k].astype(np.uint8),
                                       {1: default_color(value)}, reference=r)
-                        mark_points(pic, p_xy, (0, 255, 0), 3)
-                        mark_points(pic, n_xy, (255, 0, 0), 3)
+                        mark_points(pic, p_xy, POSITIVE_COLOR, 3)
+                        mark_points(pic, n_xy, NEGATIVE_COLOR, 3)
                         pictures.append(Target(name, case.id, k, d, radiological(pic, tvol.direction)))
                 scores["empty"] += [not pred[k].any() for k in want_off]
             done += 1
@@ -214,8 +216,9 @@ def _evaluate_segmentation(dataset, labels, backend, options, adapter, segmenter
             "empty_slice_accuracy": _round(_mean(scores["empty"])),
         }
     summary = {
-        "dataset": dataset.name, "task": "segmentation", "backend": backend,
-        "adapter": adapter or "none", "segmenter": engine.segmenter.name,
+        # what ran, not what was asked for ("auto")
+        "dataset": dataset.name, "task": "segmentation", "backend": engine.extractor.settings()["backend"],
+        "adapter": engine.adapter.name if engine.adapter is not None else "none", "segmenter": engine.segmenter.name,
         "template": {"points": points, "seed": seed, "max_targets": max_targets, "labels": tpl_info,
                      "features": engine.extractor.settings()},
         "labels": per_label,
@@ -240,6 +243,8 @@ def _evaluate_landmarks(dataset, names, backend, options, adapter, template_id, 
                              f"choose landmarks it has: {', '.join(tpoints)}.")
     vol = cases.image(tcase)
     tpl = Template.from_volume(vol, 0, landmarks={n: tpoints[n] for n in names})
+    from .pipeline import OneShot  # PyTorch: only once the dataset and landmarks are checked
+
     engine = OneShot(tpl, backend=backend, adapter=adapter, backend_options=options, seed=seed,
                      adapter_options=adapter_options).fit()
     targets = _spread([c for c in with_points if c.id != tcase.id], max_targets)
@@ -262,8 +267,8 @@ def _evaluate_landmarks(dataset, names, backend, options, adapter, template_id, 
             rows[n]["mm"].append(d_mm)
         if keep_pictures and len(common):
             pic = overlay(normalize(tvol.array[0], intensity_window(tvol)), np.zeros(tvol.slice_shape, np.uint8), {})
-            mark_points(pic, truth, (0, 255, 0), 6)
-            mark_points(pic, pred, (255, 0, 0), 6)
+            mark_points(pic, truth, REFERENCE_COLOR, 6)
+            mark_points(pic, pred, FOUND_LANDMARK_COLOR, 6)
             pictures.append(Target("all", case.id, 0, float(np.mean(px)), pic))
         if progress is not None:
             progress(done, len(targets))
@@ -274,7 +279,8 @@ def _evaluate_landmarks(dataset, names, backend, options, adapter, template_id, 
                   "within_10px": _round(_mean([d <= WITHIN_PX for d in r["px"]]))}
     all_px = [d for r in rows.values() for d in r["px"]]
     summary = {
-        "dataset": dataset.name, "task": "landmarks", "backend": backend, "adapter": adapter or "none",
+        "dataset": dataset.name, "task": "landmarks", "backend": engine.extractor.settings()["backend"],
+        "adapter": engine.landmark_adapter.name if engine.landmark_adapter is not None else "none",
         "segmenter": "none",
         "template": {"case": tcase.id, "seed": seed, "max_targets": max_targets, "targets": len(targets),
                      "features": engine.extractor.settings()},
@@ -338,8 +344,7 @@ def write_report(summary: dict, targets: list, folder, force: bool = False) -> P
                          f"| {_fmt(r['iou'])} | {_fmt(r['acc_pos'])} | {_fmt(r['acc_neg'])} | {r['targets']} "
                          f"| {_fmt(r['empty_slice_accuracy'])} |")
         lines += ["", f"Mean Dice over the labels: **{_fmt(summary['mean_dice'])}**.", "",
-                  "Pictures: prediction tinted, reference outlined in white, corresponding positive points green, "
-                  "negative points red."]
+                  f"Pictures: {COLOR_KEY['segmentation']}."]
     else:
         lines += [f"Template: case {summary['template']['case']}; {summary['template']['targets']} targets.", "",
                   "| landmark | NED | mean px | mean mm | within 10 px |", "|---|---|---|---|---|"]
@@ -348,7 +353,7 @@ def write_report(summary: dict, targets: list, folder, force: bool = False) -> P
                          f"| {_fmt(r['within_10px'], 2)} |")
         lines += ["", f"Overall: NED **{_fmt(summary['mean_ned'], 4)}**, within 10 px "
                   f"**{_fmt(summary['within_10px'], 2)}**.", "",
-                  "Pictures: reference landmarks green, found landmarks red."]
+                  f"Pictures: {COLOR_KEY['landmarks']}."]
     unit = "Dice" if summary["task"] == "segmentation" else "mean distance (px)"
     for label, chosen in picks.items():
         lines += ["", f"## {label}", ""]

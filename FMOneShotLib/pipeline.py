@@ -37,6 +37,7 @@ from .image import BLANK_SPREAD, Volume, intensity_window, label_volume, normali
 from .postprocess import drop_minor_components, keep_components
 from .segmenters import Segmenter, create_segmenter
 from .template import Template
+from .threads import small_work
 
 
 class Cancelled(Exception):
@@ -117,6 +118,12 @@ class OneShot:
             return self.standardizer(self.extractor.extract(images, pixel_spacing))
 
     def fit(self) -> "OneShot":
+        """Features of the template, its queries and masks, and the adapter (trained, or the saved one reused).
+        Runs on one PyTorch thread except the model forwards (:mod:`FMOneShotLib.threads`)."""
+        with small_work():
+            return self._fit()
+
+    def _fit(self) -> "OneShot":
         t0 = time.perf_counter()
         tpl = self.template
         self.extractor = create_extractor(self.backend, **self.backend_options)
@@ -222,8 +229,13 @@ class OneShot:
         Slices are taken in the template's plane (``Template.orientation``: for a sagittal template, the
         volume's sagittal slices); the label volume comes back on the volume's own grid.
         ``progress(done, total)`` is called after each slice; ``cancel()`` returning True stops within one
-        slice by raising :class:`Cancelled`.
+        slice by raising :class:`Cancelled`. Runs on one PyTorch thread except the model forwards
+        (:mod:`FMOneShotLib.threads`).
         """
+        with small_work():
+            return self._apply(volume, progress, cancel, slices)
+
+    def _apply(self, volume: Volume, progress: Callable | None, cancel: Callable | None, slices) -> Result:
         if self.extractor is None:
             self.fit()
         tpl = self.template

@@ -22,6 +22,7 @@ from .correspond import similarity_maps, upsample
 from .errors import FMOneShotError
 from .features import sample_features
 from .postprocess import keep_components, smooth
+from .threads import model_forward
 
 
 class Segmenter(ABC):
@@ -107,7 +108,7 @@ class SamSegmenter(Segmenter):
             return
         rgb = np.repeat((np.clip(image, 0, 1) * 255).round().astype(np.uint8)[..., None], 3, axis=2)
         t = time.perf_counter()
-        with torch.inference_mode(), models.autocast(self.device, self.precision):
+        with torch.inference_mode(), model_forward(), models.autocast(self.device, self.precision):
             self.predictor.set_image(rgb)
         self.predictor.features = self.predictor.features.float()
         self.forward_seconds += time.perf_counter() - t

@@ -21,7 +21,7 @@ from scipy import ndimage as ndi
 
 from .errors import FMOneShotError
 from .files import atomic_paths, check_folder, refuse_existing
-from .image import BLANK_SPREAD, MODALITIES, ORIENTATIONS, Volume, intensity_window, normalize
+from .image import BLANK_SPREAD, LABEL_EXTENSIONS, MODALITIES, ORIENTATIONS, Volume, intensity_window, normalize
 from .terminology import Terminology, for_name
 
 FORMAT = "fmoneshot-template"
@@ -92,6 +92,30 @@ def check_schema(doc, where) -> None:
 
 def default_color(value: int) -> tuple:
     return PALETTE[(value - 1) % len(PALETTE)]
+
+
+def color_table_path(labels_path) -> Path:
+    """The colour table written beside a label volume: its name with the image extension replaced by
+    ``.ctbl`` (``ct-labels.nii.gz`` -> ``ct-labels.ctbl``)."""
+    labels_path = Path(labels_path)
+    ext = next((e for e in LABEL_EXTENSIONS if labels_path.name.endswith(e)), labels_path.suffix)
+    return labels_path.with_name(labels_path.name[:len(labels_path.name) - len(ext)] + ".ctbl")
+
+
+def write_color_table(labels: list, path, force: bool = False) -> Path:
+    """Write which value is which label (``labels``: :class:`Label` list) to ``path`` in Slicer's colour-table
+    text format (``.ctbl``, read by vtkMRMLColorTableStorageNode, i.e. File > Add Data in Slicer): comment
+    lines, then ``VALUE NAME R G B A`` per line, 0 Background first, colours 0-255. Slicer's convention for
+    names applies: a space is written as ``_``, and an ``_`` is read back as a space (``kidney_right`` shows
+    as "kidney right" in Slicer). Refuses to overwrite unless ``force``; never leaves half a file."""
+    path = Path(path)
+    refuse_existing([path], force)
+    lines = ["# FMOneShot label values: VALUE NAME R G B A (a Slicer colour table)", "0 Background 0 0 0 0"]
+    for lb in sorted(labels, key=lambda lb: lb.value):
+        lines.append(f"{lb.value} {'_'.join(lb.name.split())} {' '.join(str(int(c)) for c in lb.color)} 255")
+    with atomic_paths(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    return path
 
 
 @dataclass
@@ -280,6 +304,20 @@ class Template:
         return h.hexdigest()
 
     # ------------------------------------------------------------------ files
+    def files(self, path, adapter: bool | None = None) -> list:
+        """Every file :meth:`save` writes for ``path``: the side files, then ``path`` itself last.
+        ``adapter``: whether the trained adapter's file is among them (default: whether one is held; True
+        before a fit that will train one)."""
+        path = Path(path)
+        names = []
+        for k, s in enumerate(self.slices):
+            names.append(side_file(path, k))
+            if s.masks:
+                names.append(side_file(path, k, "masks"))
+        if self.adapter if adapter is None else adapter:
+            names.append(side_file(path, None, "adapter"))
+        return [path.with_name(n) for n in names] + [path]
+
     def save(self, path, force: bool = False) -> Path:
         """Write ``path`` (.json) and its NRRD side files; refuse to overwrite unless ``force``."""
         path = Path(path)
@@ -293,7 +331,7 @@ class Template:
                 stack = np.stack([s.masks.get(n, np.zeros(s.image.shape, bool)) for n in self.label_names])
                 side[side_file(path, k, "masks")] = _image(stack.astype(np.uint8), s.pixel_spacing)
         adapter_file = side_file(path, None, "adapter")
-        targets = [path.with_name(n) for n in side] + ([path.with_name(adapter_file)] if self.adapter else []) + [path]
+        targets = self.files(path)
         for target in targets:
             check_folder(target)
         refuse_existing(targets, force, "choose another template name, or pass --force (force=True) to overwrite.")
@@ -321,9 +359,11 @@ class Template:
             for tmp, img in zip(temps, side.values()):
                 sitk.WriteImage(img, str(tmp), True)
             if self.adapter:
-                from safetensors.torch import save_file
+                from safetensors.torch import save
 
-                save_file(self.adapter_tensors, str(temps[-2]))
+                # bytes written by Python: the permissions of every other file (safetensors' own writer
+                # creates the file 0600)
+                temps[-2].write_bytes(save(self.adapter_tensors))
             temps[-1].write_text(json.dumps(doc, indent=1))
         return path
 

@@ -8,11 +8,22 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage as ndi
 
+# One meaning per colour in every picture (montages, segmentation and landmark reports): the reference is
+# white (outlines, landmarks); what FMOneShot found is tinted in the label's colour (regions) or yellow
+# (landmarks); corresponding positive points are green and negative points red.
+REFERENCE_COLOR = (255, 255, 255)
+FOUND_LANDMARK_COLOR = (255, 220, 0)
+POSITIVE_COLOR = (0, 255, 0)
+NEGATIVE_COLOR = (255, 0, 0)
+COLOR_KEY = {"segmentation": "prediction tinted in the label's colour, reference outlined in white, corresponding "
+                             "positive points green, negative points red",
+             "landmarks": "reference landmarks white, found landmarks yellow"}
+
 
 def overlay(image01: np.ndarray, labels: np.ndarray, colors: dict, reference: np.ndarray | None = None,
             alpha: float = 0.45) -> np.ndarray:
     """RGB uint8 (H, W, 3): the image in grey, each label value tinted with ``colors[value]``; the outline
-    of a reference label map, when given, in white."""
+    of a reference label map, when given, in white (:data:`REFERENCE_COLOR`)."""
     grey = (np.clip(image01, 0, 1) * 255).astype(np.float32)
     rgb = np.repeat(grey[..., None], 3, axis=-1)
     for value, color in colors.items():
@@ -20,7 +31,7 @@ def overlay(image01: np.ndarray, labels: np.ndarray, colors: dict, reference: np
         rgb[m] = (1 - alpha) * rgb[m] + alpha * np.asarray(color, np.float32)
     if reference is not None:
         edge = (reference > 0) & ~ndi.binary_erosion(reference > 0)
-        rgb[edge] = 255
+        rgb[edge] = REFERENCE_COLOR
     return rgb.astype(np.uint8)
 
 

@@ -210,7 +210,8 @@ def download(name, folder=None, url: str | None = None, progress: Callable | boo
 
     ``progress``: True for a console bar, a callable ``progress(done_bytes, total_bytes)`` (the Slicer dialog),
     or False. ``url`` replaces the registry's (a mirror). A file whose sha256 does not match the published one
-    is deleted and refused.
+    is deleted and refused. A download that fails keeps a partial file only where it holds bytes to resume
+    from, and leaves no folder it created empty.
     """
     entry = checkpoint(name)
     if entry.opt_in and not accept_licence:
@@ -219,6 +220,7 @@ def download(name, folder=None, url: str | None = None, progress: Callable | boo
     path = local_path(entry, folder)
     if path.is_file():
         return verify(entry, folder)
+    new_folders = [d for d in (path.parent, *path.parent.parents) if not d.exists()]  # deepest first
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(path.name + ".part")
     url = url or entry.url
@@ -250,13 +252,15 @@ def download(name, folder=None, url: str | None = None, progress: Callable | boo
         if exc.code == 416 and have:  # the partial file is already complete
             pass
         else:
-            raise FMOneShotError(f"The server refused {url}: HTTP {exc.code} {exc.reason}.",
+            kept = _after_failure(part, new_folders)
+            raise FMOneShotError(f"The server refused {url}: HTTP {exc.code} {exc.reason}. {kept}",
                                  f"try again later, or {how_to_get(entry, folder)}") from None
     except (urllib.error.URLError, TimeoutError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise FMOneShotError(f"Cannot download {url}: {reason}. The partial file {part} is kept.",
-                             f"check the connection and run the download again (it resumes), or "
-                             f"{how_to_get(entry, folder)}") from None
+        kept = _after_failure(part, new_folders)
+        raise FMOneShotError(f"Cannot download {url}: {reason}. {kept}",
+                             f"check the connection and run the download again"
+                             f"{' (it resumes)' if part.exists() else ''}, or {how_to_get(entry, folder)}") from None
     try:
         digest = check_published(entry, part, f"The downloaded {url}", "it was deleted and not loaded",
                                  f"download again; if it keeps failing, {how_to_get(entry, folder)}")
@@ -264,10 +268,26 @@ def download(name, folder=None, url: str | None = None, progress: Callable | boo
                            f"download again from the registry's URL; if it keeps failing, {how_to_get(entry, folder)}")
     except FMOneShotError:
         part.unlink()
+        _after_failure(part, new_folders)
         raise
     os.replace(part, path)
     _accept(entry, path, digest)
     return path
+
+
+def _after_failure(part: Path, new_folders: list) -> str:
+    """After a failed download: an empty partial file and the empty folders the download created are removed.
+    Returns the sentence that says what was kept."""
+    if part.exists() and part.stat().st_size == 0:
+        part.unlink()
+    for folder in new_folders:  # deepest first; a folder with anything in it stays
+        try:
+            folder.rmdir()
+        except OSError:
+            break
+    if part.exists():
+        return f"The partial file {part} ({part.stat().st_size} bytes) is kept."
+    return "Nothing was written."
 
 
 def import_file(source, name, folder=None, force: bool = False) -> Path:
@@ -400,6 +420,12 @@ def check_architecture(entry: Checkpoint, path, what: str, consequence: str, fix
         raise FMOneShotError(f"{what} does not fit {entry.description} ({entry.timm_name}): {'; '.join(parts)}; "
                              f"{consequence}.", fix)
 
+
+#: The foundation-model backends built with timm: every registry entry that names a timm model.
+TIMM_BACKENDS = tuple(c.name for c in REGISTRY.values() if c.timm_name)
+#: Every feature backend's name, known without importing PyTorch (the command line's choices);
+#: ``features`` registers exactly these (a test holds it).
+BACKENDS = ("offline", *TIMM_BACKENDS, "sam")
 
 # What "auto" picks: the first of these whose checkpoint is in the weights cache, else the offline backend.
 # DINOv2 ViT-S/14 first: paper A's family, and 0.16-0.39 s a slice on a 2-core CPU (docs/results.md).

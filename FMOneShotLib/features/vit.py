@@ -24,10 +24,10 @@ import torch.nn.functional as F
 
 from .. import models
 from ..errors import FMOneShotError
+from ..threads import model_forward
+from ..weights import TIMM_BACKENDS  # paper names; each is a registry entry (weights.py) naming its timm model
 from .base import FeatureExtractor, log_bin, register
 
-# paper name -> registry entry (weights.py) holding the timm model name
-TIMM_BACKENDS = ("d1s8", "d1s16", "d1b8", "d1b16", "d2s14", "d2b14", "d2l14", "d2g14", "d3s16", "d3b16", "clip")
 DEFAULT_INPUT_SIZE = 448
 
 
@@ -110,7 +110,7 @@ class TimmViTFeatures(FeatureExtractor):
     def extract(self, slices: np.ndarray, pixel_spacing=(1.0, 1.0)) -> torch.Tensor:
         x = self.preprocess(slices)
         out = []
-        with torch.inference_mode(), models.autocast(self.device, self.precision):
+        with torch.inference_mode(), model_forward(), models.autocast(self.device, self.precision):
             for start in range(0, len(x), self.batch_size):
                 f = self.forward(x[start:start + self.batch_size].to(self.device))
                 if self.log_bin_levels:
@@ -187,7 +187,7 @@ class SamEncoderFeatures(FeatureExtractor):
         h, w = self.grid_shape(slices.shape[1:])
         x = self.preprocess(slices)
         out = []
-        with torch.inference_mode(), models.autocast(self.device, self.precision):
+        with torch.inference_mode(), model_forward(), models.autocast(self.device, self.precision):
             for start in range(0, len(x), self.batch_size):
                 f = self.sam.image_encoder(x[start:start + self.batch_size].to(self.device))[:, :, :h, :w]
                 if self.log_bin_levels:

@@ -11,6 +11,15 @@ from FMOneShotLib.metrics import dice
 from FMOneShotLib.pipeline import OneShot
 from FMOneShotLib.template import Template, sample_prompts
 
+# Figures of the offline chain differ between CPUs (their floating-point kernels round differently, and 200
+# training steps carry the difference on). Measured on two 2-core machines, an Intel Xeon with AMX (the
+# figures of docs/results.md before issue 20) and an AMD EPYC with AVX-512 (issue 20): CHAOS mean Dice
+# moved by up to 0.033, one organ's Dice by up to 0.13 (spleen 0.408 / 0.536). A quality bound below is the
+# lower of the measured figures less one of these tolerances, so it holds on any CPU that moves the figures
+# no more than these two did.
+MEAN_DICE_TOLERANCE = 0.04
+ORGAN_TOLERANCE = 0.15
+
 
 def test_demo_quality_and_files(tmp_path, sample):
     report = run_demo(tmp_path, data=sample)
@@ -49,25 +58,31 @@ def test_multilabel_in_one_pass_matches_single_label_runs(sample):
 def test_adapters_across_subjects_chaos(chaos):
     """Issue 5's protocol, as ``fmoneshot eval`` runs it: per organ, the template is chaos-1's largest slice of
     it (points and painted mask); targets: every slice of the other three subjects. Measured mean Dice over
-    the organs' slices: basic 0.190, classification 0.615, contrastive 0.599; classification trained with
-    template augmentation 0.642. (Issue 5 asks 0.65 of the contrastive adapter: not reached, docs/results.md.)"""
+    the organs' slices (Xeon / EPYC): basic 0.190 / 0.190, classification 0.615 / 0.648, contrastive 0.599 /
+    0.609; classification trained with template augmentation 0.642 / 0.646, i.e. +0.027 on one CPU and
+    -0.002 on the other: augmentation is asserted not to hurt, not to help. (Issue 5 asks 0.65 of the
+    contrastive adapter: not reached, docs/results.md.)"""
     runs = {"basic": ("basic", {}), "classification": ("classification", {}), "contrastive": ("contrastive", {}),
             "classification+augment": ("classification", {"augment": True})}
     summaries = {k: evaluate(chaos, adapter=a, adapter_options=o)[0] for k, (a, o) in runs.items()}
     dice_of = {k: s["mean_dice"] for k, s in summaries.items()}
-    print("CHAOS across subjects, mean Dice:", dice_of)
+    print("CHAOS across subjects, mean Dice:", dice_of, "; right kidney's empty slices left empty:",
+          summaries["classification"]["labels"]["kidney_right"]["empty_slice_accuracy"])
     assert all(set(s["labels"]) == {"liver", "kidney_right", "kidney_left", "spleen"} for s in summaries.values())
-    assert dice_of["classification"] >= 0.58 and dice_of["contrastive"] >= 0.57
+    assert dice_of["classification"] >= 0.615 - MEAN_DICE_TOLERANCE
+    assert dice_of["contrastive"] >= 0.599 - MEAN_DICE_TOLERANCE
+    # the trained adapters are far above the thresholded similarity (by 0.41-0.46 measured)
     assert min(dice_of["classification"], dice_of["contrastive"]) >= dice_of["basic"] + 0.3
-    assert dice_of["classification+augment"] >= dice_of["classification"] + 0.01  # augmentation helps here
-    # slices without the organ: the right kidney's are mostly left empty (0.76 measured), the others less often
-    assert summaries["classification"]["labels"]["kidney_right"]["empty_slice_accuracy"] >= 0.7
+    assert dice_of["classification+augment"] >= dice_of["classification"] - MEAN_DICE_TOLERANCE
+    # slices without the organ: the right kidney's are mostly left empty (0.76 / 0.758 measured)
+    assert summaries["classification"]["labels"]["kidney_right"]["empty_slice_accuracy"] >= 0.76 - ORGAN_TOLERANCE
 
 
 def test_stray_detections_away_from_the_organ_are_dropped(chaos):
     """Across subjects, slices without the organ: the 3D clean-up (components under a quarter of the largest
-    dropped) leaves more of them empty without losing any Dice on the organ's slices. Measured with the
-    default adapter on chaos-2..4, spleen from chaos-1: empty 33% -> 57%, Dice 0.408 both."""
+    dropped) leaves more of them empty and loses next to no Dice on the organ's slices. Measured with the
+    default adapter on chaos-2..4, spleen from chaos-1 (Xeon / EPYC): empty 33% -> 57% / 19% -> 70%, Dice
+    0.408 -> 0.408 / 0.53655 -> 0.53647 (a sliver of the organ dropped with a stray component)."""
     ds = load_dataset(chaos)
     vol, ref = ds.cases[0].read_image(), ds.cases[0].read_mask() == 4  # spleen
     z = int(np.argmax(ref.sum(axis=(1, 2))))
@@ -86,8 +101,9 @@ def test_stray_detections_away_from_the_organ_are_dropped(chaos):
             empty += [not pred[k].any() for k in range(tvol.n_slices) if not tref[k].any()]
         figures[fraction] = (np.mean(dices), np.mean(empty))
     print("spleen (Dice, empty slices left empty) without / with the clean-up:", figures)
-    assert figures[0.25][0] >= figures[0.0][0] - 1e-9
-    assert figures[0.25][1] >= figures[0.0][1] + 0.15 and figures[0.25][1] >= 0.5
+    assert figures[0.25][0] >= figures[0.0][0] - 0.005  # what is dropped is stray, not the organ
+    assert figures[0.25][1] >= figures[0.0][1] + 0.15  # +0.24 / +0.51 measured
+    assert figures[0.25][1] >= 0.57 - ORGAN_TOLERANCE
 
 
 def test_progress_and_cancel_within_one_slice(sample):

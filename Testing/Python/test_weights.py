@@ -102,7 +102,7 @@ def test_server_that_ignores_the_range_restarts_cleanly(server, tmp_path):
 def test_checksum_mismatch_is_refused_and_deleted(server, tmp_path):
     with pytest.raises(FMOneShotError, match="deleted and not loaded"):
         W.download(entry(server.url, sha256="0" * 64), tmp_path, progress=False)
-    assert not any((tmp_path / "test_model").iterdir())
+    assert list(tmp_path.iterdir()) == []  # neither the file nor the folder made for it is left
 
 
 def test_server_error_and_timeout_give_clear_messages(server, tmp_path):
@@ -110,9 +110,24 @@ def test_server_error_and_timeout_give_clear_messages(server, tmp_path):
     with pytest.raises(FMOneShotError, match="HTTP 503.*weights import"):
         W.download(entry(server.url), tmp_path, progress=False)
     server.mode = "slow"
-    with pytest.raises(FMOneShotError, match="Cannot download .*timed out.*resumes"):
+    with pytest.raises(FMOneShotError, match="Cannot download .*timed out. Nothing was written"):
         W.download(entry(server.url), tmp_path, progress=False, timeout=0.5)
-    assert not (tmp_path / "test_model" / "model.bin").exists()
+    assert list(tmp_path.iterdir()) == []  # no empty .part, no empty folder
+
+
+def test_refused_download_leaves_the_cache_as_it_was(tmp_path):
+    """Nothing listens on the port: the message claims no partial file, and no empty folder is left."""
+    cache = tmp_path / "cache"
+    with pytest.raises(FMOneShotError) as err:
+        W.download(entry("http://127.0.0.1:9/model.bin"), cache, progress=False, timeout=5)
+    assert "Nothing was written." in str(err.value) and ".part" not in str(err.value)
+    assert not cache.exists()
+    partial = cache / "test_model" / "model.bin.part"
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(b"x" * 10)
+    with pytest.raises(FMOneShotError, match=r"The partial file .*model.bin.part \(10 bytes\) is kept.*resumes"):
+        W.download(entry("http://127.0.0.1:9/model.bin"), cache, progress=False, timeout=5)
+    assert partial.read_bytes() == b"x" * 10
 
 
 def test_unpublished_digest_is_pinned_on_first_download_and_checked_after(server, tmp_path):
@@ -244,7 +259,7 @@ def test_a_broken_download_is_deleted_not_pinned(tiny_d2s14, server, tmp_path):
     server.payload = tiny_d2s14["truncated"].read_bytes()  # complete transfer of a truncated file
     with pytest.raises(FMOneShotError, match="does not fit|not a checkpoint"):
         W.download("d2s14", tmp_path, url=server.url, progress=False)
-    assert not any((tmp_path / "d2s14").iterdir())
+    assert not (tmp_path / "d2s14").exists()  # nothing kept, not even the folder the download created
 
 
 def test_a_bad_pin_is_reported_with_its_replacement_and_replaced_by_import(tiny_d2s14, tmp_path, capsys,
