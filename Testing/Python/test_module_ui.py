@@ -222,6 +222,7 @@ report = {"cache_env": os.environ.get("FMONESHOT_CACHE")}
 import FMOneShot
 
 report["module_file"] = FMOneShot.__file__
+real_ensure = FMOneShot.FMOneShotLogic.ensureDependencies
 import time
 
 polls = []
@@ -287,6 +288,32 @@ if selftest:
     except ImportError as exc:
         report["selftest"] = f"ImportError: {exc}"
 report["attempts"] = attempts
+# The install path with the PyTorch extension: its PyTorchUtilsLogic with the signature of SlicerPyTorch's
+# PyTorchUtils.py (a wrong keyword raises TypeError here as it would there)
+from FMOneShotLib import requirements
+
+torch_calls = []
+
+
+class PyTorchUtilsLogic:
+    @staticmethod
+    def torchInstalled():
+        return False
+
+    def installTorch(self, askConfirmation=False, forceComputationBackend=None, torchVersionRequirement=None,
+                     torchvisionVersionRequirement=None):
+        torch_calls.append({"askConfirmation": askConfirmation, "torch": torchVersionRequirement,
+                            "torchvision": torchvisionVersionRequirement})
+        return types.ModuleType("torch")
+
+
+sys.modules["PyTorchUtils"] = types.SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic)
+answers = [[("torch>=2.1", None), ("torchvision>=0.16", None), ("timm>=1.0", "0.9.16")], []]
+requirements.unmet = lambda: answers.pop(0)
+slicer.util.pip_install.reset_mock()
+ready = real_ensure(FMOneShot.FMOneShotLogic(), ask=False)
+report["install"] = {"ready": ready, "torch": torch_calls,
+                     "pip": [list(c.args[0]) for c in slicer.util.pip_install.call_args_list]}
 print("REPORT " + json.dumps(report))
 """
 
@@ -388,6 +415,16 @@ def test_opening_the_panel_leaves_the_weights_folder_to_the_user(panel):
 def test_the_self_test_asks_for_dependencies_before_importing_them(panel):
     assert panel["selftest"] == "asked for dependencies first"
     assert panel["attempts"] == []
+
+
+def test_pytorch_comes_from_the_extension_with_both_minimums_and_the_rest_from_pip(panel):
+    """With the PyTorch extension and no torch: torch and torchvision through its installTorch, with
+    FMOneShot's minimum of each (light-the-torch installs both, built for the GPU), never through pip, which
+    would pair them with another build; the rest (a too old timm) with one pip_install of a list."""
+    install = panel["install"]
+    assert install["torch"] == [{"askConfirmation": False, "torch": ">=2.1", "torchvision": ">=0.16"}]
+    assert install["pip"] == [["timm>=1.0"]]
+    assert install["ready"] is True
 
 
 def test_the_panel_opens_from_the_installed_layout(tmp_path):

@@ -536,3 +536,42 @@ def test_preview_shows_the_template_masks_and_can_be_corrected_and_reused(sample
                                               for p in prompts])
     assert np.array_equal(again.slices[0].masks["liver"], reference[z] == LIVER)
     assert np.array_equal(again.slices[0].masks["spleen"], spleen_mask & ~liver_mask)
+
+
+def test_install_plan_puts_pytorch_through_the_extension_and_refuses_what_fmoneshot_must_not_replace(monkeypatch):
+    """requirements.install_plan: torch and torchvision together through the PyTorch extension, with both
+    minimums (as keywords of SlicerPyTorch's installTorch); a torch already installed is never upgraded under
+    another extension nor paired with a pip torchvision; Slicer's own SimpleITK is never replaced by pip."""
+    import importlib.metadata
+    import inspect
+
+    from FMOneShotLib import requirements
+    from FMOneShotLib.errors import FMOneShotError
+
+    def install_torch(askConfirmation=False, forceComputationBackend=None, torchVersionRequirement=None,
+                      torchvisionVersionRequirement=None):  # PyTorchUtilsLogic.installTorch (SlicerPyTorch)
+        pass
+
+    assert requirements.install_plan([], True) == requirements.InstallPlan(None, [])
+    fresh = [("torch>=2.1", None), ("torchvision>=0.16", None), ("scipy>=1.10", None)]
+    plan = requirements.install_plan(fresh, pytorch_extension=True)
+    assert plan.torch == {"torchVersionRequirement": ">=2.1", "torchvisionVersionRequirement": ">=0.16"}
+    assert plan.pip == ["scipy>=1.10"]
+    inspect.signature(install_torch).bind(askConfirmation=False, **plan.torch)  # the keywords exist there
+    assert requirements.install_plan(fresh, pytorch_extension=False) == requirements.InstallPlan(
+        None, ["torch>=2.1", "torchvision>=0.16", "scipy>=1.10"])  # without the extension: pip's build
+    # a too old torch from another extension: not replaced, and the fix is one that works (PyTorch Util's
+    # Install button does nothing while a torch is installed)
+    with pytest.raises(FMOneShotError, match=r"PyTorch 2\.0\.1 is installed.*torch>=2\.1 \(installed: 2\.0\.1\)"
+                       r".*uninstall PyTorch, restart Slicer"):
+        requirements.install_plan([("torch>=2.1", "2.0.1"), ("timm>=1.0", None)], pytorch_extension=True)
+    # a good torch without its torchvision: pip would fetch a torchvision of another build
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: "2.5.1+cu121" if name == "torch" else real(name))
+    with pytest.raises(FMOneShotError, match=r"PyTorch 2\.5\.1\+cu121 is installed.*torchvision>=0\.16 "
+                                             r"\(installed: missing\)"):
+        requirements.install_plan([("torchvision>=0.16", None)], pytorch_extension=True)
+    assert requirements.install_plan([("torchvision>=0.16", None)], False).pip == ["torchvision>=0.16"]
+    with pytest.raises(FMOneShotError, match=r"Slicer's own SimpleITK \(2\.1\.0\).*SimpleITK>=2\.2.*newer"):
+        requirements.install_plan([("SimpleITK>=2.2", "2.1.0"), ("scipy>=1.10", None)], pytorch_extension=True)
