@@ -553,6 +553,16 @@ def check_targets(volume_nodes: list) -> list:
     return nodes
 
 
+def _check_still_in_scene(scene, nodes: list) -> None:
+    """FMOneShotError when one of ``nodes`` is no longer in ``scene``: the panel processes Qt events while it
+    works (progress, Cancel), so the user can remove a volume or close the scene meanwhile."""
+    gone = [node.GetName() for node in nodes if scene is None or node.GetScene() is not scene]
+    if gone:
+        raise FMOneShotError(f"{', '.join(repr(n) for n in gone)} left the scene (removed, or the scene was closed) "
+                             "while FMOneShot was working on it; nothing was added.",
+                             "load the volume again and apply again.")
+
+
 def apply_to_nodes(template: Template, volume_nodes: list, progress=None, cancel=None,
                    per_slice_landmarks: bool = False, oneshot=None, **options) -> list:
     """Apply ``template`` to every volume node; then, and only then, add the results to the scene.
@@ -576,10 +586,13 @@ def apply_to_nodes(template: Template, volume_nodes: list, progress=None, cancel
         raise Cancelled("cancelled before the first slice")
     out = []
     for v, node in enumerate(nodes):
+        _check_still_in_scene(scene, nodes[v:])
+
         def step(done, total, v=v, name=node.GetName()):
             if progress is not None:
                 progress(v, len(nodes), done, total, name)
         out.append(NodeResult(node, oneshot.apply(volume_from_node(node), progress=step, cancel=cancel)))
+    _check_still_in_scene(scene, nodes)
     made = []
     try:
         for item in out:
@@ -714,9 +727,11 @@ def preview_template(volume_node, template: Template, oneshot=None, name: str | 
 
     if not template.labels:
         raise FMOneShotError("The template has no labels to preview.", "add a label and place its points.")
+    scene = volume_node.GetScene()
     oneshot = oneshot or OneShot(template, **options)
     if oneshot.extractor is None:
         oneshot.fit()
+    _check_still_in_scene(scene, [volume_node])
     volume = volume_from_node(volume_node)
     axis = volume.slice_axis(template.orientation)
     plane = volume.resliced(axis)
@@ -727,6 +742,5 @@ def preview_template(volume_node, template: Template, oneshot=None, name: str | 
                                  "preview on the volume the template was marked on.")
         for lb, m in zip(template.labels, masks):
             labels[s.index][m & (labels[s.index] == 0)] = lb.value
-    scene = volume_node.GetScene()
     return segmentation_from_labels(scene, volume.like(Volume.unslice(labels, axis)), template.labels, volume_node,
                                     scene.GenerateUniqueName(name or f"{volume_node.GetName()} FMOneShot template"))

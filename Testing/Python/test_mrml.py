@@ -407,6 +407,27 @@ def test_a_cancelled_run_leaves_the_scene_as_it_was(sample):
     assert node_names(scene) == before
 
 
+def test_a_volume_removed_while_the_run_works_stops_it_with_nothing_added(sample):
+    """The panel processes events while it works, so a target volume can be removed (or the scene closed)
+    meanwhile: the run stops with an error naming it, and adds nothing, instead of failing on a node with no
+    scene after every volume was computed."""
+    from FMOneShotLib.errors import FMOneShotError
+
+    scene, nodes, volume, reference = sample_scene(sample, 2)
+    tpl = mrml.template_from_markups(nodes[0], [mrml.LabelPrompt("liver", None,
+                                                                 *clicks(scene, volume, reference, 15, LIVER,
+                                                                         "liver"))])
+
+    def progress(v, n, done, total, name):  # the user deletes case1 while case0 is being processed
+        if nodes[1].GetScene() is not None:
+            scene.RemoveNode(nodes[1])
+
+    before = [item for item in node_names(scene) if item[1] != "case1"]
+    with pytest.raises(FMOneShotError, match="'case1' left the scene"):
+        mrml.apply_to_nodes(tpl, nodes, progress=progress)
+    assert node_names(scene) == before
+
+
 def test_labels_live_in_the_scene_as_tagged_point_lists():
     vol = Volume(np.zeros((6, 10, 12), np.int16), (1.0, 1.0, 2.0), name="ct")
     scene, node = scene_with(vol)
