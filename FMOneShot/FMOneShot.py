@@ -502,7 +502,10 @@ class FMOneShotLogic(ScriptedLoadableModuleLogic):
     def _install(self, plan, pytorchUtils):
         """Runs an install plan: ``installTorch(askConfirmation=False, torchVersionRequirement=...,
         torchvisionVersionRequirement=...)`` of the PyTorch extension (it returns None when it did not install),
-        then ``slicer.util.pip_install`` with the list of requirements (one argument each, no shell)."""
+        then ``slicer.util.pip_install`` with the requirements in one string: every Slicer version splits a string
+        into pip's arguments (Slicer 4's str.split, the current slicer/packaging.py's shlex.split), while a list
+        is accepted only by later versions (not confirmed for 5.8); the requirements hold no spaces or quotes (a
+        test keeps it so)."""
         if plan.torch is not None:
             with _busy("Installing PyTorch (several minutes)..."):
                 if pytorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, **plan.torch) is None:
@@ -510,7 +513,7 @@ class FMOneShotLogic(ScriptedLoadableModuleLogic):
                                        "PyTorch Util module, restart Slicer, and try again.")
         if plan.pip:
             with _busy("Installing " + ", ".join(plan.pip) + "..."):
-                slicer.util.pip_install(plan.pip)
+                slicer.util.pip_install(" ".join(plan.pip))
 
     # ------------------------------------------------------------------ labels
     def labels(self):

@@ -308,12 +308,12 @@ class PyTorchUtilsLogic:
 
 
 sys.modules["PyTorchUtils"] = types.SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic)
-answers = [[("torch>=2.1", None), ("torchvision>=0.16", None), ("timm>=1.0", "0.9.16")], []]
+answers = [[("torch>=2.1", None), ("torchvision>=0.16", None), ("timm>=1.0", "0.9.16"), ("scipy>=1.10", None)], []]
 requirements.unmet = lambda: answers.pop(0)
 slicer.util.pip_install.reset_mock()
 ready = real_ensure(FMOneShot.FMOneShotLogic(), ask=False)
 report["install"] = {"ready": ready, "torch": torch_calls,
-                     "pip": [list(c.args[0]) for c in slicer.util.pip_install.call_args_list]}
+                     "pip": [c.args[0] for c in slicer.util.pip_install.call_args_list]}
 print("REPORT " + json.dumps(report))
 """
 
@@ -420,10 +420,14 @@ def test_the_self_test_asks_for_dependencies_before_importing_them(panel):
 def test_pytorch_comes_from_the_extension_with_both_minimums_and_the_rest_from_pip(panel):
     """With the PyTorch extension and no torch: torch and torchvision through its installTorch, with
     FMOneShot's minimum of each (light-the-torch installs both, built for the GPU), never through pip, which
-    would pair them with another build; the rest (a too old timm) with one pip_install of a list."""
+    would pair them with another build; the rest (a too old timm, scipy) with one pip_install of a string,
+    which every Slicer version splits into arguments (not all accept a list)."""
+    from FMOneShotLib.requirements import REQUIREMENTS
+
     install = panel["install"]
     assert install["torch"] == [{"askConfirmation": False, "torch": ">=2.1", "torchvision": ">=0.16"}]
-    assert install["pip"] == [["timm>=1.0"]]
+    assert install["pip"] == ["timm>=1.0 scipy>=1.10"]
+    assert not [r for r in REQUIREMENTS if re.search(r"[\s'\"]", r)]  # so that splitting the string is exact
     assert install["ready"] is True
 
 
@@ -523,8 +527,15 @@ def test_extension_metadata_agree():
                 "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS"):
         assert meta.get(key), key
     entry = json.loads((REPO / "FMOneShot.json").read_text())
-    assert entry["$schema"].startswith("https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/"
-                                       "slicer-extension-catalog-entry-schema-")
+    assert entry["$schema"] == ("https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/"
+                                "slicer-extension-catalog-entry-schema-v1.0.1.json#")
+    # what that schema allows (Slicer's Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json: these
+    # properties only, "additionalProperties": false; $schema, category and scm_url required; enums)
+    allowed = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
+               "build_subdirectory", "enabled", "tier"}
+    assert set(entry) <= allowed and {"$schema", "category", "scm_url"} <= set(entry), set(entry) - allowed
+    assert entry.get("scm_type", "git") in ("git", "local") and entry.get("tier", 5) in (1, 3, 5)
+    assert all(isinstance(entry[k], str) for k in ("category", "scm_url", "scm_revision", "build_subdirectory"))
     assert entry["category"] == meta["EXTENSION_CATEGORY"]
     assert entry["build_dependencies"] == meta["EXTENSION_DEPENDS"].split()
     assert entry["scm_url"].removesuffix(".git") == meta["EXTENSION_HOMEPAGE"]
