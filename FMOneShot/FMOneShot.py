@@ -684,11 +684,20 @@ class FMOneShotLogic(ScriptedLoadableModuleLogic):
 def runWhileResponsive(work, poll, interval=0.05):
     """``work()`` run in a worker thread while the calling (main) thread calls ``poll()`` every ``interval``
     seconds until it ends; its value returned, its exception raised here. For work that touches no Qt object
-    and no MRML node (PyTorch releases the GIL while it computes, so the panel repaints and Cancel can be
-    pressed)."""
+    and no MRML node (PyTorch releases the GIL while it computes, and ``Thread.join`` releases it while the main
+    thread waits, so the panel repaints and Cancel can be pressed).
+
+    Log records the worker emits are held back and handled in the calling thread at the next poll: Slicer's
+    root logger (level DEBUG) has a handler that writes each record into the application's error-log model
+    (``slicer.app.errorLogModel().addEntry`` in slicer/slicerqt.py's SlicerApplicationLogHandler), a Qt object
+    that must not be touched from another thread. Printed output needs nothing: PythonQt turns it into signals,
+    which Qt queues to the main thread."""
+    import logging
+    import queue
     import threading
 
     outcome = {}
+    held = queue.SimpleQueue()
 
     def run():
         try:
@@ -697,10 +706,41 @@ def runWhileResponsive(work, poll, interval=0.05):
             outcome["error"] = exc
 
     worker = threading.Thread(target=run, name="FMOneShot work", daemon=True)
-    worker.start()
-    while worker.is_alive():
-        worker.join(interval)
-        poll()
+
+    class HoldWorkerRecords(logging.Filter):
+        def filter(self, record):
+            if record.thread != worker.ident or getattr(record, "fmoneshotReleased", False):
+                return True
+            if not getattr(record, "fmoneshotHeld", False):  # once, whichever of the handlers sees it first
+                record.fmoneshotHeld = True
+                held.put(record)
+            return False
+
+    def release():
+        while True:
+            try:
+                record = held.get_nowait()
+            except queue.Empty:
+                return
+            record.fmoneshotReleased = True
+            logging.getLogger(record.name).handle(record)
+
+    handlers = set(logging.getLogger().handlers)
+    for logger in list(logging.Logger.manager.loggerDict.values()):
+        handlers.update(getattr(logger, "handlers", ()))  # placeholders have none
+    hold = HoldWorkerRecords()
+    for handler in handlers:
+        handler.addFilter(hold)
+    try:
+        worker.start()
+        while worker.is_alive():
+            worker.join(interval)
+            release()
+            poll()
+    finally:
+        for handler in handlers:
+            handler.removeFilter(hold)
+        release()
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]

@@ -232,6 +232,31 @@ try:
     FMOneShot.runWhileResponsive(lambda: 1 / 0, lambda: None)
 except ZeroDivisionError:
     report["responsive"]["error"] = "ZeroDivisionError"
+# Slicer's root handler writes into a Qt model: what the worker logs is handled in the main thread
+import logging
+import threading
+
+handled = []
+
+
+class RecordThread(logging.Handler):
+    def emit(self, record):
+        handled.append((record.getMessage(), threading.current_thread() is threading.main_thread()))
+
+
+logging.getLogger().addHandler(RecordThread())
+logging.getLogger().setLevel(logging.DEBUG)
+
+
+def logs():
+    logging.getLogger("timm.models").debug("worker debug")
+    logging.warning("worker warning")
+    time.sleep(0.2)
+    return 1
+
+
+FMOneShot.runWhileResponsive(logs, lambda: logging.info("main %d", len(handled)))
+report["responsive"]["logged"] = handled
 report["fields"] = FMOneShot.FMOneShotParameterNode.fields
 module = FMOneShot.FMOneShot(mock.MagicMock(name="parent"))
 report["icon"] = qt.QIcon.call_args[0][0]
@@ -404,6 +429,12 @@ def test_long_work_runs_while_the_panel_keeps_processing_events(panel):
     value comes back and its exception is raised in the caller."""
     assert panel["responsive"]["value"] == 7 and panel["responsive"]["polls"] >= 3
     assert panel["responsive"]["error"] == "ZeroDivisionError"
+    # what the worker logs is handled (once each) in the main thread, as Slicer's root handler (a Qt model)
+    # needs; the main thread's own records pass at once
+    logged = panel["responsive"]["logged"]
+    assert [m for m, _ in logged if m.startswith("worker")] == ["worker debug", "worker warning"]
+    assert all(main for _, main in logged), logged
+    assert any(m.startswith("main") for m, _ in logged)
 
 
 def test_opening_the_panel_leaves_the_weights_folder_to_the_user(panel):
