@@ -38,7 +38,12 @@ def unmet() -> list:
     """``[(requirement, installed version or None)]`` for each requirement, in REQUIREMENTS order, whose module
     cannot be imported here or whose installed distribution is older than the requirement allows (an old
     torch or timm left by another Slicer extension). A module without distribution metadata (a build on
-    ``sys.path``) is taken as it is. Uses ``importlib.metadata`` and ``packaging`` (PEP 440 specifiers)."""
+    ``sys.path``) is taken as it is. Uses ``importlib.metadata`` and ``packaging`` (PEP 440 specifiers).
+
+    The import system's cached folder listings are dropped first (``importlib.invalidate_caches``, as Slicer's
+    own slicer/packaging.py does after pip): a package pip has just installed in this session is then seen,
+    not reported missing because a listing cached before the install looks unchanged."""
+    importlib.invalidate_caches()
     out = []
     for req, module in REQUIREMENTS.items():
         if importlib.util.find_spec(module) is None:

@@ -596,3 +596,24 @@ def test_install_plan_puts_pytorch_through_the_extension_and_refuses_what_fmones
     assert requirements.install_plan([("torchvision>=0.16", None)], False).pip == ["torchvision>=0.16"]
     with pytest.raises(FMOneShotError, match=r"Slicer's own SimpleITK \(2\.1\.0\).*SimpleITK>=2\.2.*newer"):
         requirements.install_plan([("SimpleITK>=2.2", "2.1.0"), ("scipy>=1.10", None)], pytorch_extension=True)
+
+
+def test_a_package_installed_during_the_session_is_seen(tmp_path, monkeypatch):
+    """After pip installs into a folder whose listing the import system has cached, and the folder looks
+    unchanged (same modification time, as within one tick of a coarse clock), unmet() still finds the new
+    package: it drops the cached listings first. Without that, Slicer would say 'still missing after
+    installing: restart Slicer' right after a successful install."""
+    import os
+    import sys
+
+    from FMOneShotLib import requirements
+
+    monkeypatch.setattr(requirements, "REQUIREMENTS", {"fmoneshot_probe>=0": "fmoneshot_probe"})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert requirements.unmet() == [("fmoneshot_probe>=0", None)]  # caches the listing of tmp_path
+    stat = os.stat(tmp_path)
+    (tmp_path / "fmoneshot_probe").mkdir()
+    (tmp_path / "fmoneshot_probe" / "__init__.py").write_text("")
+    os.utime(tmp_path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the folder looks unchanged
+    assert requirements.unmet() == []
+    sys.modules.pop("fmoneshot_probe", None)
