@@ -552,8 +552,9 @@ class FMOneShotLogic(ScriptedLoadableModuleLogic):
         from FMOneShotLib import mrml
 
         template = self.template(parameters)
+        volume = parameters.templateVolume  # before the fit: the panel processes events while it runs
         oneshot = self.fitted(template, self.options(parameters))
-        preview = mrml.preview_template(parameters.templateVolume, template, oneshot)
+        preview = mrml.preview_template(volume, template, oneshot)
         parameters.paintedSegmentation = preview
         return preview
 

@@ -727,6 +727,8 @@ def preview_template(volume_node, template: Template, oneshot=None, name: str | 
 
     if not template.labels:
         raise FMOneShotError("The template has no labels to preview.", "add a label and place its points.")
+    if volume_node is None:
+        raise FMOneShotError("No template volume is selected.", "choose the volume you marked as the template.")
     scene = volume_node.GetScene()
     oneshot = oneshot or OneShot(template, **options)
     if oneshot.extractor is None:

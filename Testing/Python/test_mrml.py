@@ -426,6 +426,17 @@ def test_a_volume_removed_while_the_run_works_stops_it_with_nothing_added(sample
     with pytest.raises(FMOneShotError, match="'case1' left the scene"):
         mrml.apply_to_nodes(tpl, nodes, progress=progress)
     assert node_names(scene) == before
+    # Preview: the template volume removed while the fit ran, or none selected any more
+    from FMOneShotLib.pipeline import OneShot
+
+    engine = OneShot(tpl).fit()
+    scene.RemoveNode(nodes[0])
+    before = node_names(scene)
+    with pytest.raises(FMOneShotError, match="'case0' left the scene"):
+        mrml.preview_template(nodes[0], tpl, engine)
+    with pytest.raises(FMOneShotError, match="No template volume is selected"):
+        mrml.preview_template(None, tpl, engine)
+    assert node_names(scene) == before
 
 
 def test_labels_live_in_the_scene_as_tagged_point_lists():
