@@ -237,6 +237,20 @@ def _remove(scene, node) -> None:
         scene.RemoveNode(node)
 
 
+def _nodes_by_class(scene, class_name: str) -> list:
+    """The nodes of ``class_name`` (subclasses included) in ``scene``, in scene order.
+
+    ``vtkMRMLScene::GetNodesByClass`` returns a collection the caller must delete, and the Python wrapping does
+    not: without ``UnRegister`` the collection leaks and keeps every node in it alive, a removed volume's
+    voxels included (slicer.util.getNodesByClass unregisters it too; it is not used here because it reads
+    ``slicer.mrmlScene`` whatever scene is given). A wrapping that already owns the new collection (a reference
+    count of 1) is left alone."""
+    collection = scene.GetNodesByClass(class_name)
+    if collection.GetReferenceCount() > 1:
+        collection.UnRegister(None)
+    return [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
+
+
 @contextlib.contextmanager
 def _scratch(scene):
     """Nodes added to ``scene`` inside the block (temporary labelmaps, the colour tables Slicer adds for
@@ -476,9 +490,7 @@ def _segment_labels(seg_node) -> list:
 
 def result_segmentations(scene) -> list:
     """The segmentation nodes FMOneShot made in ``scene`` (also after the scene was saved and loaded)."""
-    nodes = scene.GetNodesByClass("vtkMRMLSegmentationNode")
-    out = [nodes.GetItemAsObject(i) for i in range(nodes.GetNumberOfItems())]
-    return [n for n in out if n.GetAttribute(RESULT_ATTRIBUTE)]
+    return [n for n in _nodes_by_class(scene, "vtkMRMLSegmentationNode") if n.GetAttribute(RESULT_ATTRIBUTE)]
 
 
 # ---------------------------------------------------------------------------------------------------- batch
@@ -505,13 +517,11 @@ def volume_targets(scene) -> tuple:
     scene order, and ``[(name, why)]`` for the volume nodes that cannot be targets (labelmaps, vector/RGB,
     diffusion and tensor volumes, which are all vtkMRMLScalarVolumeNode subclasses, and volumes with no
     image or more than one component), so that one such volume does not stop the whole batch."""
-    nodes = scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
     targets, skipped = [], []
     kinds = (("vtkMRMLLabelMapVolumeNode", "a labelmap"), ("vtkMRMLDiffusionWeightedVolumeNode", "a DWI volume"),
              ("vtkMRMLDiffusionImageVolumeNode", "a diffusion/tensor volume"),
              ("vtkMRMLVectorVolumeNode", "a vector (RGB) volume"))
-    for i in range(nodes.GetNumberOfItems()):
-        node = nodes.GetItemAsObject(i)
+    for node in _nodes_by_class(scene, "vtkMRMLScalarVolumeNode"):
         why = next((what for cls, what in kinds if node.IsA(cls)), None)
         if why is None:
             try:  # no image data, or more than one component in a plain scalar volume node
@@ -632,9 +642,7 @@ NEGATIVE_COLOR = (0.25, 0.45, 1.0)  # negative points: blue crosses, whatever th
 
 
 def _tagged(scene, role: str) -> list:
-    nodes = scene.GetNodesByClass("vtkMRMLMarkupsFiducialNode")
-    out = [nodes.GetItemAsObject(i) for i in range(nodes.GetNumberOfItems())]
-    return [n for n in out if n.GetAttribute(ROLE_ATTRIBUTE) == role]
+    return [n for n in _nodes_by_class(scene, "vtkMRMLMarkupsFiducialNode") if n.GetAttribute(ROLE_ATTRIBUTE) == role]
 
 
 def add_label(scene, name: str, color=None) -> tuple:

@@ -628,3 +628,26 @@ def test_a_package_installed_during_the_session_is_seen(tmp_path, monkeypatch):
     os.utime(tmp_path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the folder looks unchanged
     assert requirements.unmet() == []
     sys.modules.pop("fmoneshot_probe", None)
+
+
+def test_listing_nodes_keeps_no_node_alive():
+    """vtkMRMLScene.GetNodesByClass returns a collection its caller must delete; from Python it leaked and kept
+    every listed node alive (a removed volume's voxels never freed) each time the panel listed its labels,
+    volumes or results. Every listing leaves each node's reference count as it was."""
+    scene = slicer.vtkMRMLScene()
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ct")
+    positive, negative = mrml.add_label(scene, "liver", (200, 10, 10))
+    landmarks = mrml.landmarks_node(scene, create=True)
+    result = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "ct segmentation")
+    result.SetAttribute(mrml.RESULT_ATTRIBUTE, "ct")
+    nodes = (volume, positive, negative, landmarks, result)
+    before = [n.GetReferenceCount() for n in nodes]
+    for _ in range(3):
+        assert [p.name for p in mrml.label_prompts(scene)] == ["liver"]
+        assert mrml.landmarks_node(scene) is landmarks
+        assert mrml.volume_targets(scene) == ([], [("ct", "The volume 'ct' holds no image data.")])
+        assert mrml.result_segmentations(scene) == [result]
+    import gc
+
+    gc.collect()
+    assert [n.GetReferenceCount() for n in nodes] == before
