@@ -397,6 +397,28 @@ def test_every_combo_bound_str_field_has_the_librarys_choices(ui, panel):
     assert not [name for name in combos.values() if w[name].findall("item")]
 
 
+# Slicer's GUI connectors (Base/Python/slicer/parameterNodeWrapper/guiConnectors.py): the exact widget class
+# (``type(widget) == ...``, so no subclass) -> the field types it binds. A QComboBox also needs a Choice (tested
+# above); a node combo box takes a node class or a union of them. Any other pair makes connectGui raise "Unable
+# to create GUI connector", which stops every binding of the panel.
+SLICER_CONNECTORS = {"QCheckBox": {"bool"}, "QPushButton": {"bool"}, "QSlider": {"int"}, "QSpinBox": {"int"},
+                     "QDoubleSpinBox": {"float"}, "ctkSliderWidget": {"float"},
+                     "QComboBox": {"str", "int", "float", "bool"}, "QLineEdit": {"str"}, "QTextEdit": {"str"},
+                     "ctkPathLineEdit": {"Path"}, "ctkDirectoryButton": {"Path"}}
+
+
+def test_every_binding_is_a_pair_slicers_connectors_support(ui, panel):
+    w = widgets(ui)
+    unsupported = {}
+    for widget, field in bindings(ui).items():
+        cls, kind = w[widget].get("class"), panel["fields"][field]["type"]
+        ok = (kind.startswith("vtkMRML") and kind.endswith("Node")) if cls == "qMRMLNodeComboBox" else \
+            kind in SLICER_CONNECTORS.get(cls, ())
+        if not ok:
+            unsupported[widget] = (cls, field, kind)
+    assert not unsupported, f"bindings no connector of Slicer's parameter-node wrapper makes: {unsupported}"
+
+
 def test_the_panel_opens_from_a_clone_without_pytorch(panel):
     """docs/slicer.md: the clone's FMOneShot/ folder as the module path finds FMOneShotLib and Resources at the
     top of the clone; opening the panel, entering and leaving it, adding a label, and Apply declined at the
