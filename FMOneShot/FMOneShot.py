@@ -457,11 +457,13 @@ class FMOneShotLogic(ScriptedLoadableModuleLogic):
 
     # ------------------------------------------------------------------ dependencies
     def ensureDependencies(self, ask=True):
-        """Install what is missing or older than FMOneShotLib/requirements.py asks, with consent: torch and
-        torchvision through the PyTorch extension when it is there (the build that matches the GPU), the rest
-        with pip. True when everything is ready; False when the user declined, an install is already running,
-        or Slicer must restart first (a package that was already loaded got upgraded). Raises RuntimeError
-        when an install fails, naming what to do."""
+        """Install what is missing or older than FMOneShotLib/requirements.py asks, with consent, as
+        ``requirements.install_plan`` decides: torch and torchvision together through the PyTorch extension when
+        it is there (the build that matches the GPU), the rest with pip. True when everything is ready; False
+        when the user declined, an install is already running, or Slicer must restart first (a package that was
+        already loaded got upgraded). Raises FMOneShotError, before asking, when FMOneShot must not install a
+        package itself (Slicer's own SimpleITK, a torch another extension installed), and RuntimeError when an
+        install fails, naming what to do."""
         from FMOneShotLib import requirements
 
         if FMOneShotLogic._installing:
@@ -470,6 +472,8 @@ class FMOneShotLogic(ScriptedLoadableModuleLogic):
         unmet = requirements.unmet()
         if not unmet:
             return True
+        pytorchUtils = _pytorchUtils()
+        plan = requirements.install_plan(unmet, pytorch_extension=pytorchUtils is not None)
         lines = "\n".join(f"- {req} (installed: {have})" if have else f"- {req}" for req, have in unmet)
         if ask and not slicer.util.confirmOkCancelDisplay(
                 f"FMOneShot needs these Python packages, which are missing or too old:\n{lines}\n\n"
@@ -479,7 +483,7 @@ class FMOneShotLogic(ScriptedLoadableModuleLogic):
         loaded = [req for req, have in unmet if have and requirements.REQUIREMENTS[req] in sys.modules]
         FMOneShotLogic._installing = True
         try:
-            self._install([req for req, _ in unmet])
+            self._install(plan, pytorchUtils)
         finally:
             FMOneShotLogic._installing = False
         still = requirements.unmet()
@@ -495,34 +499,21 @@ class FMOneShotLogic(ScriptedLoadableModuleLogic):
             return False
         return True
 
-    def _install(self, requirementList):
-        from FMOneShotLib import requirements
-
-        torchList = [r for r in requirementList if requirements.package(r) in requirements.TORCH]
-        rest = [r for r in requirementList if r not in torchList]
-        if torchList:
-            try:
-                import PyTorchUtils
-            except ImportError:
-                PyTorchUtils = None
-            if PyTorchUtils is None:
-                rest = torchList + rest  # without the extension: pip's default build (CPU-only on Windows)
-            else:
-                torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-                if torchLogic.torchInstalled():  # present but too old, or torchvision missing: not ours to replace
-                    raise RuntimeError(f"PyTorch {torchLogic.torch.__version__} is installed, and FMOneShot needs "
-                                       f"{', '.join(torchList)}. Install them with the PyTorch Util module, "
-                                       "restart Slicer, and try again.")
-                specifier = next((r[len("torch"):] for r in torchList if requirements.package(r) == "torch"), "")
-                with _busy("Installing PyTorch (several minutes)..."):
-                    if torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=specifier) is None:
-                        raise RuntimeError("The PyTorch extension could not install PyTorch. Install it with the "
-                                           "PyTorch Util module, restart Slicer, and try again.")
-                unmetNow = {req for req, _ in requirements.unmet()}
-                rest = [r for r in torchList if r in unmetNow and requirements.package(r) != "torch"] + rest
-        if rest:
-            with _busy("Installing " + ", ".join(rest) + "..."):
-                slicer.util.pip_install(rest)
+    def _install(self, plan, pytorchUtils):
+        """Runs an install plan: ``installTorch(askConfirmation=False, torchVersionRequirement=...,
+        torchvisionVersionRequirement=...)`` of the PyTorch extension (it returns None when it did not install),
+        then ``slicer.util.pip_install`` with the requirements in one string: every Slicer version splits a string
+        into pip's arguments (Slicer 4's str.split, the current slicer/packaging.py's shlex.split), while a list
+        is accepted only by later versions (not confirmed for 5.8); the requirements hold no spaces or quotes (a
+        test keeps it so)."""
+        if plan.torch is not None:
+            with _busy("Installing PyTorch (several minutes)..."):
+                if pytorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, **plan.torch) is None:
+                    raise RuntimeError("The PyTorch extension could not install PyTorch. Install it with the "
+                                       "PyTorch Util module, restart Slicer, and try again.")
+        if plan.pip:
+            with _busy("Installing " + ", ".join(plan.pip) + "..."):
+                slicer.util.pip_install(" ".join(plan.pip))
 
     # ------------------------------------------------------------------ labels
     def labels(self):
@@ -561,8 +552,9 @@ class FMOneShotLogic(ScriptedLoadableModuleLogic):
         from FMOneShotLib import mrml
 
         template = self.template(parameters)
+        volume = parameters.templateVolume  # before the fit: the panel processes events while it runs
         oneshot = self.fitted(template, self.options(parameters))
-        preview = mrml.preview_template(parameters.templateVolume, template, oneshot)
+        preview = mrml.preview_template(volume, template, oneshot)
         parameters.paintedSegmentation = preview
         return preview
 
@@ -693,11 +685,20 @@ class FMOneShotLogic(ScriptedLoadableModuleLogic):
 def runWhileResponsive(work, poll, interval=0.05):
     """``work()`` run in a worker thread while the calling (main) thread calls ``poll()`` every ``interval``
     seconds until it ends; its value returned, its exception raised here. For work that touches no Qt object
-    and no MRML node (PyTorch releases the GIL while it computes, so the panel repaints and Cancel can be
-    pressed)."""
+    and no MRML node (PyTorch releases the GIL while it computes, and ``Thread.join`` releases it while the main
+    thread waits, so the panel repaints and Cancel can be pressed).
+
+    Log records the worker emits are held back and handled in the calling thread at the next poll: Slicer's
+    root logger (level DEBUG) has a handler that writes each record into the application's error-log model
+    (``slicer.app.errorLogModel().addEntry`` in slicer/slicerqt.py's SlicerApplicationLogHandler), a Qt object
+    that must not be touched from another thread. Printed output needs nothing: PythonQt turns it into signals,
+    which Qt queues to the main thread."""
+    import logging
+    import queue
     import threading
 
     outcome = {}
+    held = queue.SimpleQueue()
 
     def run():
         try:
@@ -706,13 +707,53 @@ def runWhileResponsive(work, poll, interval=0.05):
             outcome["error"] = exc
 
     worker = threading.Thread(target=run, name="FMOneShot work", daemon=True)
-    worker.start()
-    while worker.is_alive():
-        worker.join(interval)
-        poll()
+
+    class HoldWorkerRecords(logging.Filter):
+        def filter(self, record):
+            if record.thread != worker.ident or getattr(record, "fmoneshotReleased", False):
+                return True
+            if not getattr(record, "fmoneshotHeld", False):  # once, whichever of the handlers sees it first
+                record.fmoneshotHeld = True
+                held.put(record)
+            return False
+
+    def release():
+        while True:
+            try:
+                record = held.get_nowait()
+            except queue.Empty:
+                return
+            record.fmoneshotReleased = True
+            logging.getLogger(record.name).handle(record)
+
+    handlers = set(logging.getLogger().handlers)
+    for logger in list(logging.Logger.manager.loggerDict.values()):
+        handlers.update(getattr(logger, "handlers", ()))  # placeholders have none
+    hold = HoldWorkerRecords()
+    for handler in handlers:
+        handler.addFilter(hold)
+    try:
+        worker.start()
+        while worker.is_alive():
+            worker.join(interval)
+            release()
+            poll()
+    finally:
+        for handler in handlers:
+            handler.removeFilter(hold)
+        release()
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]
+
+
+def _pytorchUtils():
+    """The PyTorch extension's module (PyTorchUtils), or None when the extension is not installed."""
+    try:
+        import PyTorchUtils
+    except ImportError:
+        return None
+    return PyTorchUtils
 
 
 class _busy:

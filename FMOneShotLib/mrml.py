@@ -241,6 +241,20 @@ def _remove(scene, node) -> None:
         scene.RemoveNode(node)
 
 
+def _nodes_by_class(scene, class_name: str) -> list:
+    """The nodes of ``class_name`` (subclasses included) in ``scene``, in scene order.
+
+    ``vtkMRMLScene::GetNodesByClass`` returns a collection the caller must delete, and the Python wrapping does
+    not: without ``UnRegister`` the collection leaks and keeps every node in it alive, a removed volume's
+    voxels included (slicer.util.getNodesByClass unregisters it too; it is not used here because it reads
+    ``slicer.mrmlScene`` whatever scene is given). A wrapping that already owns the new collection (a reference
+    count of 1) is left alone."""
+    collection = scene.GetNodesByClass(class_name)
+    if collection.GetReferenceCount() > 1:
+        collection.UnRegister(None)
+    return [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
+
+
 @contextlib.contextmanager
 def _scratch(scene):
     """Nodes added to ``scene`` inside the block (temporary labelmaps, the colour tables Slicer adds for
@@ -575,9 +589,7 @@ def _specific(terminology: Terminology | None) -> Terminology | None:
 
 def result_segmentations(scene) -> list:
     """The segmentation nodes FMOneShot made in ``scene`` (also after the scene was saved and loaded)."""
-    nodes = scene.GetNodesByClass("vtkMRMLSegmentationNode")
-    out = [nodes.GetItemAsObject(i) for i in range(nodes.GetNumberOfItems())]
-    return [n for n in out if n.GetAttribute(RESULT_ATTRIBUTE)]
+    return [n for n in _nodes_by_class(scene, "vtkMRMLSegmentationNode") if n.GetAttribute(RESULT_ATTRIBUTE)]
 
 
 # ---------------------------------------------------------------------------------------------------- batch
@@ -604,13 +616,11 @@ def volume_targets(scene) -> tuple:
     scene order, and ``[(name, why)]`` for the volume nodes that cannot be targets (labelmaps, vector/RGB,
     diffusion and tensor volumes, which are all vtkMRMLScalarVolumeNode subclasses, and volumes with no
     image or more than one component), so that one such volume does not stop the whole batch."""
-    nodes = scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
     targets, skipped = [], []
     kinds = (("vtkMRMLLabelMapVolumeNode", "a labelmap"), ("vtkMRMLDiffusionWeightedVolumeNode", "a DWI volume"),
              ("vtkMRMLDiffusionImageVolumeNode", "a diffusion/tensor volume"),
              ("vtkMRMLVectorVolumeNode", "a vector (RGB) volume"))
-    for i in range(nodes.GetNumberOfItems()):
-        node = nodes.GetItemAsObject(i)
+    for node in _nodes_by_class(scene, "vtkMRMLScalarVolumeNode"):
         why = next((what for cls, what in kinds if node.IsA(cls)), None)
         if why is None:
             try:  # no image data, or more than one component in a plain scalar volume node
@@ -652,6 +662,16 @@ def check_targets(volume_nodes: list) -> list:
     return nodes
 
 
+def _check_still_in_scene(scene, nodes: list) -> None:
+    """FMOneShotError when one of ``nodes`` is no longer in ``scene``: the panel processes Qt events while it
+    works (progress, Cancel), so the user can remove a volume or close the scene meanwhile."""
+    gone = [node.GetName() for node in nodes if scene is None or node.GetScene() is not scene]
+    if gone:
+        raise FMOneShotError(f"{', '.join(repr(n) for n in gone)} left the scene (removed, or the scene was closed) "
+                             "while FMOneShot was working on it; nothing was added.",
+                             "load the volume again and apply again.")
+
+
 def apply_to_nodes(template: Template, volume_nodes: list, progress=None, cancel=None,
                    per_slice_landmarks: bool = False, oneshot=None, **options) -> list:
     """Apply ``template`` to every volume node; then, and only then, add the results to the scene.
@@ -675,10 +695,13 @@ def apply_to_nodes(template: Template, volume_nodes: list, progress=None, cancel
         raise Cancelled("cancelled before the first slice")
     out = []
     for v, node in enumerate(nodes):
+        _check_still_in_scene(scene, nodes[v:])
+
         def step(done, total, v=v, name=node.GetName()):
             if progress is not None:
                 progress(v, len(nodes), done, total, name)
         out.append(NodeResult(node, oneshot.apply(volume_from_node(node), progress=step, cancel=cancel)))
+    _check_still_in_scene(scene, nodes)
     made = []
     try:
         for item in out:
@@ -719,9 +742,7 @@ NEGATIVE_COLOR = (0.25, 0.45, 1.0)  # negative points: blue crosses, whatever th
 
 
 def _tagged(scene, role: str) -> list:
-    nodes = scene.GetNodesByClass("vtkMRMLMarkupsFiducialNode")
-    out = [nodes.GetItemAsObject(i) for i in range(nodes.GetNumberOfItems())]
-    return [n for n in out if n.GetAttribute(ROLE_ATTRIBUTE) == role]
+    return [n for n in _nodes_by_class(scene, "vtkMRMLMarkupsFiducialNode") if n.GetAttribute(ROLE_ATTRIBUTE) == role]
 
 
 def add_label(scene, name: str, color=None) -> tuple:
@@ -814,9 +835,13 @@ def preview_template(volume_node, template: Template, oneshot=None, name: str | 
 
     if not template.labels:
         raise FMOneShotError("The template has no labels to preview.", "add a label and place its points.")
+    if volume_node is None:
+        raise FMOneShotError("No template volume is selected.", "choose the volume you marked as the template.")
+    scene = volume_node.GetScene()
     oneshot = oneshot or OneShot(template, **options)
     if oneshot.extractor is None:
         oneshot.fit()
+    _check_still_in_scene(scene, [volume_node])
     volume = volume_from_node(volume_node)
     axis = volume.slice_axis(template.orientation)
     plane = volume.resliced(axis)
@@ -827,6 +852,5 @@ def preview_template(volume_node, template: Template, oneshot=None, name: str | 
                                  "preview on the volume the template was marked on.")
         for lb, m in zip(template.labels, masks):
             labels[s.index][m & (labels[s.index] == 0)] = lb.value
-    scene = volume_node.GetScene()
     return segmentation_from_labels(scene, volume.like(Volume.unslice(labels, axis)), template.labels, volume_node,
                                     scene.GenerateUniqueName(name or f"{volume_node.GetName()} FMOneShot template"))

@@ -222,6 +222,7 @@ report = {"cache_env": os.environ.get("FMONESHOT_CACHE")}
 import FMOneShot
 
 report["module_file"] = FMOneShot.__file__
+real_ensure = FMOneShot.FMOneShotLogic.ensureDependencies
 import time
 
 polls = []
@@ -231,6 +232,31 @@ try:
     FMOneShot.runWhileResponsive(lambda: 1 / 0, lambda: None)
 except ZeroDivisionError:
     report["responsive"]["error"] = "ZeroDivisionError"
+# Slicer's root handler writes into a Qt model: what the worker logs is handled in the main thread
+import logging
+import threading
+
+handled = []
+
+
+class RecordThread(logging.Handler):
+    def emit(self, record):
+        handled.append((record.getMessage(), threading.current_thread() is threading.main_thread()))
+
+
+logging.getLogger().addHandler(RecordThread())
+logging.getLogger().setLevel(logging.DEBUG)
+
+
+def logs():
+    logging.getLogger("timm.models").debug("worker debug")
+    logging.warning("worker warning")
+    time.sleep(0.2)
+    return 1
+
+
+FMOneShot.runWhileResponsive(logs, lambda: logging.info("main %d", len(handled)))
+report["responsive"]["logged"] = handled
 report["fields"] = FMOneShot.FMOneShotParameterNode.fields
 module = FMOneShot.FMOneShot(mock.MagicMock(name="parent"))
 report["icon"] = qt.QIcon.call_args[0][0]
@@ -287,6 +313,32 @@ if selftest:
     except ImportError as exc:
         report["selftest"] = f"ImportError: {exc}"
 report["attempts"] = attempts
+# The install path with the PyTorch extension: its PyTorchUtilsLogic with the signature of SlicerPyTorch's
+# PyTorchUtils.py (a wrong keyword raises TypeError here as it would there)
+from FMOneShotLib import requirements
+
+torch_calls = []
+
+
+class PyTorchUtilsLogic:
+    @staticmethod
+    def torchInstalled():
+        return False
+
+    def installTorch(self, askConfirmation=False, forceComputationBackend=None, torchVersionRequirement=None,
+                     torchvisionVersionRequirement=None):
+        torch_calls.append({"askConfirmation": askConfirmation, "torch": torchVersionRequirement,
+                            "torchvision": torchvisionVersionRequirement})
+        return types.ModuleType("torch")
+
+
+sys.modules["PyTorchUtils"] = types.SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic)
+answers = [[("torch>=2.1", None), ("torchvision>=0.16", None), ("timm>=1.0", "0.9.16"), ("scipy>=1.10", None)], []]
+requirements.unmet = lambda: answers.pop(0)
+slicer.util.pip_install.reset_mock()
+ready = real_ensure(FMOneShot.FMOneShotLogic(), ask=False)
+report["install"] = {"ready": ready, "torch": torch_calls,
+                     "pip": [c.args[0] for c in slicer.util.pip_install.call_args_list]}
 print("REPORT " + json.dumps(report))
 """
 
@@ -345,6 +397,28 @@ def test_every_combo_bound_str_field_has_the_librarys_choices(ui, panel):
     assert not [name for name in combos.values() if w[name].findall("item")]
 
 
+# Slicer's GUI connectors (Base/Python/slicer/parameterNodeWrapper/guiConnectors.py): the exact widget class
+# (``type(widget) == ...``, so no subclass) -> the field types it binds. A QComboBox also needs a Choice (tested
+# above); a node combo box takes a node class or a union of them. Any other pair makes connectGui raise "Unable
+# to create GUI connector", which stops every binding of the panel.
+SLICER_CONNECTORS = {"QCheckBox": {"bool"}, "QPushButton": {"bool"}, "QSlider": {"int"}, "QSpinBox": {"int"},
+                     "QDoubleSpinBox": {"float"}, "ctkSliderWidget": {"float"},
+                     "QComboBox": {"str", "int", "float", "bool"}, "QLineEdit": {"str"}, "QTextEdit": {"str"},
+                     "ctkPathLineEdit": {"Path"}, "ctkDirectoryButton": {"Path"}}
+
+
+def test_every_binding_is_a_pair_slicers_connectors_support(ui, panel):
+    w = widgets(ui)
+    unsupported = {}
+    for widget, field in bindings(ui).items():
+        cls, kind = w[widget].get("class"), panel["fields"][field]["type"]
+        ok = (kind.startswith("vtkMRML") and kind.endswith("Node")) if cls == "qMRMLNodeComboBox" else \
+            kind in SLICER_CONNECTORS.get(cls, ())
+        if not ok:
+            unsupported[widget] = (cls, field, kind)
+    assert not unsupported, f"bindings no connector of Slicer's parameter-node wrapper makes: {unsupported}"
+
+
 def test_the_panel_opens_from_a_clone_without_pytorch(panel):
     """docs/slicer.md: the clone's FMOneShot/ folder as the module path finds FMOneShotLib and Resources at the
     top of the clone; opening the panel, entering and leaving it, adding a label, and Apply declined at the
@@ -377,6 +451,12 @@ def test_long_work_runs_while_the_panel_keeps_processing_events(panel):
     value comes back and its exception is raised in the caller."""
     assert panel["responsive"]["value"] == 7 and panel["responsive"]["polls"] >= 3
     assert panel["responsive"]["error"] == "ZeroDivisionError"
+    # what the worker logs is handled (once each) in the main thread, as Slicer's root handler (a Qt model)
+    # needs; the main thread's own records pass at once
+    logged = panel["responsive"]["logged"]
+    assert [m for m, _ in logged if m.startswith("worker")] == ["worker debug", "worker warning"]
+    assert all(main for _, main in logged), logged
+    assert any(m.startswith("main") for m, _ in logged)
 
 
 def test_opening_the_panel_leaves_the_weights_folder_to_the_user(panel):
@@ -388,6 +468,20 @@ def test_opening_the_panel_leaves_the_weights_folder_to_the_user(panel):
 def test_the_self_test_asks_for_dependencies_before_importing_them(panel):
     assert panel["selftest"] == "asked for dependencies first"
     assert panel["attempts"] == []
+
+
+def test_pytorch_comes_from_the_extension_with_both_minimums_and_the_rest_from_pip(panel):
+    """With the PyTorch extension and no torch: torch and torchvision through its installTorch, with
+    FMOneShot's minimum of each (light-the-torch installs both, built for the GPU), never through pip, which
+    would pair them with another build; the rest (a too old timm, scipy) with one pip_install of a string,
+    which every Slicer version splits into arguments (not all accept a list)."""
+    from FMOneShotLib.requirements import REQUIREMENTS
+
+    install = panel["install"]
+    assert install["torch"] == [{"askConfirmation": False, "torch": ">=2.1", "torchvision": ">=0.16"}]
+    assert install["pip"] == ["timm>=1.0 scipy>=1.10"]
+    assert not [r for r in REQUIREMENTS if re.search(r"[\s'\"]", r)]  # so that splitting the string is exact
+    assert install["ready"] is True
 
 
 def test_the_panel_opens_from_the_installed_layout(tmp_path):
@@ -486,8 +580,15 @@ def test_extension_metadata_agree():
                 "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS"):
         assert meta.get(key), key
     entry = json.loads((REPO / "FMOneShot.json").read_text())
-    assert entry["$schema"].startswith("https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/"
-                                       "slicer-extension-catalog-entry-schema-")
+    assert entry["$schema"] == ("https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/"
+                                "slicer-extension-catalog-entry-schema-v1.0.1.json#")
+    # what that schema allows (Slicer's Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json: these
+    # properties only, "additionalProperties": false; $schema, category and scm_url required; enums)
+    allowed = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
+               "build_subdirectory", "enabled", "tier"}
+    assert set(entry) <= allowed and {"$schema", "category", "scm_url"} <= set(entry), set(entry) - allowed
+    assert entry.get("scm_type", "git") in ("git", "local") and entry.get("tier", 5) in (1, 3, 5)
+    assert all(isinstance(entry[k], str) for k in ("category", "scm_url", "scm_revision", "build_subdirectory"))
     assert entry["category"] == meta["EXTENSION_CATEGORY"]
     assert entry["build_dependencies"] == meta["EXTENSION_DEPENDS"].split()
     assert entry["scm_url"].removesuffix(".git") == meta["EXTENSION_HOMEPAGE"]
@@ -498,3 +599,10 @@ def test_extension_metadata_agree():
     assert "slicerMacroBuildScriptedModule" in module_cmake and "slicer_add_python_unittest" in module_cmake
     for listed in re.findall(r"^\s+((?:Resources|Testing)/\S+)$", module_cmake, re.M):
         assert (REPO / listed.replace("${MODULE_NAME}", "FMOneShot")).is_file(), listed
+    # the install takes every .py of FMOneShotLib, subpackages included, and nothing else: a data file added
+    # to the package would be missing from the extension
+    assert re.search(r"file\(GLOB_RECURSE _lib_files .*\n\s+\$\{CMAKE_CURRENT_SOURCE_DIR\}/\.\./FMOneShotLib/\*\.py\)",
+                     module_cmake), "FMOneShot/CMakeLists.txt must glob FMOneShotLib/*.py recursively"
+    data = [str(f.relative_to(REPO)) for f in (REPO / "FMOneShotLib").rglob("*")
+            if f.is_file() and f.suffix not in (".py", ".pyc")]
+    assert not data, f"FMOneShot/CMakeLists.txt installs only .py files of FMOneShotLib: {data}"

@@ -420,6 +420,38 @@ def test_a_cancelled_run_leaves_the_scene_as_it_was(sample):
     assert node_names(scene) == before
 
 
+def test_a_volume_removed_while_the_run_works_stops_it_with_nothing_added(sample):
+    """The panel processes events while it works, so a target volume can be removed (or the scene closed)
+    meanwhile: the run stops with an error naming it, and adds nothing, instead of failing on a node with no
+    scene after every volume was computed."""
+    from FMOneShotLib.errors import FMOneShotError
+
+    scene, nodes, volume, reference = sample_scene(sample, 2)
+    tpl = mrml.template_from_markups(nodes[0], [mrml.LabelPrompt("liver", None,
+                                                                 *clicks(scene, volume, reference, 15, LIVER,
+                                                                         "liver"))])
+
+    def progress(v, n, done, total, name):  # the user deletes case1 while case0 is being processed
+        if nodes[1].GetScene() is not None:
+            scene.RemoveNode(nodes[1])
+
+    before = [item for item in node_names(scene) if item[1] != "case1"]
+    with pytest.raises(FMOneShotError, match="'case1' left the scene"):
+        mrml.apply_to_nodes(tpl, nodes, progress=progress)
+    assert node_names(scene) == before
+    # Preview: the template volume removed while the fit ran, or none selected any more
+    from FMOneShotLib.pipeline import OneShot
+
+    engine = OneShot(tpl).fit()
+    scene.RemoveNode(nodes[0])
+    before = node_names(scene)
+    with pytest.raises(FMOneShotError, match="'case0' left the scene"):
+        mrml.preview_template(nodes[0], tpl, engine)
+    with pytest.raises(FMOneShotError, match="No template volume is selected"):
+        mrml.preview_template(None, tpl, engine)
+    assert node_names(scene) == before
+
+
 def test_labels_live_in_the_scene_as_tagged_point_lists():
     vol = Volume(textured((6, 10, 12)), (1.0, 1.0, 2.0), name="ct")
     scene, node = scene_with(vol)
@@ -549,3 +581,86 @@ def test_preview_shows_the_template_masks_and_can_be_corrected_and_reused(sample
                                               for p in prompts])
     assert np.array_equal(again.slices[0].masks["liver"], reference[z] == LIVER)
     assert np.array_equal(again.slices[0].masks["spleen"], spleen_mask & ~liver_mask)
+
+
+def test_install_plan_puts_pytorch_through_the_extension_and_refuses_what_fmoneshot_must_not_replace(monkeypatch):
+    """requirements.install_plan: torch and torchvision together through the PyTorch extension, with both
+    minimums (as keywords of SlicerPyTorch's installTorch); a torch already installed is never upgraded under
+    another extension nor paired with a pip torchvision; Slicer's own SimpleITK is never replaced by pip."""
+    import importlib.metadata
+    import inspect
+
+    from FMOneShotLib import requirements
+    from FMOneShotLib.errors import FMOneShotError
+
+    def install_torch(askConfirmation=False, forceComputationBackend=None, torchVersionRequirement=None,
+                      torchvisionVersionRequirement=None):  # PyTorchUtilsLogic.installTorch (SlicerPyTorch)
+        pass
+
+    assert requirements.install_plan([], True) == requirements.InstallPlan(None, [])
+    fresh = [("torch>=2.1", None), ("torchvision>=0.16", None), ("scipy>=1.10", None)]
+    plan = requirements.install_plan(fresh, pytorch_extension=True)
+    assert plan.torch == {"torchVersionRequirement": ">=2.1", "torchvisionVersionRequirement": ">=0.16"}
+    assert plan.pip == ["scipy>=1.10"]
+    inspect.signature(install_torch).bind(askConfirmation=False, **plan.torch)  # the keywords exist there
+    assert requirements.install_plan(fresh, pytorch_extension=False) == requirements.InstallPlan(
+        None, ["torch>=2.1", "torchvision>=0.16", "scipy>=1.10"])  # without the extension: pip's build
+    # a too old torch from another extension: not replaced, and the fix is one that works (PyTorch Util's
+    # Install button does nothing while a torch is installed)
+    with pytest.raises(FMOneShotError, match=r"PyTorch 2\.0\.1 is installed.*torch>=2\.1 \(installed: 2\.0\.1\)"
+                       r".*uninstall PyTorch, restart Slicer"):
+        requirements.install_plan([("torch>=2.1", "2.0.1"), ("timm>=1.0", None)], pytorch_extension=True)
+    # a good torch without its torchvision: pip would fetch a torchvision of another build
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: "2.5.1+cu121" if name == "torch" else real(name))
+    with pytest.raises(FMOneShotError, match=r"PyTorch 2\.5\.1\+cu121 is installed.*torchvision>=0\.16 "
+                                             r"\(installed: missing\)"):
+        requirements.install_plan([("torchvision>=0.16", None)], pytorch_extension=True)
+    assert requirements.install_plan([("torchvision>=0.16", None)], False).pip == ["torchvision>=0.16"]
+    with pytest.raises(FMOneShotError, match=r"Slicer's own SimpleITK \(2\.1\.0\).*SimpleITK>=2\.2.*newer"):
+        requirements.install_plan([("SimpleITK>=2.2", "2.1.0"), ("scipy>=1.10", None)], pytorch_extension=True)
+
+
+def test_a_package_installed_during_the_session_is_seen(tmp_path, monkeypatch):
+    """After pip installs into a folder whose listing the import system has cached, and the folder looks
+    unchanged (same modification time, as within one tick of a coarse clock), unmet() still finds the new
+    package: it drops the cached listings first. Without that, Slicer would say 'still missing after
+    installing: restart Slicer' right after a successful install."""
+    import os
+    import sys
+
+    from FMOneShotLib import requirements
+
+    monkeypatch.setattr(requirements, "REQUIREMENTS", {"fmoneshot_probe>=0": "fmoneshot_probe"})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert requirements.unmet() == [("fmoneshot_probe>=0", None)]  # caches the listing of tmp_path
+    stat = os.stat(tmp_path)
+    (tmp_path / "fmoneshot_probe").mkdir()
+    (tmp_path / "fmoneshot_probe" / "__init__.py").write_text("")
+    os.utime(tmp_path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the folder looks unchanged
+    assert requirements.unmet() == []
+    sys.modules.pop("fmoneshot_probe", None)
+
+
+def test_listing_nodes_keeps_no_node_alive():
+    """vtkMRMLScene.GetNodesByClass returns a collection its caller must delete; from Python it leaked and kept
+    every listed node alive (a removed volume's voxels never freed) each time the panel listed its labels,
+    volumes or results. Every listing leaves each node's reference count as it was."""
+    scene = slicer.vtkMRMLScene()
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ct")
+    positive, negative = mrml.add_label(scene, "liver", (200, 10, 10))
+    landmarks = mrml.landmarks_node(scene, create=True)
+    result = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "ct segmentation")
+    result.SetAttribute(mrml.RESULT_ATTRIBUTE, "ct")
+    nodes = (volume, positive, negative, landmarks, result)
+    before = [n.GetReferenceCount() for n in nodes]
+    for _ in range(3):
+        assert [p.name for p in mrml.label_prompts(scene)] == ["liver"]
+        assert mrml.landmarks_node(scene) is landmarks
+        assert mrml.volume_targets(scene) == ([], [("ct", "The volume 'ct' holds no image data.")])
+        assert mrml.result_segmentations(scene) == [result]
+    import gc
+
+    gc.collect()
+    assert [n.GetReferenceCount() for n in nodes] == before
