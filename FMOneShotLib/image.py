@@ -318,6 +318,7 @@ def read_volume(path, modality: str | None = None) -> Volume:
         img = _regular_slices(img, reader, len(files), path)
     else:
         try:
+            _check_nifti_complete(path)
             img = sitk.ReadImage(str(path))
         except RuntimeError as exc:
             if _png_colour_type(path) == 4:  # SimpleITK reads no grey + alpha PNG
@@ -335,6 +336,45 @@ def read_volume(path, modality: str | None = None) -> Volume:
     if vol.modality is None:
         vol.modality = guess_modality(vol.array)
     return vol
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """Refuse a NIfTI file (.nii, .nii.gz) that ends before its voxels do: SimpleITK reads a cut-short file
+    without an error and makes up the missing voxels, so a half-copied volume would be segmented as if whole.
+    The size it must have is the header's ``vox_offset`` plus the product of ``dim[1..dim[0]]`` times
+    ``bitpix`` / 8 bytes (NIfTI-1 and NIfTI-2 standards), read with SimpleITK's ``ReadImageInformation``;
+    a .nii.gz is decompressed as a stream to count its bytes (a damaged gzip stream counts as cut short).
+    Other formats are left to SimpleITK, whose NRRD and MetaImage readers refuse short files themselves.
+    Raises FMOneShotError naming the file, the bytes expected and found, and the fix."""
+    name = path.name.lower()
+    if not name.endswith((".nii", ".nii.gz")):
+        return
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()  # a RuntimeError here is the caller's "cannot read" message
+    keys = set(reader.GetMetaDataKeys())
+    if not {"vox_offset", "bitpix", "dim[0]"} <= keys:
+        return
+    n_dims = int(reader.GetMetaData("dim[0]"))
+    voxels = int(np.prod([int(reader.GetMetaData(f"dim[{k}]")) for k in range(1, n_dims + 1)]))
+    expected = int(float(reader.GetMetaData("vox_offset"))) + voxels * int(reader.GetMetaData("bitpix")) // 8
+    if name.endswith(".gz"):
+        import gzip
+        import zlib
+
+        found = 0
+        try:
+            with gzip.open(path, "rb") as f:
+                while chunk := f.read(1 << 22):
+                    found += len(chunk)
+        except (EOFError, OSError, zlib.error):
+            found = min(found, expected - 1)  # the stream ends early or is damaged
+    else:
+        found = path.stat().st_size
+    if found < expected:
+        raise FMOneShotError(f"{path} is cut short: its header promises {expected} bytes of NIfTI data, the file "
+                             f"holds {found} (an interrupted copy or download?).",
+                             "copy or export the file again, completely.")
 
 
 def count_non_finite(array: np.ndarray) -> int:

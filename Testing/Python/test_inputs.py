@@ -350,3 +350,21 @@ def test_the_library_never_writes_labels_over_the_image_they_came_from(tmp_path)
         write_volume(labels, path, force=True)
     assert sha(path) == before
     assert read_volume(write_volume(labels, tmp_path / "ct-labels.nrrd")).array.sum() == 13
+
+
+@pytest.mark.parametrize("ext", [".nii.gz", ".nii"])
+def test_a_cut_short_nifti_is_refused_not_filled_in(tmp_path, capsys, ext):
+    """SimpleITK reads half a NIfTI file without complaint and invents the other half; FMOneShot refuses it
+    (CLI: exit 2, one line, nothing written), and reads the whole file as before."""
+    array = np.random.default_rng(0).integers(-500, 500, (12, 32, 32)).astype(np.int16)
+    whole, cut = tmp_path / f"whole{ext}", tmp_path / f"cut{ext}"
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(whole))
+    data = whole.read_bytes()
+    cut.write_bytes(data[:len(data) * 2 // 3])
+    assert np.array_equal(read_volume(whole).array, array)
+    with pytest.raises(FMOneShotError, match="cut short"):
+        read_volume(cut)
+    code, out, err = run(capsys, "segment", cut, "--template-image", whole, "--slice", 6,
+                         "--positive", "a:16,16", "--output", tmp_path / "out/")
+    assert code == 2 and "cut short" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
