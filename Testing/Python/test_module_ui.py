@@ -597,12 +597,14 @@ def test_extension_metadata_agree():
         assert (REPO / url.split("/main/", 1)[1]).is_file(), url
     module_cmake = (REPO / "FMOneShot" / "CMakeLists.txt").read_text()
     assert "slicerMacroBuildScriptedModule" in module_cmake and "slicer_add_python_unittest" in module_cmake
-    for listed in re.findall(r"^\s+((?:Resources|Testing)/\S+)$", module_cmake, re.M):
+    listed_files = re.findall(r"^\s+((?:Resources|Testing|FMOneShotLib)/\S+)$", module_cmake, re.M)
+    for listed in listed_files:
         assert (REPO / listed.replace("${MODULE_NAME}", "FMOneShot")).is_file(), listed
-    # the install takes every .py of FMOneShotLib, subpackages included, and nothing else: a data file added
-    # to the package would be missing from the extension
+    # the install takes every .py of FMOneShotLib, subpackages included, and the package's data files listed
+    # by name: a data file added to the package and not listed would be missing from the extension
     assert re.search(r"file\(GLOB_RECURSE _lib_files .*\n\s+\$\{CMAKE_CURRENT_SOURCE_DIR\}/\.\./FMOneShotLib/\*\.py\)",
                      module_cmake), "FMOneShot/CMakeLists.txt must glob FMOneShotLib/*.py recursively"
     data = [str(f.relative_to(REPO)) for f in (REPO / "FMOneShotLib").rglob("*")
             if f.is_file() and f.suffix not in (".py", ".pyc")]
-    assert not data, f"FMOneShot/CMakeLists.txt installs only .py files of FMOneShotLib: {data}"
+    unlisted = [f for f in data if f not in listed_files and "__pycache__" not in f]
+    assert not unlisted, f"FMOneShot/CMakeLists.txt does not install these data files of FMOneShotLib: {unlisted}"
