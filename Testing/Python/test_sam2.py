@@ -2,6 +2,7 @@
 randomly initialised, against the sam2 package's own predictors used directly."""
 
 import importlib.util
+import json
 
 import numpy as np
 import pytest
@@ -175,3 +176,83 @@ def test_sam2_checkpoints_come_from_the_verified_registry(tmp_path, monkeypatch)
     assert list(W.load_state_dict(tmp_path / "mine.pt")) == list(state)
     with pytest.raises(FMOneShotError, match="does not fit"):
         models.sam2("small", str(tmp_path / "mine.pt"))
+
+
+@pytest.fixture(scope="module")
+def spleen_cases():
+    """Two 6-slice pieces of the bundled sample CT through the spleen, and their references."""
+    from FMOneShotLib.datasets import load_dataset
+    from FMOneShotLib.demo import SAMPLE
+
+    case = load_dataset(SAMPLE).cases[0]
+    ct, ref = case.read_image(), case.read_mask()
+    on = np.flatnonzero((ref == 1).any(axis=(1, 2)))
+    start = int(on[len(on) // 2]) - 6
+    pieces = []
+    for a in (start, start + 6):
+        origin = tuple(ct.index_to_physical([0, 0, a]).tolist())
+        vol = type(ct)(ct.array[a:a + 6].copy(), ct.spacing, origin, ct.direction, name=f"piece{a}", modality="CT")
+        pieces.append((vol, (ref[a:a + 6] == 1).astype(np.uint8)))
+    return pieces
+
+
+def test_segment_with_sam2_and_propagation_end_to_end(spleen_cases, tmp_path):
+    from FMOneShotLib.image import read_volume, write_volume
+    from FMOneShotLib.pipeline import OneShot
+    from FMOneShotLib.template import Template, sample_prompts
+
+    (tvol, tref), (vol, ref) = spleen_cases
+    z = int(np.argmax(tref.sum(axis=(1, 2))))
+    pos, neg = sample_prompts(tref[z] == 1, 5, 5, 0)
+    tpl = Template.from_volume(tvol, z, {"spleen": pos}, {"spleen": neg}, {"spleen": tref[z] == 1})
+    with pytest.raises(FMOneShotError, match="Propagation needs the SAM 2 segmenter"):  # before any model
+        OneShot(tpl, segmenter="offline", propagate=True)
+    engine = OneShot(tpl, segmenter="sam2", segmenter_options={"model": "tiny", **RANDOM}, propagate=True).fit()
+    result = engine.apply(vol)
+    assert engine.segmenter.name == "sam2" and result.timings["propagation"] > 0
+    found = np.flatnonzero(result.present[:, 0])
+    # after reconciliation the label lies on one run of slices around its seed, the propagated extent
+    assert len(found) and found.tolist() == list(range(found[0], found[-1] + 1))
+    assert set(engine.propagator.encoded) <= set(range(6))
+    for k in range(6):
+        assert result.labels.array[k].any() == (k in found)
+    path = write_volume(result.labels, tmp_path / "out.nii.gz")
+    back = read_volume(path)
+    assert np.array_equal(back.array, result.labels.array) and back.spacing == pytest.approx(vol.spacing)
+    assert set(np.unique(back.array).tolist()) <= {0, 1}
+
+
+def test_eval_with_sam2_and_propagation_records_it(spleen_cases, tmp_path):
+    from FMOneShotLib.evaluate import SEGMENTATION_KEYS, evaluate
+    from FMOneShotLib.image import label_volume, write_volume
+    from FMOneShotLib.metrics import dice
+
+    cases = []
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for k, (vol, ref) in enumerate(spleen_cases):
+        write_volume(vol, tmp_path / "images" / f"c{k}.nii.gz")
+        write_volume(label_volume(vol, ref), tmp_path / "masks" / f"c{k}.nii.gz")
+        cases.append({"id": f"c{k}", "image": f"images/c{k}.nii.gz", "mask": f"masks/c{k}.nii.gz"})
+    (tmp_path / "dataset.json").write_text(json.dumps({"name": "pieces", "modality": "CT", "task": "segmentation",
+                                                        "labels": {"1": "spleen"}, "cases": cases}))
+    summary, _ = evaluate(tmp_path, segmenter="sam2", segmenter_options={"model": "tiny", **RANDOM}, propagate=True)
+    assert tuple(summary) == SEGMENTATION_KEYS and summary["segmenter"] == "sam2"
+    assert summary["template"]["propagate"] is True
+    r = summary["labels"]["spleen"]
+    assert r["targets"] == int(spleen_cases[1][1].any(axis=(1, 2)).sum())
+    assert 0.0 <= r["dice"] <= 1.0 and summary["mean_dice"] == r["dice"]
+
+
+def test_bench_runs_the_segmenter_on_the_reference_slices():
+    from FMOneShotLib.bench import bench_volume, run_bench
+
+    _, labels = bench_volume(8, 64)
+    reference = np.flatnonzero((labels == 4).any(axis=(1, 2))).tolist()
+    r = run_bench(8, 64, segmenter="sam2", segmenter_options={"model": "tiny", **RANDOM}, naive_slices=1,
+                  segmenter_slices="reference")
+    ss = r["segmenter_slices"]
+    assert ss["rule"] == "reference" and ss["slices"] == reference == ss["reference_slices"]
+    assert r["segmenter"] == "sam2" and r["seconds"]["segmenter"] > 0
+    with pytest.raises(FMOneShotError, match="Unknown segmenter slices"):
+        run_bench(8, 64, segmenter_slices="all")
