@@ -62,15 +62,17 @@ class _Frames:
 
 @contextlib.contextmanager
 def _frames_from(frames: _Frames, height: int, width: int):
-    """SAM 2's ``init_state`` reads a video from a folder of JPEG files; here it reads ``frames`` instead."""
+    """While it lasts, SAM 2's ``init_state`` reads its video from ``frames`` instead of a folder of JPEG
+    files, and ``propagate_in_video`` draws no console progress bar of its own (the chain reports progress)."""
     import sam2.sam2_video_predictor as vp
 
-    saved = vp.load_video_frames
+    saved = vp.load_video_frames, vp.tqdm
     vp.load_video_frames = lambda **_: (frames, height, width)
+    vp.tqdm = lambda iterable, **_: iterable
     try:
         yield
     finally:
-        vp.load_video_frames = saved
+        vp.load_video_frames, vp.tqdm = saved
 
 
 class Propagator:
@@ -106,10 +108,9 @@ class Propagator:
         height, width = np.asarray(seeds[next(iter(seeds))][1]).shape
         frames = _Frames(image_at, n_slices, self.predictor.image_size)
         out = {}
-        with torch.inference_mode(), models.autocast(self.device, self.precision):
-            with _frames_from(frames, height, width):
-                state = self.predictor.init_state(video_path="", offload_video_to_cpu=True,
-                                                  offload_state_to_cpu=True)
+        with torch.inference_mode(), models.autocast(self.device, self.precision), \
+                _frames_from(frames, height, width):
+            state = self.predictor.init_state(video_path="", offload_video_to_cpu=True, offload_state_to_cpu=True)
             seed_area = {}
             for label, (z, mask) in seeds.items():
                 self.predictor.add_new_mask(state, int(z), label, np.asarray(mask, bool))
@@ -123,8 +124,8 @@ class Propagator:
                     for k, label in enumerate(ids):
                         if label not in active:
                             continue
-                        prob = torch.sigmoid(logits[k, 0].float()).cpu().numpy()
-                        mask = prob > 0.5
+                        logit = logits[k, 0].float().cpu()
+                        mask, prob = (logit > 0).numpy(), torch.sigmoid(logit).numpy()
                         beyond = z < first[label] if reverse else z > first[label]
                         if beyond and structure_ended(mask.sum(), seed_area[label], self.stop_fraction):
                             active.discard(label)
