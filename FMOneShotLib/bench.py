@@ -131,7 +131,7 @@ def run_bench(slices: int = 100, size: int = 512, backend: str = "offline", segm
     template = Template.from_volume(vol, z, {BENCH_LABEL: pos}, {BENCH_LABEL: neg}, {BENCH_LABEL: ref[z] == value})
     with tempfile.TemporaryDirectory() as tmp:
         src = write_volume(vol, Path(tmp) / "bench.nii.gz")
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         volume = read_volume(src)
         io_seconds = time.perf_counter() - t0
         t = time.perf_counter()
@@ -158,6 +158,7 @@ def run_bench(slices: int = 100, size: int = 512, backend: str = "offline", segm
         write_volume(result.labels, Path(tmp) / "bench-labels.nii.gz")
         io_seconds += time.perf_counter() - t
         total = time.perf_counter() - t0
+        cpu_seconds = time.process_time() - cpu0
     timings = {k: round(v, 3) for k, v in result.timings.items()}
     stages = {"io": round(io_seconds, 3), "fit": round(fit_seconds, 3), **timings}
     forwards = result.timings["features"] + getattr(engine.segmenter, "forward_seconds", 0.0)
@@ -185,6 +186,9 @@ def run_bench(slices: int = 100, size: int = 512, backend: str = "offline", segm
         "threads": torch.get_num_threads(),
         "seconds": {"total": round(total, 3), **stages},
         "seconds_per_slice": round(total / volume.n_slices, 4),
+        # CPU time of the process (all threads) over the same span: on a machine shared with other work the
+        # wall-clock total grows with the load, this does not; on an idle machine total ~ cpu / threads.
+        "cpu_seconds": round(cpu_seconds, 2),
         "adapter_ms_per_slice": round(1000 * result.timings["adapter"] / volume.n_slices, 2),
         "model_forwards_seconds": round(forwards, 3),
         "overhead_ratio": round(total / forwards, 2) if forwards > 0 else None,

@@ -352,8 +352,10 @@ def cmd_bench(args) -> int:
           f"{r['adapter']}, segmenter {r['segmenter']}, {r['device']}, {r['threads']} threads, precision "
           f"{r['precision']['features']} (features) / {r['precision']['segmenter']} (segmenter)")
     ss = r["segmenter_slices"]
-    print(f"  segmenter on {ss['count']} slices ({ss['rule']}: {'the reference slices' if ss['rule'] == 'reference' else 'where the chain found it'})")
-    print(f"  total {sec['total']:.2f} s = {r['seconds_per_slice'] * 1000:.1f} ms per slice")
+    where = "the slices holding it in the reference" if ss["rule"] == "reference" else "where the chain found it"
+    print(f"  segmenter on {ss['count']} slices ({ss['rule']}: {where})")
+    print(f"  total {sec['total']:.2f} s = {r['seconds_per_slice'] * 1000:.1f} ms per slice "
+          f"(CPU time {r['cpu_seconds']:.1f} s over {r['threads']} threads)")
     for stage in ("io", "fit", "features", "adapter", "correspondence", "segmenter"):
         print(f"    {stage:15s} {sec.get(stage, 0.0):8.2f} s")
     ratio = "n/a" if r["overhead_ratio"] is None else f"{r['overhead_ratio']:.2f}"
