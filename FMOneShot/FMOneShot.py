@@ -78,7 +78,7 @@ ORIENTATIONS = ["auto", "axial", "coronal", "sagittal"]  # FMOneShotLib.image.OR
 BACKENDS = ["auto", "offline", "d2s14", "d2b14", "d2l14", "d2g14", "d1s8", "d1s16", "d1b8", "d1b16", "d3s16",
             "d3b16", "clip", "sam"]  # FMOneShotLib.features.available_backends(), and auto
 ADAPTERS = ["auto", "none", "basic", "classification", "contrastive"]  # FMOneShotLib.adapters.ADAPTERS
-SEGMENTERS = ["auto", "sam", "offline", "none"]  # FMOneShotLib.segmenters.SEGMENTERS, and auto
+SEGMENTERS = ["auto", "sam2", "sam", "offline", "none"]  # FMOneShotLib.segmenters.SEGMENTERS, and auto
 DEVICES = ["auto", "cpu", "cuda"]  # FMOneShotLib.mrml.DEVICES
 EXPORT_FORMATS = [".nrrd", ".nii.gz", ".seg.nrrd"]  # FMOneShotLib.mrml.EXPORT_FORMATS
 

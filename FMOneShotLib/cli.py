@@ -20,12 +20,14 @@ from . import __version__
 from .errors import FMOneShotError, FMOneShotWarning
 from .files import atomic_paths, check_folder, refuse_existing, refuse_inputs
 from .image import LABEL_EXTENSIONS
+from .models import SAM2_TYPES
 from .weights import BACKENDS, resolve_backend
 
 # PyTorch and the modules that use it are imported inside the commands, after the inputs are checked: --help
 # and a one-line error do not wait seconds for it.
 
-SEGMENTER_HELP = "auto (SAM when its weights are in the cache, else offline), sam, offline or none"
+SEGMENTER_HELP = ("auto (SAM 2, then SAM, when its weights are in the cache, else offline), sam2, sam, offline "
+                  "or none")
 # Label volumes are 3D: every format the image writer knows except PNG.
 LABEL_FORMATS = tuple(e for e in LABEL_EXTENSIONS if e != ".png")
 # DICOM SEG (dicomseg.py): for DICOM series targets, one SEG file per series.
@@ -253,19 +255,23 @@ def _backend_options(args) -> dict:
 
 
 def _segmenter_options(args) -> dict:
-    """SAM's options (--sam-model, --sam-weights, --device, --precision) when the segmenter can be SAM."""
-    if getattr(args, "segmenter", "auto") not in ("auto", "sam"):
+    """SAM's and SAM 2's options (--sam-model or --sam2-model, --sam-weights, --device, --precision) when the
+    segmenter can be one of them."""
+    if getattr(args, "segmenter", "auto") not in ("auto", "sam", "sam2"):
         if args.sam_weights is not None:
-            raise FMOneShotError("--sam-weights applies to the SAM segmenter only.",
-                                 "add --segmenter sam, or drop --sam-weights.")
+            raise FMOneShotError("--sam-weights applies to the SAM and SAM 2 segmenters only.",
+                                 "add --segmenter sam or --segmenter sam2, or drop --sam-weights.")
         return {}
     options = {"device": args.device, "precision": args.precision}
-    if args.segmenter == "sam" or args.sam_weights is not None:
+    if args.segmenter == "sam2":
+        options["model"] = args.sam2_model
+    elif args.segmenter == "sam" or args.sam_weights is not None:
         options["model"] = args.sam_model
     if args.sam_weights is not None:  # SAM weights named: 'auto' resolves to SAM (segmenters.resolve_segmenter)
         options["weights"] = args.sam_weights
         if args.sam_weights == "random":
-            print("fmoneshot: warning: SAM with randomly initialised weights (--sam-weights random): for tests "
+            print(f"fmoneshot: warning: {'SAM 2' if args.segmenter == 'sam2' else 'SAM'} with randomly initialised "
+                  "weights (--sam-weights random): for tests "
                   "and benchmarks only; the masks mean nothing.", file=sys.stderr)
     return options
 
@@ -308,7 +314,7 @@ def cmd_segment(args) -> int:
 
     engine = OneShot(template, backend=args.backend, adapter=args.adapter, segmenter=args.segmenter,
                      seed=args.seed, adapter_options=_adapter_options(args), backend_options=_backend_options(args),
-                     segmenter_options=_segmenter_options(args)).fit()
+                     segmenter_options=_segmenter_options(args), propagate=args.propagate).fit()
     results = []
     for volume in volumes:
         with _progress(volume.name) as update:
@@ -480,7 +486,7 @@ def cmd_eval(args) -> int:
                                     adapter=args.adapter, segmenter=args.segmenter, template=args.template,
                                     points=args.points, seed=args.seed, max_targets=args.max_targets,
                                     progress=update, keep_pictures=bool(args.report),
-                                    adapter_options=_adapter_options(args))
+                                    adapter_options=_adapter_options(args), propagate=args.propagate)
     print(f"{summary['dataset']} ({summary['task']}), backend {summary['backend']}, adapter {summary['adapter']}, "
           f"segmenter {summary['segmenter']}, {summary['seconds']:.1f} s")
 
@@ -513,7 +519,8 @@ def cmd_bench(args) -> int:
     with _progress("bench") as update:
         r = run_bench(args.slices, args.size, backend=args.backend, segmenter=args.segmenter, adapter=args.adapter,
                       backend_options=_backend_options(args), segmenter_options=_segmenter_options(args),
-                      naive_slices=args.naive_slices, seed=args.seed, progress=update, threads=args.threads)
+                      naive_slices=args.naive_slices, seed=args.seed, progress=update, threads=args.threads,
+                      segmenter_slices=args.segmenter_slices)
     v, sec = r["volume"], r["seconds"]
     print(f"FMOneShot bench: {v['slices']} slices of {v['size'][0]}x{v['size'][1]}, {v['structure']} on "
           f"{v['slices_with_structure']} slices (found on {v['slices_found']}); backend {r['backend']}, adapter "
@@ -521,7 +528,11 @@ def cmd_bench(args) -> int:
           f"{r['precision']['features']} (features) / {r['precision']['segmenter']} (segmenter)")
     print(f"  threads: {r['threads']['model_forwards']} for model forwards, {r['threads']['small_work']} for "
           "small-tensor work (adapters, offline features, correspondences)")
-    print(f"  total {sec['total']:.2f} s = {r['seconds_per_slice'] * 1000:.1f} ms per slice")
+    ss = r["segmenter_slices"]
+    where = "the slices holding it in the reference" if ss["rule"] == "reference" else "where the chain found it"
+    print(f"  segmenter on {ss['count']} slices ({ss['rule']}: {where})")
+    print(f"  total {sec['total']:.2f} s = {r['seconds_per_slice'] * 1000:.1f} ms per slice "
+          f"(CPU time {r['cpu_seconds']:.1f} s)")
     for stage in ("io", "fit", "features", "adapter", "correspondence", "segmenter"):
         print(f"    {stage:15s} {sec.get(stage, 0.0):8.2f} s")
     ratio = "n/a" if r["overhead_ratio"] is None else f"{r['overhead_ratio']:.2f}"
@@ -612,7 +623,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="SAM model of the sam segmenter and backend (default %(default)s)")
         if segmenter:
             sp.add_argument("--segmenter", default="auto", help=SEGMENTER_HELP)
-            g.add_argument("--sam-weights", help="SAM weights: pretrained (default), a checkpoint file, or random")
+            g.add_argument("--sam-weights", help="SAM or SAM 2 weights: pretrained (default), a checkpoint file, "
+                           "or random")
+            g.add_argument("--sam2-model", default="tiny", choices=list(SAM2_TYPES),
+                           help="SAM 2 model of the sam2 segmenter (default %(default)s)")
+
+    def propagate_arg(sp):
+        sp.add_argument("--propagate", action="store_true",
+                        help="SAM 2 (--segmenter sam2) carries each label from the slice where it is found with "
+                             "the highest confidence through the volume, both ways, until the structure ends; "
+                             "the chain's findings outside that extent are dropped (docs/models.md)")
 
     def adapter_args(sp, default, text):
         sp.add_argument("--adapter", default=default, help=text)
@@ -656,6 +676,7 @@ def build_parser() -> argparse.ArgumentParser:
                  "clicks), basic, classification, contrastive, or none (raw similarity)")
     s.add_argument("--save-template", help="also save the template used (.json) for reuse")
     model_args(s)
+    propagate_arg(s)
     s.set_defaults(func=cmd_segment)
 
     lo = sub.add_parser("localize", help="find the template's landmarks on target images and volumes")
@@ -700,6 +721,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", help="write the results to this .json file")
     ev.add_argument("--report", metavar="DIR", help="write report.md with the table and overlays to this folder")
     model_args(ev)
+    propagate_arg(ev)
     ev.set_defaults(func=cmd_eval)
 
     b = sub.add_parser("bench", help="time every stage on a large volume made from the sample CT")
@@ -708,6 +730,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--size", type=int, default=512, help="rows and columns of each slice (default: %(default)s)")
     b.add_argument("--adapter", default="auto", help="auto, none, basic, classification or contrastive")
     b.add_argument("--naive-slices", type=int, default=3, help="slices the naive path is measured on")
+    b.add_argument("--segmenter-slices", choices=["found", "reference"], default="found",
+                   help="where the segmenter runs: found (where the chain finds the structure, the product's "
+                        "rule) or reference (exactly the slices that contain it in the reference: the cost of "
+                        "weights that find it, whatever random weights find); recorded in the JSON")
     b.add_argument("--json", help="also write the figures to this .json file")
     b.add_argument("--threads", type=int, help="CPU threads of the model forwards (default: PyTorch's, the cores "
                    "or $OMP_NUM_THREADS); small-tensor work always runs on one (docs/results.md, Threads)")

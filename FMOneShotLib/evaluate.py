@@ -102,11 +102,12 @@ def evaluate(dataset_dir, labels=None, backend: str = "offline", backend_options
              adapter: str | None = "auto", segmenter: str = "auto", template: str | None = None,
              points: int = 5, seed: int = 0, max_targets: int | None = None,
              progress: Callable | None = None, keep_pictures: bool = False, adapter_options: dict | None = None,
-             segmenter_options: dict | None = None):
+             segmenter_options: dict | None = None, propagate: bool = False):
     """Run the protocol on the dataset at ``dataset_dir``; returns ``(summary dict, [Target])``.
 
     ``backend_options`` go to the feature backend (weights, block, stride, ...), ``segmenter_options`` to the
-    segmenter (SAM's model and weights).
+    segmenter (SAM's model and weights). ``propagate``: SAM 2 propagation through each target volume
+    (pipeline.OneShot, propagate.py), recorded in the summary's ``template`` settings.
 
     ``max_targets`` limits the target slices per label (and, separately, the empty slices) or the target
     images, spread evenly; ``progress(done, total)`` is called after each target case and label. Landmarks use
@@ -124,7 +125,7 @@ def evaluate(dataset_dir, labels=None, backend: str = "offline", backend_options
     if dataset.task == "segmentation":
         summary, targets = _evaluate_segmentation(dataset, labels, backend, options, adapter, segmenter, template,
                                                   points, seed, max_targets, progress, keep_pictures,
-                                                  adapter_options or {}, dict(segmenter_options or {}))
+                                                  adapter_options or {}, dict(segmenter_options or {}), propagate)
     else:
         adapter = None if adapter in (None, "none", "auto") else adapter
         summary, targets = _evaluate_landmarks(dataset, labels, backend, options, adapter, template, seed,
@@ -134,7 +135,7 @@ def evaluate(dataset_dir, labels=None, backend: str = "offline", backend_options
 
 
 def _evaluate_segmentation(dataset, labels, backend, options, adapter, segmenter, template_id, points, seed,
-                           max_targets, progress, keep_pictures, adapter_options, segmenter_options):
+                           max_targets, progress, keep_pictures, adapter_options, segmenter_options, propagate=False):
     cases = _Cases(dataset)
     present = {c.id: set(np.unique(cases.mask(c)).tolist()) for c in dataset.cases}
     if labels:
@@ -166,7 +167,8 @@ def _evaluate_segmentation(dataset, labels, backend, options, adapter, segmenter
         from .pipeline import OneShot  # PyTorch: only once the dataset and labels are checked
 
         engine = OneShot(tpl, backend=backend, adapter=adapter, segmenter=segmenter, backend_options=options,
-                         seed=seed, adapter_options=adapter_options, segmenter_options=segmenter_options).fit()
+                         seed=seed, adapter_options=adapter_options, segmenter_options=segmenter_options,
+                         propagate=propagate).fit()
         tpl_info[name] = {"case": tcase.id, "slice": z}
         # Targets: (case, slice) with the label, and without it, over the other cases.
         others = [c for c in dataset.cases if c.id != tcase.id] or [tcase]
@@ -220,7 +222,7 @@ def _evaluate_segmentation(dataset, labels, backend, options, adapter, segmenter
         "dataset": dataset.name, "task": "segmentation", "backend": engine.extractor.settings()["backend"],
         "adapter": engine.adapter.name if engine.adapter is not None else "none", "segmenter": engine.segmenter.name,
         "template": {"points": points, "seed": seed, "max_targets": max_targets, "labels": tpl_info,
-                     "features": engine.extractor.settings()},
+                     "features": engine.extractor.settings(), "propagate": propagate},
         "labels": per_label,
         "mean_dice": _round(_mean([v["dice"] for v in per_label.values()])),
     }

@@ -148,3 +148,58 @@ def sam(model_type: str = "vit_b", weights: str = "pretrained", overrides: dict 
             _load(model, _state(weights, entry_name), W.checkpoint(entry_name).description)
         _MODELS[key] = model.eval()
     return _MODELS[key]
+
+
+# SAM 2 model -> its configuration in the sam2 package (the 2024-07-28 checkpoints of WEIGHTS.md; the
+# package's own table is sam2.build_sam.HF_MODEL_ID_TO_FILENAMES).
+SAM2_CONFIGS = {"tiny": "configs/sam2/sam2_hiera_t.yaml", "small": "configs/sam2/sam2_hiera_s.yaml",
+                "base_plus": "configs/sam2/sam2_hiera_b+.yaml", "large": "configs/sam2/sam2_hiera_l.yaml"}
+SAM2_TYPES = tuple(SAM2_CONFIGS)
+
+
+def require_sam2():
+    """Import the ``sam2`` package, or say how to install it (the ``fmoneshot[sam2]`` extra)."""
+    try:
+        import sam2  # noqa: F401  (initialises its hydra configuration)
+    except ImportError:
+        raise FMOneShotError("SAM 2 needs the 'sam2' package, which is not installed.",
+                             "pip install 'fmoneshot[sam2]' (or: SAM2_BUILD_CUDA=0 pip install sam2; Python >= 3.10), "
+                             "or choose --segmenter sam.") from None
+
+
+def _hydra_value(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_hydra_value(v) for v in value) + "]"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def sam2(model_type: str = "tiny", weights: str = "pretrained", overrides: dict | None = None, video: bool = False):
+    """SAM 2 (Ravi et al. 2024, the ``sam2`` package) in eval mode on the CPU: the image model
+    (``SAM2Base``, for ``SAM2ImagePredictor``) or, with ``video=True``, the ``SAM2VideoPredictor``, built as
+    ``sam2.build_sam.build_sam2`` / ``build_sam2_video_predictor`` build them (their post-processing settings
+    included) and loaded here, strictly and safely. Both read the same checkpoint; with random weights both
+    get the same initial tensors.
+
+    ``overrides`` (random weights only): configuration keys under ``model`` and their values, e.g.
+    ``{"image_encoder.trunk.stages": [1, 1, 1, 1]}`` (hydra ``++model.KEY=VALUE`` overrides).
+    """
+    if model_type not in SAM2_CONFIGS:
+        raise FMOneShotError(f"Unknown SAM 2 model {model_type!r}.", f"choose one of: {', '.join(SAM2_TYPES)}.")
+    overrides = dict(overrides or {})
+    entry_name = f"sam2_{model_type}"
+    _check_weights(weights, overrides, entry_name)
+    key = ("sam2", model_type, str(weights), bool(video),
+           tuple((k, _hydra_value(v)) for k, v in sorted(overrides.items())))
+    if key not in _MODELS:
+        require_sam2()
+        from sam2.build_sam import build_sam2, build_sam2_video_predictor
+
+        build = build_sam2_video_predictor if video else build_sam2
+        extra = [f"++model.{k}={_hydra_value(v)}" for k, v in sorted(overrides.items())]
+        with _seeded():
+            # ckpt_path=None: the package's loader would read the file unverified; it is loaded below.
+            model = build(SAM2_CONFIGS[model_type], ckpt_path=None, device="cpu", hydra_overrides_extra=extra)
+        if weights != "random":
+            _load(model, _state(weights, entry_name), W.checkpoint(entry_name).description)
+        _MODELS[key] = model.eval()
+    return _MODELS[key]

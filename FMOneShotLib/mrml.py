@@ -648,7 +648,7 @@ def run_options(backend: str = "auto", adapter: str = "auto", segmenter: str = "
     return {"backend": backend, "adapter": adapter, "segmenter": segmenter,
             "adapter_options": {"augment": True} if augment else {},
             "backend_options": {} if backend == "offline" else {"device": device},
-            "segmenter_options": {"device": device} if segmenter in ("auto", "sam") else {}}
+            "segmenter_options": {"device": device} if segmenter in ("auto", "sam", "sam2") else {}}
 
 
 def check_targets(volume_nodes: list) -> list:

@@ -35,7 +35,8 @@ from .errors import FMOneShotError
 from .features import create_extractor, sample_features
 from .image import BLANK_SPREAD, Volume, intensity_window, label_volume, normalize
 from .postprocess import drop_minor_components, keep_components
-from .segmenters import Segmenter, create_segmenter
+from .propagate import propagate_volume
+from .segmenters import Segmenter, create_segmenter, resolve_segmenter
 from .template import Template
 from .threads import small_work
 
@@ -90,7 +91,7 @@ class OneShot:
                  segmenter: str | Segmenter = "auto", backend_options: dict | None = None, seed: int = 0,
                  prompt_points: int = 10, min_area_fraction: float = 0.03, min_similarity: float = 0.3,
                  adapter_options: dict | None = None, landmark_radius: float = 2.0,
-                 segmenter_options: dict | None = None, minor_components: float = 0.25):
+                 segmenter_options: dict | None = None, minor_components: float = 0.25, propagate: bool = False):
         self.template = template.validate()
         self.backend = backend
         self.backend_options = dict(backend_options or {})
@@ -99,8 +100,16 @@ class OneShot:
         self.landmark_radius = landmark_radius  # feature cells: the ROI of a landmark for a landmark adapter
         self.landmark_adapter: Adapter | None = None
         self.adapter_reused = False
+        if propagate:  # checked before any model is built
+            kind = (resolve_segmenter(segmenter, segmenter_options)[0] if isinstance(segmenter, str)
+                    else segmenter.name)
+            if kind != "sam2":
+                raise FMOneShotError(f"Propagation needs the SAM 2 segmenter, not {kind!r}.",
+                                     "add --segmenter sam2 (with its weights), or drop --propagate.")
         self.segmenter = (create_segmenter(segmenter, **(segmenter_options or {})) if isinstance(segmenter, str)
                           else segmenter)
+        # SAM 2 carries each label from its most confident slice through the volume (propagate.py)
+        self.propagator = self.segmenter.propagator() if propagate else None
         self.seed = seed
         self.prompt_points = prompt_points
         self.min_area_fraction = min_area_fraction
@@ -355,6 +364,11 @@ class OneShot:
                 if progress is not None:
                     progress(done, len(todo))
         self._clean_up_3d(labels, present, confidence, sorted(set(todo) - blank_slices))
+        if self.propagator is not None:  # through every slice of the volume, from the labels' best slices
+            t = time.perf_counter()
+            propagate_volume(self.propagator, lambda k: normalize(volume.array[k], window), labels, present,
+                             confidence, [lb.value for lb in tpl.labels])
+            timings["propagation"] = time.perf_counter() - t
         out = label_volume(source, Volume.unslice(labels, axis),
                            name=f"{volume.name}-labels" if volume.name else "labels")
         return Result(out, names, confidence, present, prompts, matches, landmarks, timings,

@@ -10,6 +10,7 @@ than the negative ones, keeps what is connected to a positive prompt, and respec
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import time
 from abc import ABC, abstractmethod
 
@@ -133,7 +134,109 @@ class SamSegmenter(Segmenter):
         return masks[int(np.argmax(scores))].astype(bool)
 
 
-SEGMENTERS = {"offline": OfflineRefiner, "none": RegionSegmenter, "sam": SamSegmenter}
+def slice_key(image: np.ndarray) -> tuple:
+    """What identifies a slice's pixels (shape and a 128-bit digest), so that an encoding is reused."""
+    return image.shape, hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).digest()
+
+
+class OnChosenSlices(Segmenter):
+    """A segmenter that runs only on chosen slices, known by their pixels (:func:`slice_key`), and
+    returns an empty mask elsewhere without any work; it records the slices it ran on."""
+
+    def __init__(self, inner: Segmenter, images: dict):
+        self.inner, self.name = inner, inner.name
+        self.slice_of = {slice_key(image): z for z, image in images.items()}
+        self.ran_on: set = set()
+
+    def __getattr__(self, attr):  # precision, encodings, forward_seconds, forget_encoding: the inner one's
+        return getattr(self.inner, attr)
+
+    def segment(self, image, features, positive, negative, prior=None):
+        z = self.slice_of.get(slice_key(image))
+        if z is None:
+            return np.zeros(image.shape, bool)
+        self.ran_on.add(z)
+        return self.inner.segment(image, features, positive, negative, prior)
+
+
+def to_rgb8(image: np.ndarray) -> np.ndarray:
+    """(H, W) in [0, 1] -> (H, W, 3) uint8: the grey slice as the RGB image SAM and SAM 2 were trained on."""
+    return np.repeat((np.clip(image, 0, 1) * 255).round().astype(np.uint8)[..., None], 3, axis=2)
+
+
+class Sam2Segmenter(Segmenter):
+    """SAM 2 (Ravi et al. 2024, "SAM 2: Segment Anything in Images and Videos"): ``SAM2ImagePredictor`` of
+    the ``sam2`` package, whose Hiera image encoders are several times lighter than SAM's ViTs.
+
+    A slice is encoded once (``set_image``), only when a label is prompted on it, and the encoding serves
+    every label prompted on the same slice. Point prompts (x, y) in pixels of the (H, W) slice, label 1
+    positive, 0 negative, any aspect ratio (SAM 2 resizes the slice to 1024 x 1024 and maps the points with
+    it). Multimask output only for a single point, where one click is ambiguous (SAM 2's own advice), and
+    then the mask with the highest predicted IoU; with more points the one mask SAM 2 returns.
+    ``weights``: 'pretrained' (the verified cache, sam2_<model>), a checkpoint file, or 'random' (tests).
+    """
+
+    name = "sam2"
+
+    def __init__(self, model: str = "tiny", weights: str = "pretrained", device: str = "auto",
+                 precision: str = "auto", overrides: dict | None = None):
+        models.require_sam2()
+        from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+        self.model_type, self.weights, self.overrides = model, weights, dict(overrides or {})
+        self.device = models.resolve_device(device)
+        self.precision = models.resolve_precision(precision, self.device)
+        self.predictor = SAM2ImagePredictor(models.sam2(model, weights, overrides).to(self.device))
+        self._key = None
+        self.encodings = 0  # slices encoded (the expensive step)
+        self.forward_seconds = 0.0
+
+    def _encode(self, image: np.ndarray) -> None:
+        key = slice_key(image)
+        if key == self._key:
+            return
+        t = time.perf_counter()
+        with torch.inference_mode(), models.autocast(self.device, self.precision):
+            self.predictor.set_image(to_rgb8(image))
+        features = self.predictor._features  # bf16 under autocast; the prompt decoder runs in float32
+        self.predictor._features = {"image_embed": features["image_embed"].float(),
+                                    "high_res_feats": [f.float() for f in features["high_res_feats"]]}
+        self.forward_seconds += time.perf_counter() - t
+        self.encodings += 1
+        self._key = key
+
+    def forget_encoding(self) -> None:
+        """The next slice is encoded even if it is the one encoded last."""
+        self._key = None
+
+    def segment(self, image, features, positive, negative, prior=None):
+        positive = np.asarray(positive, float).reshape(-1, 2)
+        negative = np.asarray(negative, float).reshape(-1, 2)
+        if len(positive) == 0:
+            return np.zeros(image.shape, bool)
+        self._encode(image)
+        coords = np.concatenate([positive, negative])
+        labels = np.concatenate([np.ones(len(positive)), np.zeros(len(negative))])
+        with torch.inference_mode():
+            masks, scores, _ = self.predictor.predict(point_coords=coords, point_labels=labels,
+                                                      multimask_output=len(coords) == 1)
+        return masks[int(np.argmax(scores))].astype(bool)
+
+    def propagator(self, **options):
+        """A :class:`propagate.Propagator` on SAM 2's video predictor with this segmenter's model and weights."""
+        from .propagate import Propagator
+
+        return Propagator(self.model_type, self.weights, self.device, self.precision, self.overrides, **options)
+
+
+SEGMENTERS = {"offline": OfflineRefiner, "none": RegionSegmenter, "sam": SamSegmenter, "sam2": Sam2Segmenter}
+
+
+# What "auto" picks, in order: the first whose checkpoint is in the cache, else the offline refiner. SAM 2
+# before SAM (its Hiera encoders are lighter than SAM's ViTs: docs/models.md), and the smallest first (the
+# product's figures are CPU figures); SAM ViT-B first of SAM's.
+AUTO_SEGMENTERS = (("sam2", "tiny"), ("sam2", "small"), ("sam2", "base_plus"), ("sam2", "large"),
+                   ("sam", "vit_b"), ("sam", "vit_l"), ("sam", "vit_h"))
 
 
 def available_sam(folder=None) -> str | None:
@@ -145,14 +248,17 @@ def available_sam(folder=None) -> str | None:
 
 
 def resolve_segmenter(name: str = "auto", options: dict | None = None) -> tuple:
-    """``auto`` -> ('sam', {'model': ...}) when SAM weights are named in ``options`` or a SAM checkpoint is in
-    the cache, else ('offline', {})."""
+    """``auto`` -> ('sam', {}) when SAM weights are named in ``options``, else the first of AUTO_SEGMENTERS
+    whose checkpoint is in the cache (('sam2', {'model': 'tiny'}), ...; SAM 2 only where the sam2 package is
+    installed), else ('offline', {})."""
     if name != "auto":
         return name, {}
     if (options or {}).get("weights") is not None:
         return "sam", {}
-    model = available_sam()
-    return ("sam", {"model": model}) if model else ("offline", {})
+    for kind, model in AUTO_SEGMENTERS:
+        if W.is_present(f"{kind}_{model}") and (kind != "sam2" or importlib.util.find_spec("sam2") is not None):
+            return kind, {"model": model}
+    return "offline", {}
 
 
 def create_segmenter(name: str = "auto", **options) -> Segmenter:
@@ -160,8 +266,10 @@ def create_segmenter(name: str = "auto", **options) -> Segmenter:
     name, defaults = resolve_segmenter(name, options)
     if name not in SEGMENTERS:
         raise FMOneShotError(f"Unknown segmenter {name!r}.", f"choose one of: auto, {', '.join(sorted(SEGMENTERS))}.")
-    if name != "sam":
+    if name not in ("sam", "sam2"):
         options = {k: v for k, v in options.items() if k not in SAM_OPTIONS}
+    if name == "sam2":
+        options = {k: v for k, v in options.items() if k != "multimask"}  # SAM 2: multimask for one point only
     return SEGMENTERS[name](**{**defaults, **options})
 
 

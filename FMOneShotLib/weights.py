@@ -31,6 +31,7 @@ from .errors import FMOneShotError
 CACHE_ENV = "FMONESHOT_CACHE"
 HF = "https://huggingface.co/timm/{}/resolve/main/model.safetensors"
 SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/{}"
+SAM2_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/072824/{}"  # SAM 2's 2024-07-28 release
 APACHE, DINOV3, MIT = "Apache-2.0", "DINOv3 License (Meta's terms, accepted on the model page)", "MIT"
 
 
@@ -38,7 +39,7 @@ APACHE, DINOV3, MIT = "Apache-2.0", "DINOv3 License (Meta's terms, accepted on t
 class Checkpoint:
     """One downloadable checkpoint."""
 
-    name: str  # the registry key (the backend's name, or sam_vit_b / sam_vit_l / sam_vit_h)
+    name: str  # the registry key: a backend name, sam_vit_b / _l / _h or sam2_tiny / _small / _base_plus / _large
     file: str  # file name in the cache
     url: str
     licence: str
@@ -58,8 +59,8 @@ def _timm(name, timm_name, licence=APACHE, opt_in=False, description=""):
                       description=description)
 
 
-def _sam(name, file, sha256, description):
-    return Checkpoint(name, file, SAM_URL.format(file), APACHE, sha256=sha256, description=description)
+def _sam(name, file, sha256, description, url=SAM_URL):
+    return Checkpoint(name, file, url.format(file), APACHE, sha256=sha256, description=description)
 
 
 REGISTRY: dict[str, Checkpoint] = {c.name: c for c in [
@@ -80,6 +81,14 @@ REGISTRY: dict[str, Checkpoint] = {c.name: c for c in [
          "Segment Anything ViT-L"),
     _sam("sam_vit_h", "sam_vit_h_4b8939.pth", "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
          "Segment Anything ViT-H"),
+    _sam("sam2_tiny", "sam2_hiera_tiny.pt", "65b50056e05bcb13694174f51bb6da89c894b57b75ccdf0ba6352c597c5d1125",
+         "SAM 2 Hiera-T", SAM2_URL),
+    _sam("sam2_small", "sam2_hiera_small.pt", "95949964d4e548409021d47b22712d5f1abf2564cc0c3c765ba599a24ac7dce3",
+         "SAM 2 Hiera-S", SAM2_URL),
+    _sam("sam2_base_plus", "sam2_hiera_base_plus.pt",
+         "d0bb7f236400a49669ffdd1be617959a8b1d1065081789d7bbff88eded3a8071", "SAM 2 Hiera-B+", SAM2_URL),
+    _sam("sam2_large", "sam2_hiera_large.pt", "7442e4e9b732a508f80e141e7c2913437a3610ee0c77381a66658c3a445df87b",
+         "SAM 2 Hiera-L", SAM2_URL),
 ]}
 
 
@@ -347,8 +356,10 @@ def load_state_dict(path) -> dict:
     except Exception as exc:  # truncated, damaged, or a pickle that is not plain tensors
         raise FMOneShotError(f"Cannot read the checkpoint {path}: {type(exc).__name__}: {str(exc)[:200]}.",
                              "it is damaged or not a checkpoint; delete it and download or import it again.") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
+    for key in ("state_dict", "model"):  # segment-anything's files hold the tensors; SAM 2's hold {"model": ...}
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
     if not isinstance(state, dict):
         raise FMOneShotError(f"{path} holds no tensors by name.", "give a checkpoint file (state dict).")
     return state

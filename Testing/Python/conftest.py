@@ -24,6 +24,17 @@ def require_shared(name: str) -> Path:
     return path
 
 
+def require_package(module: str, install: str) -> None:
+    """Skip (fail when CI=true, whose .ci/run installs it) where an optional package is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        reason = f"the optional package {module} is not installed ({install})"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
 @pytest.fixture
 def chaos():
     return require_shared("chaos-mr-t2")
