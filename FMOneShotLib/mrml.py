@@ -34,7 +34,7 @@ from .image import IN_PLANE, MODALITIES, Volume, guess_modality, write_volume
 
 if TYPE_CHECKING:  # .template imports scipy, which Slicer does not ship: the panel opens before it is installed
     from .template import Template
-from .terminology import CODE_FIELDS, Code, Terminology
+from .terminology import CODE_FIELDS, Code, Terminology, for_name, label_color
 
 # LPS <-> RAS: x and y change sign, z stays. The same matrix converts both ways.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
@@ -746,16 +746,18 @@ def _tagged(scene, role: str) -> list:
 
 
 def add_label(scene, name: str, color=None) -> tuple:
-    """A new label: its positive (label colour, spheres) and negative (blue crosses) point lists."""
+    """A new label: its positive (label colour, spheres) and negative (blue crosses) point lists, tagged with
+    the label's name and colour (R, G, B 0-255). ``color`` None: the colour of the label's standard terminology
+    when the name is a known structure ("liver": the table's conventional colour), else the palette's colour of
+    the next label value (``terminology.label_color``). Imports nothing Slicer does not ship (the panel adds
+    labels before FMOneShot's packages are installed)."""
     name = (name or "").strip()
     if not name:
         raise FMOneShotError("The label has no name.", "type a name such as 'liver'.")
     if name in [p.name for p in label_prompts(scene)]:
         raise FMOneShotError(f"There is already a label {name!r}.", "choose another name, or use that label.")
     if color is None:
-        from .template import default_color
-
-        color = default_color(len(label_prompts(scene)) + 1)
+        color = label_color(len(label_prompts(scene)) + 1, for_name(name))
     color = tuple(int(c) for c in color)
     nodes = []
     for role, suffix in (("positive", "+"), ("negative", "-")):
