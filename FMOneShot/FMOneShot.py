@@ -145,6 +145,7 @@ class FMOneShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.labelColorPickerButton.connect("colorChanged(QColor)", self.onLabelColorChosen)
         self.ui.addLabelButton.connect("clicked(bool)", self.onAddLabel)
         self.ui.labelNameLineEdit.connect("returnPressed()", self.onAddLabel)
+        self.ui.labelNameLineEdit.connect("textChanged(QString)", self.onLabelNameChanged)
         self.ui.removeLabelButton.connect("clicked(bool)", self.onRemoveLabel)
         self.ui.addLandmarksButton.connect("clicked(bool)", self.onAddLandmarks)
         self.ui.previewTemplateButton.connect("clicked(bool)", self.onPreviewTemplate)
@@ -244,6 +245,12 @@ class FMOneShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """The user picked a colour: the next label added gets it (instead of its conventional colour)."""
         self._labelColorChosen = True
 
+    def onLabelNameChanged(self, name):
+        """While a name is typed and no colour was picked, the button shows the colour the label will get. An
+        empty name (also the field cleared after Add label) leaves the last label's colour shown."""
+        if name.strip() and not self._labelColorChosen and not self._running:
+            self.showColor(self.logic.newLabelColor(name))
+
     def onAddLabel(self):
         """A label with the colour the user picked on the colour button, else none: the library gives it the
         conventional colour of its structure (a known name) or the palette's. The button then shows the label's
@@ -256,27 +263,24 @@ class FMOneShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 c = self.ui.labelColorPickerButton.color
                 color = (c.red(), c.green(), c.blue())
             name = self.ui.labelNameLineEdit.text
-            positive, _ = self.logic.addLabel(name, color)
-            self.showLabelColor(positive)
+            self.logic.addLabel(name, color)
+            added = next(p for p in self.logic.labels() if p.name == name.strip())
+            self.showColor(added.color)
+            self._labelColorChosen = False
             self.ui.labelNameLineEdit.text = ""
             how = "the colour you picked" if color is not None else "its conventional colour"
             self.ui.statusLabel.text = f"Label '{name.strip()}' added with {how}."
         self.refreshLabels()
 
-    def showLabelColor(self, node):
-        """The colour button shows the colour of the label whose point list ``node`` is, without that counting
-        as the user's choice."""
-        from FMOneShotLib import mrml
-
-        rgb = [int(c) for c in (node.GetAttribute(mrml.COLOR_ATTRIBUTE) or "").split(",") if c]
-        if len(rgb) == 3:
-            button = self.ui.labelColorPickerButton
-            button.blockSignals(True)
-            try:
-                button.color = qt.QColor(*rgb)
-            finally:
-                button.blockSignals(False)
-        self._labelColorChosen = False
+    def showColor(self, rgb):
+        """The colour button shows ``rgb`` (0-255) without that counting as the user's pick (its colorChanged
+        signal, which ctkColorPickerButton's setColor emits too, is blocked)."""
+        button = self.ui.labelColorPickerButton
+        button.blockSignals(True)
+        try:
+            button.color = qt.QColor(*rgb)
+        finally:
+            button.blockSignals(False)
 
     def onRemoveLabel(self):
         if self._running:
@@ -562,6 +566,10 @@ class FMOneShotLogic(ScriptedLoadableModuleLogic):
 
         return mrml.add_label(slicer.mrmlScene, name, color)
 
+    def newLabelColor(self, name):
+        from FMOneShotLib import mrml
+
+        return mrml.new_label_color(slicer.mrmlScene, name)
     def removeLabel(self, name):
         from FMOneShotLib import mrml
 

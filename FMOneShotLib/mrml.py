@@ -770,7 +770,7 @@ def add_label(scene, name: str, color=None) -> tuple:
     if name in [p.name for p in label_prompts(scene)]:
         raise FMOneShotError(f"There is already a label {name!r}.", "choose another name, or use that label.")
     if color is None:
-        color = label_color(len(label_prompts(scene)) + 1, for_name(name))
+        color = new_label_color(scene, name)
     color = tuple(int(c) for c in color)
     nodes = []
     for role, suffix in (("positive", "+"), ("negative", "-")):
@@ -787,6 +787,13 @@ def add_label(scene, name: str, color=None) -> tuple:
         node.SetControlPointLabelFormat(f"{name}{suffix}%d")
         nodes.append(node)
     return tuple(nodes)
+
+
+def new_label_color(scene, name: str) -> tuple:
+    """The colour (R, G, B 0-255) :func:`add_label` gives a label ``name`` added now without a colour: its
+    structure's conventional colour, else the palette's colour of the next label value
+    (``terminology.label_color``)."""
+    return label_color(len(label_prompts(scene)) + 1, for_name((name or "").strip()))
 
 
 def remove_label(scene, name: str) -> None:

@@ -285,6 +285,19 @@ for name, picked in (("spleen", None), ("Left kidney", (10, 20, 30)), ("gallblad
     shown[name] = {"rgb": list(qt.QColor.call_args.args),
                    "blocked": [c.args for c in button.blockSignals.call_args_list]}
 report["label_colors"] = {p.name: list(p.color) for p in widget.logic.labels()}
+report["name_signal"] = any(c.args == ("textChanged(QString)", widget.onLabelNameChanged)
+                            for c in widget.ui.labelNameLineEdit.connect.call_args_list)
+previews = {}
+for typed in ("Urinary bladder", "my structure", ""):  # while typing, with no colour picked: what it will get
+    qt.QColor.reset_mock()
+    widget.onLabelNameChanged(typed)
+    previews[typed] = list(qt.QColor.call_args.args) if qt.QColor.called else None
+button.color = mock.MagicMock()
+widget.onLabelColorChosen(button.color)
+qt.QColor.reset_mock()
+widget.onLabelNameChanged("liver 2")  # a picked colour is not replaced by the preview
+previews["after a pick"] = qt.QColor.called
+report["label_color_previews"] = previews
 report["label_colors_shown"] = shown
 FMOneShot.FMOneShotLogic.ensureDependencies = lambda self, ask=True: False  # the user declines the install
 widget.onApply()
@@ -508,6 +521,14 @@ def test_add_label_passes_a_colour_only_when_the_user_picked_one(panel):
     for name, shown in panel["label_colors_shown"].items():
         assert shown["rgb"] == colors[name], name
         assert shown["blocked"] == [[True], [False]], name
+    # while a name is typed, the button previews the colour the label would get (5 labels in the scene)
+    assert panel["name_signal"]
+    previews = panel["label_color_previews"]
+    bladder = for_name("Urinary bladder").color
+    assert bladder and previews["Urinary bladder"] == list(bladder)
+    assert previews["my structure"] == list(default_color(5))
+    assert previews["after a pick"] is False
+    assert previews[""] is None  # the field cleared after Add label: the added label's colour stays shown
 
 
 def test_the_panel_exports_dicom_seg_only_for_a_volume_loaded_from_dicom(tmp_path):
