@@ -268,7 +268,8 @@ class FMOneShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.showColor(added.color)
             self._labelColorChosen = False
             self.ui.labelNameLineEdit.text = ""
-            how = "the colour you picked" if color is not None else "its conventional colour"
+            how = ("the colour you picked" if color is not None
+                   else "its default colour (a known structure's conventional one, else the palette's)")
             self.ui.statusLabel.text = f"Label '{name.strip()}' added with {how}."
         self.refreshLabels()
 
@@ -570,6 +571,7 @@ class FMOneShotLogic(ScriptedLoadableModuleLogic):
         from FMOneShotLib import mrml
 
         return mrml.new_label_color(slicer.mrmlScene, name)
+
     def removeLabel(self, name):
         from FMOneShotLib import mrml
 
