@@ -80,7 +80,8 @@ BACKENDS = ["auto", "offline", "d2s14", "d2b14", "d2l14", "d2g14", "d1s8", "d1s1
 ADAPTERS = ["auto", "none", "basic", "classification", "contrastive"]  # FMOneShotLib.adapters.ADAPTERS
 SEGMENTERS = ["auto", "sam2", "sam", "offline", "none"]  # FMOneShotLib.segmenters.SEGMENTERS, and auto
 DEVICES = ["auto", "cpu", "cuda"]  # FMOneShotLib.mrml.DEVICES
-EXPORT_FORMATS = [".nrrd", ".nii.gz", ".seg.nrrd"]  # FMOneShotLib.mrml.EXPORT_FORMATS
+EXPORT_FORMATS = [".nrrd", ".nii.gz", ".seg.nrrd", ".seg.dcm"]  # FMOneShotLib.mrml.EXPORT_FORMATS
+DICOM_SEG_EXPORT = ".seg.dcm"  # FMOneShotLib.mrml.DICOM_SEG_EXPORT: only for volumes loaded from DICOM
 
 
 @parameterNodeWrapper
@@ -119,6 +120,7 @@ class FMOneShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._cancelRequested = False
         self._running = False
+        self._labelColorChosen = False  # the user picked a colour for the next label (else its conventional one)
 
     def resourcePath(self, filename):
         return resourcePath(filename)
@@ -135,13 +137,15 @@ class FMOneShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.labelsTableWidget.setColumnCount(3)
         self.ui.labelsTableWidget.setHorizontalHeaderLabels(["Label", "Positive", "Negative"])
         self.ui.labelsTableWidget.horizontalHeader().setStretchLastSection(True)
-        self.ui.labelColorPickerButton.color = qt.QColor(221, 130, 101)
+        self.ui.labelColorPickerButton.color = qt.QColor(221, 130, 101)  # before the connection: not a choice
         self.ui.weightsComboBox.addItems(self.logic.checkpointNames())
         self.ui.weightsDirectoryButton.directory = self.logic.weightsFolder()
         self.ui.exportDirectoryButton.directory = self.logic.exportFolder()
 
+        self.ui.labelColorPickerButton.connect("colorChanged(QColor)", self.onLabelColorChosen)
         self.ui.addLabelButton.connect("clicked(bool)", self.onAddLabel)
         self.ui.labelNameLineEdit.connect("returnPressed()", self.onAddLabel)
+        self.ui.labelNameLineEdit.connect("textChanged(QString)", self.onLabelNameChanged)
         self.ui.removeLabelButton.connect("clicked(bool)", self.onRemoveLabel)
         self.ui.addLandmarksButton.connect("clicked(bool)", self.onAddLandmarks)
         self.ui.previewTemplateButton.connect("clicked(bool)", self.onPreviewTemplate)
@@ -237,14 +241,47 @@ class FMOneShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if landmarks is not None:
             self.ui.landmarksPlaceWidget.setCurrentNode(landmarks)
 
+    def onLabelColorChosen(self, color=None):
+        """The user picked a colour: the next label added gets it (instead of its conventional colour)."""
+        self._labelColorChosen = True
+
+    def onLabelNameChanged(self, name):
+        """While a name is typed and no colour was picked, the button shows the colour the label will get. An
+        empty name (also the field cleared after Add label) leaves the last label's colour shown."""
+        if name.strip() and not self._labelColorChosen and not self._running:
+            self.showColor(self.logic.newLabelColor(name))
+
     def onAddLabel(self):
+        """A label with the colour the user picked on the colour button, else none: the library gives it the
+        conventional colour of its structure (a known name) or the palette's. The button then shows the label's
+        colour, and the next label again gets its own unless the user picks one."""
         if self._running:
             return
         with slicer.util.tryWithErrorDisplay("Could not add the label.", waitCursor=True):
-            c = self.ui.labelColorPickerButton.color
-            self.logic.addLabel(self.ui.labelNameLineEdit.text, (c.red(), c.green(), c.blue()))
+            color = None
+            if self._labelColorChosen:
+                c = self.ui.labelColorPickerButton.color
+                color = (c.red(), c.green(), c.blue())
+            name = self.ui.labelNameLineEdit.text
+            self.logic.addLabel(name, color)
+            added = next(p for p in self.logic.labels() if p.name == name.strip())
+            self.showColor(added.color)
+            self._labelColorChosen = False
             self.ui.labelNameLineEdit.text = ""
+            how = ("the colour you picked" if color is not None
+                   else "its default colour (a known structure's conventional one, else the palette's)")
+            self.ui.statusLabel.text = f"Label '{name.strip()}' added with {how}."
         self.refreshLabels()
+
+    def showColor(self, rgb):
+        """The colour button shows ``rgb`` (0-255) without that counting as the user's pick (its colorChanged
+        signal, which ctkColorPickerButton's setColor emits too, is blocked)."""
+        button = self.ui.labelColorPickerButton
+        button.blockSignals(True)
+        try:
+            button.color = qt.QColor(*rgb)
+        finally:
+            button.blockSignals(False)
 
     def onRemoveLabel(self):
         if self._running:
@@ -372,7 +409,11 @@ class FMOneShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         folder = self.ui.exportDirectoryButton.directory
         fmt = self._parameterNode.exportFormat
         with slicer.util.tryWithErrorDisplay("Could not export the results.", waitCursor=True):
+            # every check that needs no package first: a volume not loaded from DICOM is refused for DICOM SEG
+            # before anything is asked, installed or written
             existing = self.logic.existingExports(folder, fmt)
+            if fmt == DICOM_SEG_EXPORT and not self.dependenciesReady():  # highdicom writes the SEG
+                return
             overwrite = False
             if existing:
                 if not slicer.util.confirmOkCancelDisplay(
@@ -526,6 +567,11 @@ class FMOneShotLogic(ScriptedLoadableModuleLogic):
 
         return mrml.add_label(slicer.mrmlScene, name, color)
 
+    def newLabelColor(self, name):
+        from FMOneShotLib import mrml
+
+        return mrml.new_label_color(slicer.mrmlScene, name)
+
     def removeLabel(self, name):
         from FMOneShotLib import mrml
 
@@ -639,9 +685,14 @@ class FMOneShotLogic(ScriptedLoadableModuleLogic):
         return [str(p) for p in mrml.export_paths(self.resultSegmentations(), folder, fmt) if p.exists()]
 
     def export(self, folder, fmt, overwrite=False):
+        """Every FMOneShot result segmentation written to ``folder`` in format ``fmt`` (mrml.EXPORT_FORMATS).
+        DICOM SEG (".seg.dcm") references the images each volume was loaded from, found in Slicer's DICOM
+        database: ``slicer.dicomDatabase``, the application's ctkDICOMDatabase, which the DICOM module sets
+        at start-up (Slicer 5.8 and later); None where it is missing, which the library refuses clearly."""
         from FMOneShotLib import mrml
 
-        paths = mrml.export_segmentations(self.resultSegmentations(), folder, fmt, overwrite=overwrite)
+        paths = mrml.export_segmentations(self.resultSegmentations(), folder, fmt, overwrite=overwrite,
+                                          dicom_database=getattr(slicer, "dicomDatabase", None))
         qt.QSettings().setValue(self.EXPORT_SETTING, str(folder))
         return paths
 

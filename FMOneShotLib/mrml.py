@@ -34,7 +34,7 @@ from .image import IN_PLANE, MODALITIES, Volume, guess_modality, write_volume
 
 if TYPE_CHECKING:  # .template imports scipy, which Slicer does not ship: the panel opens before it is installed
     from .template import Template
-from .terminology import CODE_FIELDS, Code, Terminology
+from .terminology import CODE_FIELDS, Code, Terminology, for_name, label_color
 
 # LPS <-> RAS: x and y change sign, z stays. The same matrix converts both ways.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
@@ -446,9 +446,11 @@ def confidence_table(scene, result, name: str):
 # ---------------------------------------------------------------------------------------------------- export
 VALUE_TAG = "FMOneShot.Value"  # segment tag: the template label's value, for labelmap export
 RESULT_ATTRIBUTE = "FMOneShot.Result"  # on the segmentation nodes Apply made: the volume's name
-EXPORT_FORMATS = {".nrrd": "-labels.nrrd", ".nii.gz": "-labels.nii.gz", ".seg.nrrd": ".seg.nrrd"}
 # DICOM SEG (dicomseg.py), for volumes loaded from DICOM: export_segmentations(..., dicom_database=...)
 DICOM_SEG_EXPORT = ".seg.dcm"
+# export format -> the suffix of the file written after the volume's name (the panel's choices, in this order)
+EXPORT_FORMATS = {".nrrd": "-labels.nrrd", ".nii.gz": "-labels.nii.gz", ".seg.nrrd": ".seg.nrrd",
+                  DICOM_SEG_EXPORT: DICOM_SEG_EXPORT}
 ALGORITHM_ATTRIBUTE = "FMOneShot.Algorithm"  # on result segmentations: JSON of dicomseg.algorithm_parameters
 
 
@@ -463,9 +465,8 @@ def export_paths(seg_nodes: list, folder, fmt: str = ".nrrd") -> list:
 
 
 def _export_jobs(seg_nodes: list, folder, fmt: str) -> list:
-    suffixes = {**EXPORT_FORMATS, DICOM_SEG_EXPORT: DICOM_SEG_EXPORT}
-    if fmt not in suffixes:
-        raise FMOneShotError(f"Unknown export format {fmt!r}.", f"use one of: {', '.join(suffixes)}.")
+    if fmt not in EXPORT_FORMATS:
+        raise FMOneShotError(f"Unknown export format {fmt!r}.", f"use one of: {', '.join(EXPORT_FORMATS)}.")
     if not seg_nodes:
         raise FMOneShotError("There is no segmentation to export.", "apply the template to a volume first.")
     folder = Path(folder)
@@ -479,7 +480,9 @@ def _export_jobs(seg_nodes: list, folder, fmt: str) -> list:
         if ref is None:
             raise FMOneShotError(f"The segmentation {seg.GetName()!r} has no reference volume.",
                                  "set its reference geometry to the volume it belongs to (Segmentations module).")
-        jobs.append((seg, ref, folder / (_file_stem(ref.GetName()) + suffixes[fmt])))
+        if fmt == DICOM_SEG_EXPORT:
+            dicom_instance_uids(ref)  # a volume not loaded from DICOM: refused before anything else
+        jobs.append((seg, ref, folder / (_file_stem(ref.GetName()) + EXPORT_FORMATS[fmt])))
     paths = [p for *_, p in jobs]
     clash = sorted({str(p) for p in paths if paths.count(p) > 1})
     if clash:
@@ -530,20 +533,30 @@ def export_segmentations(seg_nodes: list, folder, fmt: str = ".nrrd", overwrite:
     return paths
 
 
-def dicom_source_files(volume_node, dicom_database) -> list:
-    """The DICOM files ``volume_node`` was loaded from: the SOP instance UIDs Slicer's DICOM plugins keep in
-    its attribute ``DICOM.instanceUIDs`` (space-separated), each found with
-    ``dicom_database.fileForInstance(uid)`` (``slicer.dicomDatabase``). FMOneShotError, naming the fix, when the
-    volume was not loaded from DICOM or a file is no longer in the database."""
-    name = volume_node.GetName()
+def dicom_instance_uids(volume_node) -> list:
+    """The SOP Instance UIDs of the DICOM images ``volume_node`` was loaded from, as Slicer's DICOM plugins
+    record them in its attribute ``DICOM.instanceUIDs`` (space-separated; DICOMScalarVolumePlugin).
+    FMOneShotError, naming the fix, for a volume not loaded through the DICOM module (no such attribute)."""
     uids = (volume_node.GetAttribute("DICOM.instanceUIDs") or "").split()
     if not uids:
-        raise FMOneShotError(f"The volume {name!r} was not loaded from DICOM, so there are no images for a DICOM "
-                             "SEG to reference.", "load the series with the DICOM module, or export as .nrrd, "
-                             ".nii.gz or .seg.nrrd.")
+        others = ", ".join(f for f in EXPORT_FORMATS if f != DICOM_SEG_EXPORT)
+        raise FMOneShotError(f"The volume {volume_node.GetName()!r} was not loaded from DICOM, so there are no "
+                             "images for a DICOM SEG to reference.",
+                             f"load the series with the DICOM module, or export as {others}.")
+    return uids
+
+
+def dicom_source_files(volume_node, dicom_database) -> list:
+    """The DICOM files ``volume_node`` was loaded from: its SOP instance UIDs (:func:`dicom_instance_uids`),
+    each found with ``dicom_database.fileForInstance(uid)`` (``slicer.dicomDatabase``, a ctkDICOMDatabase,
+    which answers "" for an unknown UID). FMOneShotError, naming the fix, when the volume was not loaded from
+    DICOM, there is no database, or a file is no longer in the database."""
+    name = volume_node.GetName()
+    uids = dicom_instance_uids(volume_node)
     if dicom_database is None:
-        raise FMOneShotError("DICOM SEG export needs Slicer's DICOM database.",
-                             "pass dicom_database=slicer.dicomDatabase.")
+        raise FMOneShotError("DICOM SEG export needs Slicer's DICOM database, and there is none.",
+                             "open the DICOM module once (Slicer opens its database there), or from Python pass "
+                             "dicom_database=slicer.dicomDatabase.")
     files = [dicom_database.fileForInstance(uid) for uid in uids]
     missing = [uid for uid, f in zip(uids, files) if not f or not Path(f).is_file()]
     if missing:
@@ -746,16 +759,18 @@ def _tagged(scene, role: str) -> list:
 
 
 def add_label(scene, name: str, color=None) -> tuple:
-    """A new label: its positive (label colour, spheres) and negative (blue crosses) point lists."""
+    """A new label: its positive (label colour, spheres) and negative (blue crosses) point lists, tagged with
+    the label's name and colour (R, G, B 0-255). ``color`` None: the colour of the label's standard terminology
+    when the name is a known structure ("liver": the table's conventional colour), else the palette's colour of
+    the next label value (``terminology.label_color``). Imports nothing Slicer does not ship (the panel adds
+    labels before FMOneShot's packages are installed)."""
     name = (name or "").strip()
     if not name:
         raise FMOneShotError("The label has no name.", "type a name such as 'liver'.")
     if name in [p.name for p in label_prompts(scene)]:
         raise FMOneShotError(f"There is already a label {name!r}.", "choose another name, or use that label.")
     if color is None:
-        from .template import default_color
-
-        color = default_color(len(label_prompts(scene)) + 1)
+        color = new_label_color(scene, name)
     color = tuple(int(c) for c in color)
     nodes = []
     for role, suffix in (("positive", "+"), ("negative", "-")):
@@ -772,6 +787,13 @@ def add_label(scene, name: str, color=None) -> tuple:
         node.SetControlPointLabelFormat(f"{name}{suffix}%d")
         nodes.append(node)
     return tuple(nodes)
+
+
+def new_label_color(scene, name: str) -> tuple:
+    """The colour (R, G, B 0-255) :func:`add_label` gives a label ``name`` added now without a colour: its
+    structure's conventional colour, else the palette's colour of the next label value
+    (``terminology.label_color``)."""
+    return label_color(len(label_prompts(scene)) + 1, for_name((name or "").strip()))
 
 
 def remove_label(scene, name: str) -> None:

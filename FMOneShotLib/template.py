@@ -22,14 +22,10 @@ from scipy import ndimage as ndi
 from .errors import FMOneShotError
 from .files import atomic_paths, check_folder, refuse_existing
 from .image import BLANK_SPREAD, LABEL_EXTENSIONS, MODALITIES, ORIENTATIONS, Volume, intensity_window, normalize
-from .terminology import Terminology, for_name
+from .terminology import PALETTE, Terminology, default_color, for_name, label_color  # noqa: F401 (re-exported)
 
 FORMAT = "fmoneshot-template"
 VERSION = 1
-# Distinct colours for labels 1, 2, ... (Slicer's GenericAnatomyColors feel: tissue-like, distinguishable).
-PALETTE = [(221, 130, 101), (157, 108, 162), (185, 102, 83), (216, 101, 79), (144, 238, 144),
-           (128, 174, 128), (241, 214, 145), (177, 122, 101), (111, 184, 210), (230, 220, 70)]
-
 
 _NUMBER = {"type": "number"}
 _POINT = {"type": "array", "items": _NUMBER, "minItems": 2, "maxItems": 2,
@@ -90,10 +86,6 @@ def check_schema(doc, where) -> None:
                          "correct that field (the format is template.SCHEMA), or re-create the template.")
 
 
-def default_color(value: int) -> tuple:
-    return PALETTE[(value - 1) % len(PALETTE)]
-
-
 def color_table_path(labels_path) -> Path:
     """The colour table written beside a label volume: its name with the image extension replaced by
     ``.ctbl`` (``ct-labels.nii.gz`` -> ``ct-labels.ctbl``)."""
@@ -139,7 +131,7 @@ class Label:
         if isinstance(self.terminology, dict):
             self.terminology = Terminology.from_dict(self.terminology)
         self.terminology = self.terminology or for_name(self.name)
-        self.color = tuple(int(c) for c in (self.color or self.terminology.color or default_color(self.value)))
+        self.color = tuple(int(c) for c in (self.color or label_color(self.value, self.terminology)))
 
 
 @dataclass

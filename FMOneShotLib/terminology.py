@@ -26,6 +26,10 @@ from .errors import FMOneShotError
 
 TABLE = Path(__file__).resolve().parent / "resources" / "totalsegmentator_snomed_mapping.csv"
 SIDES = ("left", "right")
+# Distinct colours for labels 1, 2, ... (Slicer's GenericAnatomyColors feel: tissue-like, distinguishable), for
+# structures the table gives no colour.
+PALETTE = [(221, 130, 101), (157, 108, 162), (185, 102, 83), (216, 101, 79), (144, 238, 144),
+           (128, 174, 128), (241, 214, 145), (177, 122, 101), (111, 184, 210), (230, 220, 70)]
 
 
 @dataclass(frozen=True)
@@ -185,3 +189,15 @@ def lookup(name: str) -> Terminology | None:
 def for_name(name: str) -> Terminology:
     """:func:`lookup`, or the generic "Tissue" code for a name the table does not know."""
     return lookup(name) or GENERIC
+
+
+def default_color(value: int) -> tuple:
+    """The :data:`PALETTE` colour (R, G, B 0-255) of label value ``value`` (1, 2, ...; cycles)."""
+    return PALETTE[(value - 1) % len(PALETTE)]
+
+
+def label_color(value: int, terminology: Terminology) -> tuple:
+    """The colour (R, G, B 0-255) of a label whose user chose none: its terminology's conventional colour (the
+    vendored table's ``DicomRGBColor``), else :func:`default_color` of its value. The one place of this rule:
+    ``template.Label`` and ``mrml.add_label`` (the Slicer panel's "Add label") both use it."""
+    return tuple(int(c) for c in (terminology.color or default_color(value)))

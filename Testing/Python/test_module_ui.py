@@ -92,7 +92,8 @@ HARNESS = r"""
 import contextlib, importlib.abc, json, os, sys, types, typing, unittest
 from unittest import mock
 
-module_dir, blocked, selftest = sys.argv[1], set(json.loads(sys.argv[2])), sys.argv[3] == "selftest"
+module_dir, blocked, mode = sys.argv[1], set(json.loads(sys.argv[2])), sys.argv[3]
+selftest, export_job = mode == "selftest", json.loads(sys.argv[4]) if mode == "export" else None
 attempts = []
 
 
@@ -267,6 +268,37 @@ widget.enter()
 widget.logic.addLabel("liver", (200, 10, 10))
 widget.refreshLabels()
 report["labels"] = [p.name for p in widget.logic.labels()]
+# "Add label" passes the colour button's colour only when the user picked one (the button's colorChanged
+# signal); the button then shows the label's colour, set without counting as a pick
+button = widget.ui.labelColorPickerButton
+report["color_signal"] = any(c.args == ("colorChanged(QColor)", widget.onLabelColorChosen)
+                             for c in button.connect.call_args_list)
+shown = {}
+for name, picked in (("spleen", None), ("Left kidney", (10, 20, 30)), ("gallbladder", None)):
+    if picked is not None:
+        button.color = mock.MagicMock(**{f"{k}.return_value": v for k, v in zip(("red", "green", "blue"), picked)})
+        widget.onLabelColorChosen(button.color)  # what the signal calls
+    button.blockSignals.reset_mock()
+    qt.QColor.reset_mock()
+    widget.ui.labelNameLineEdit.text = name
+    widget.onAddLabel()
+    shown[name] = {"rgb": list(qt.QColor.call_args.args),
+                   "blocked": [c.args for c in button.blockSignals.call_args_list]}
+report["label_colors"] = {p.name: list(p.color) for p in widget.logic.labels()}
+report["name_signal"] = any(c.args == ("textChanged(QString)", widget.onLabelNameChanged)
+                            for c in widget.ui.labelNameLineEdit.connect.call_args_list)
+previews = {}
+for typed in ("Urinary bladder", "my structure", ""):  # while typing, with no colour picked: what it will get
+    qt.QColor.reset_mock()
+    widget.onLabelNameChanged(typed)
+    previews[typed] = list(qt.QColor.call_args.args) if qt.QColor.called else None
+button.color = mock.MagicMock()
+widget.onLabelColorChosen(button.color)
+qt.QColor.reset_mock()
+widget.onLabelNameChanged("liver 2")  # a picked colour is not replaced by the preview
+previews["after a pick"] = qt.QColor.called
+report["label_color_previews"] = previews
+report["label_colors_shown"] = shown
 FMOneShot.FMOneShotLogic.ensureDependencies = lambda self, ask=True: False  # the user declines the install
 widget.onApply()
 widget.onPreviewTemplate()
@@ -313,6 +345,48 @@ if selftest:
     except ImportError as exc:
         report["selftest"] = f"ImportError: {exc}"
 report["attempts"] = attempts
+if export_job is not None:
+    # Export as DICOM SEG from the panel: refused, before anything is asked or written, for a volume not loaded
+    # from DICOM; written for one that was, its images found in slicer.dicomDatabase (the stand-in answers
+    # fileForInstance as ctkDICOMDatabase does: the file, or "" for an unknown UID)
+    from FMOneShotLib import mrml
+    from FMOneShotLib.image import read_volume
+    from FMOneShotLib.template import Label
+
+    volume, labels = read_volume(export_job["series"]), read_volume(export_job["labels"])
+
+    def result(name, dicom):
+        node = mrml.node_from_volume(slicer.mrmlScene, volume, name=name)
+        if dicom:
+            node.SetAttribute("DICOM.instanceUIDs", " ".join(export_job["files"]))
+        seg = mrml.segmentation_from_labels(slicer.mrmlScene, labels, [Label("liver", 1)], node, name + " result")
+        seg.SetAttribute(mrml.RESULT_ATTRIBUTE, name)
+        return seg
+
+    asked = []
+    FMOneShot.FMOneShotLogic.ensureDependencies = lambda self, ask=True: asked.append("dependencies") or True
+    slicer.util.confirmOkCancelDisplay.side_effect = lambda *a, **k: asked.append("overwrite") or True
+    out = export_job["out"]
+    widget.ui.exportDirectoryButton.directory = out
+    widget._parameterNode.exportFormat = ".seg.dcm"
+    report["choices"] = FMOneShot.FMOneShotParameterNode.fields["exportFormat"]["choices"]
+    plain = result("plain", dicom=False)
+    open(os.path.join(out, "plain.seg.dcm"), "w").write("the user's file")
+    try:
+        widget.onExport()
+        report["refused"] = None
+    except Exception as exc:  # the stand-in's tryWithErrorDisplay lets it through
+        report["refused"] = f"{type(exc).__name__}: {exc}"
+    report["refused_asked"] = list(asked)
+    report["refused_files"] = {f: open(os.path.join(out, f)).read() for f in sorted(os.listdir(out))}
+    os.remove(os.path.join(out, "plain.seg.dcm"))
+    slicer.mrmlScene.RemoveNode(plain)
+    result("CT dicom", dicom=True)
+    slicer.dicomDatabase = types.SimpleNamespace(fileForInstance=lambda uid: export_job["files"].get(uid, ""))
+    widget.onExport()
+    report["exported"] = sorted(os.listdir(out))
+    report["exported_asked"] = asked[len(report["refused_asked"]):]
+    report["status"] = str(widget.ui.statusLabel.text)
 # The install path with the PyTorch extension: its PyTorchUtilsLogic with the signature of SlicerPyTorch's
 # PyTorchUtils.py (a wrong keyword raises TypeError here as it would there)
 from FMOneShotLib import requirements
@@ -343,13 +417,15 @@ print("REPORT " + json.dumps(report))
 """
 
 
-def run_panel(module_dir, selftest=False, blocked=None) -> dict:
-    """Import the module file from ``module_dir`` as Slicer does, open its panel, and report what it did."""
+def run_panel(module_dir, selftest=False, blocked=None, export=None) -> dict:
+    """Import the module file from ``module_dir`` as Slicer does, open its panel, and report what it did; with
+    ``export`` (series folder, labels file, {SOP Instance UID: file}, output folder), export from the panel too."""
     from FMOneShotLib.requirements import REQUIREMENTS
 
     blocked = sorted(set(REQUIREMENTS.values()) - SHIPPED_WITH_SLICER) if blocked is None else blocked
-    proc = subprocess.run([sys.executable, "-c", HARNESS, str(module_dir), json.dumps(blocked),
-                           "selftest" if selftest else "panel"], capture_output=True, text=True, cwd=module_dir,
+    mode = "export" if export else "selftest" if selftest else "panel"
+    proc = subprocess.run([sys.executable, "-c", HARNESS, str(module_dir), json.dumps(blocked), mode,
+                           json.dumps(export or {})], capture_output=True, text=True, cwd=module_dir,
                           timeout=300)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("REPORT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
@@ -428,6 +504,72 @@ def test_the_panel_opens_from_a_clone_without_pytorch(panel):
     assert Path(panel["icon"]).resolve() == (REPO / "Resources" / "Icons" / "FMOneShot.png").resolve()
     assert panel["labels"] == ["liver"]
     assert panel["setup_attempts"] == [], f"the panel imported what Slicer does not ship: {panel['setup_attempts']}"
+
+
+def test_add_label_passes_a_colour_only_when_the_user_picked_one(panel):
+    """issue 21: a label added without picking a colour gets its structure's conventional colour (the
+    terminology table's), one added after a pick gets the picked colour, and the next one its own again; the
+    colour button shows each label's colour without that counting as a pick (signals blocked)."""
+    from FMOneShotLib.terminology import default_color, for_name
+
+    assert panel["color_signal"], "the colour button's colorChanged(QColor) is not connected to onLabelColorChosen"
+    colors = panel["label_colors"]
+    spleen, gallbladder = for_name("spleen").color, for_name("gallbladder").color
+    assert spleen and gallbladder and tuple(spleen) != default_color(2)  # not what the palette would give
+    assert colors == {"liver": [200, 10, 10], "spleen": list(spleen), "Left kidney": [10, 20, 30],
+                      "gallbladder": list(gallbladder)}
+    for name, shown in panel["label_colors_shown"].items():
+        assert shown["rgb"] == colors[name], name
+        assert shown["blocked"] == [[True], [False]], name
+    # while a name is typed, the button previews the colour the label would get (5 labels in the scene)
+    assert panel["name_signal"]
+    previews = panel["label_color_previews"]
+    bladder = for_name("Urinary bladder").color
+    assert bladder and previews["Urinary bladder"] == list(bladder)
+    assert previews["my structure"] == list(default_color(5))
+    assert previews["after a pick"] is False
+    assert previews[""] is None  # the field cleared after Add label: the added label's colour stays shown
+
+
+def test_the_panel_exports_dicom_seg_only_for_a_volume_loaded_from_dicom(tmp_path):
+    """issue 21: ".seg.dcm" is offered; for a volume not loaded from DICOM the export is refused with the
+    reason before anything is asked, installed or written (a file of the user's with the name it would have
+    written is left as it was); for one loaded from DICOM the panel passes slicer.dicomDatabase and the SEG
+    read back with highdicom references the series' images and holds the segmentation's voxels."""
+    hd = pytest.importorskip("highdicom", reason="highdicom is a dependency: pip install -e .")
+    pytest.importorskip("slicer", reason="slicer-core is part of the [test] extra")
+    import numpy as np
+    from dicom_series import write_dicom_series
+
+    from FMOneShotLib.image import Volume, read_volume, write_volume
+
+    volume = Volume(np.random.default_rng(0).integers(-100, 200, (5, 12, 14)).astype(np.int16), (0.8, 0.9, 2.5),
+                    name="ct")
+    written = write_dicom_series(volume, tmp_path / "series")
+    series = read_volume(tmp_path / "series")
+    labels = np.zeros(series.array.shape, np.uint8)
+    labels[1:4, 3:8, 4:10] = 1
+    write_volume(series.like(labels), tmp_path / "labels.nrrd")
+    out = tmp_path / "out"
+    out.mkdir()
+    report = run_panel(REPO / "FMOneShot", blocked=[], export={
+        "series": str(tmp_path / "series"), "labels": str(tmp_path / "labels.nrrd"),
+        "files": {uid: str(path) for _, path, uid in written}, "out": str(out)})
+    assert ".seg.dcm" in report["choices"]
+    assert report["refused"].startswith("FMOneShotError: The volume 'plain' was not loaded from DICOM"), \
+        report["refused"]
+    assert "load the series with the DICOM module" in report["refused"]
+    assert report["refused_asked"] == []  # neither an install nor an overwrite was asked
+    assert report["refused_files"] == {"plain.seg.dcm": "the user's file"}
+    assert report["exported"] == ["CT dicom.seg.dcm"] and report["exported_asked"] == ["dependencies"]
+    seg = hd.seg.segread(str(out / "CT dicom.seg.dcm"))
+    assert [d.SegmentLabel for d in seg.SegmentSequence] == ["liver"]
+    referenced = {r.ReferencedSOPInstanceUID for s in seg.ReferencedSeriesSequence
+                  for r in s.ReferencedInstanceSequence}
+    assert referenced == {uid for *_, uid in written}
+    uids = [uid for _, _, uid in sorted(written)]  # slice order
+    back = seg.get_pixels_by_source_instance(uids, combine_segments=True, relabel=False)
+    assert np.array_equal(back, labels)
 
 
 def test_while_work_runs_only_cancel_is_enabled_and_nested_clicks_do_nothing(ui, panel):
@@ -597,14 +739,15 @@ def test_extension_metadata_agree():
         assert (REPO / url.split("/main/", 1)[1]).is_file(), url
     module_cmake = (REPO / "FMOneShot" / "CMakeLists.txt").read_text()
     assert "slicerMacroBuildScriptedModule" in module_cmake and "slicer_add_python_unittest" in module_cmake
-    listed_files = re.findall(r"^\s+((?:Resources|Testing|FMOneShotLib)/\S+)$", module_cmake, re.M)
-    for listed in listed_files:
+    for listed in re.findall(r"^\s+((?:Resources|Testing|FMOneShotLib)/\S+)$", module_cmake, re.M):
         assert (REPO / listed.replace("${MODULE_NAME}", "FMOneShot")).is_file(), listed
-    # the install takes every .py of FMOneShotLib, subpackages included, and the package's data files listed
-    # by name: a data file added to the package and not listed would be missing from the extension
+    # the install takes every .py of FMOneShotLib, subpackages included, and the data files listed one by one
+    # (the terminology table): a data file added to the package without being listed would be missing
     assert re.search(r"file\(GLOB_RECURSE _lib_files .*\n\s+\$\{CMAKE_CURRENT_SOURCE_DIR\}/\.\./FMOneShotLib/\*\.py\)",
                      module_cmake), "FMOneShot/CMakeLists.txt must glob FMOneShotLib/*.py recursively"
     data = [str(f.relative_to(REPO)) for f in (REPO / "FMOneShotLib").rglob("*")
-            if f.is_file() and f.suffix not in (".py", ".pyc")]
-    unlisted = [f for f in data if f not in listed_files and "__pycache__" not in f]
-    assert not unlisted, f"FMOneShot/CMakeLists.txt does not install these data files of FMOneShotLib: {unlisted}"
+            if f.is_file() and f.suffix not in (".py", ".pyc") and "__pycache__" not in f.parts]
+    listed = set(re.findall(r"^\s+(FMOneShotLib/\S+)$", module_cmake, re.M))
+    assert "FMOneShotLib/resources/totalsegmentator_snomed_mapping.csv" in listed  # the test sees the list
+    unlisted = sorted(set(data) - listed)
+    assert not unlisted, f"FMOneShot/CMakeLists.txt does not install these files of FMOneShotLib: {unlisted}"

@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from FMOneShotLib import terminology
 from FMOneShotLib.errors import FMOneShotError
 from FMOneShotLib.image import Volume, read_volume, write_volume
 from FMOneShotLib.template import Label
@@ -479,11 +480,19 @@ def test_labels_live_in_the_scene_as_tagged_point_lists():
     painted = mrml.segmentation_from_labels(scene, vol.like(spleen), [Label("spleen", 1)], node, "painted")
     tpl = mrml.template_from_scene(node, painted)
     assert [(lb.name, lb.value, lb.color) for lb in tpl.labels][0] == ("liver", 1, (200, 10, 10))
+    # a label added without a colour gets its structure's conventional colour (the terminology table's spleen
+    # colour, not the palette's), shown on its points and kept in the template; an unknown name the palette's
+    spleen_color = terminology.for_name("spleen").color
+    assert spleen_color is not None and spleen_color != terminology.default_color(2)
+    assert tpl.labels[1].color == spleen_color == mrml.label_prompts(scene)[1].color
+    assert np.allclose(spleen_pos.GetDisplayNode().GetSelectedColor(), np.array(spleen_color) / 255)
+    mrml.add_label(scene, "my structure")
+    assert mrml.label_prompts(scene)[2].color == terminology.default_color(3) == terminology.PALETTE[2]
     assert tpl.label_names == ["liver", "spleen"] and tpl.slices[0].index == 2
     assert np.allclose(tpl.slices[0].positive["liver"], [[3, 4], [5, 5]]) and "spleen" in tpl.slices[0].masks
     assert np.allclose(tpl.slices[0].landmarks["tip"], [7, 7])
     mrml.remove_label(scene, "liver")
-    assert [p.name for p in mrml.label_prompts(scene)] == ["spleen"]
+    assert [p.name for p in mrml.label_prompts(scene)] == ["spleen", "my structure"]
 
 
 def test_apply_to_all_skips_what_is_not_a_grey_value_volume_and_says_why():
