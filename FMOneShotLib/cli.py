@@ -82,7 +82,13 @@ def _template_from_args(args, landmarks_only: bool = False):
     axis = volume.slice_axis(plane)
     z = args.slice if args.slice is not None else volume.resliced(axis).n_slices // 2
     if landmarks_only:
-        lms = dict(_parse_point(t, "landmark") for t in (args.landmark or []))
+        pairs = [_parse_point(t, "landmark") for t in (args.landmark or [])]
+        names = [n for n, _ in pairs]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:  # one position per landmark: a second one would silently replace the first
+            raise FMOneShotError(f"The landmark {', '.join(repeated)} is given more than once.",
+                                 "give each landmark once, or name them apart (e.g. sella_1, sella_2).")
+        lms = dict(pairs)
         if not lms:
             raise FMOneShotError("No landmark was given.", "add --landmark NAME:X,Y for each landmark.")
         return Template.from_volume(volume, z, landmarks=lms, orientation=plane)
@@ -233,6 +239,10 @@ FOUNDATION_OPTIONS = {"weights": "--weights", "block": "--block", "stride": "--s
 def _backend_options(args) -> dict:
     """The feature backend's options from --weights, --block, --stride, --log-bin, --input-size, --device,
     --precision and --sam-model, checked against the backend before anything runs."""
+    if getattr(args, "device", None) not in (None, "auto"):
+        from .models import resolve_device
+
+        resolve_device(args.device)  # refuses cuda where PyTorch sees no GPU (never a silent CPU run), unknown names
     given = {k: getattr(args, k, None) for k in FOUNDATION_OPTIONS}
     given = {k: v for k, v in given.items() if v is not None}
     backend = resolve_backend(args.backend)[0]
@@ -593,8 +603,15 @@ def cmd_weights(args) -> int:
     return 1 if failed else 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with FMOneShot's one-line errors (the problem, then the fix) instead of the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}. Fix: see '{self.prog} --help'.\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fmoneshot", description="One-shot segmentation and landmark localisation "
+    p = _Parser(prog="fmoneshot", description="One-shot segmentation and landmark localisation "
                                 "of medical images: mark a structure once, find it on every slice.")
     p.add_argument("--version", action="version", version=f"fmoneshot {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -765,7 +782,11 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the command, whose --help lists what it takes
+        print(f"fmoneshot {args.command}: error: unrecognized arguments: {' '.join(unknown)}. "
+              f"Fix: see 'fmoneshot {args.command} --help'.", file=sys.stderr)
+        return 2
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning

@@ -298,7 +298,12 @@ def read_volume(path, modality: str | None = None) -> Volume:
     name = image_stem(path)
     if path.is_dir():
         reader = sitk.ImageSeriesReader()
-        series = reader.GetGDCMSeriesIDs(str(path))
+        shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+        sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM's "No Series were found": said below, in one line
+        try:
+            series = reader.GetGDCMSeriesIDs(str(path))
+        finally:
+            sitk.ProcessObject.SetGlobalWarningDisplay(shown)
         if not series:
             raise FMOneShotError(f"The folder {path} holds no DICOM series.",
                                  "point to a folder with the .dcm files of one series, or to an image file.")

@@ -126,3 +126,22 @@ def test_segment_on_a_sagittal_template_slice(tmp_path, capsys):
     assert labels.shape == vol.array.shape
     assert dice(labels[:, :, k] == 1, plane) >= 0.8
     assert json.loads((tmp_path / "t.json").read_text())["orientation"] == "sagittal"
+
+
+def test_cuda_without_a_gpu_and_repeated_landmarks_are_refused(tmp_path, capsys, monkeypatch):
+    """--device cuda where PyTorch sees no GPU is an error, not a silent CPU run; a landmark given twice is an
+    error, not a silently dropped point; unknown options are named with the command's help. Nothing written."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "segment", CT, "--template-image", CT, "--slice", 24, "--positive", "liver:86,49",
+                       "--device", "cuda", "--output", out / "")
+    assert code == 2 and "no CUDA GPU" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run(capsys, "localize", CT, "--template-image", CT, "--slice", 12, "--landmark", "l1:57,34",
+                       "--landmark", "l1:60,40", "--output", out / "lm.json")
+    assert code == 2 and "more than once" in err
+    code, _, err = run(capsys, "localize", CT, "--template-image", CT, "--positive", "l1:57,34",
+                       "--output", out / "lm.json")
+    assert code == 2 and "fmoneshot localize --help" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()

@@ -46,7 +46,7 @@ def test_every_command_line_example_parses_and_its_inputs_exist():
                 args = build_parser().parse_args(argv)
             except SystemExit:
                 pytest.fail(f"README example does not parse: {command}")
-            inputs = [*getattr(args, "targets", []), getattr(args, "template_image", None),
+            inputs = [*getattr(args, "targets", []), *getattr(args, "inputs", []), getattr(args, "template_image", None),
                       getattr(args, "template", None), getattr(args, "dataset", None)]
             for path in filter(None, inputs):
                 if path.startswith("../shared/"):
