@@ -175,9 +175,18 @@ def test_sam_segmenter_equals_segment_anything_and_encodes_each_slice_once():
     assert seg.encodings == 1 and mask.shape == image.shape and mask.dtype == bool
     ref = SamPredictor(models.sam("vit_b", "random", SMALL_SAM))
     ref.set_image(np.repeat((image * 255).round().astype(np.uint8)[..., None], 3, axis=2))
-    masks, scores, _ = ref.predict(np.concatenate([pos, neg]), np.array([1, 1, 0]), multimask_output=True)
-    assert np.array_equal(mask, masks[np.argmax(scores)])
     assert not seg.segment(image, None, np.zeros((0, 2)), neg).any()
+    # Several points are not ambiguous: SAM's single-mask output (segment-anything's advice), not the best of
+    # its three multimask outputs, which differs here.
+    single, _, _ = ref.predict(np.concatenate([pos, neg]), np.array([1, 1, 0]), multimask_output=False)
+    three, scores, _ = ref.predict(np.concatenate([pos, neg]), np.array([1, 1, 0]), multimask_output=True)
+    assert np.array_equal(mask, single[0]) and not np.array_equal(mask, three[np.argmax(scores)])
+    # One point alone is ambiguous: the best-scoring of the three masks, which differs from the single mask.
+    one = seg.segment(image, None, pos[:1], np.zeros((0, 2)))
+    single, _, _ = ref.predict(pos[:1], np.array([1]), multimask_output=False)
+    three, scores, _ = ref.predict(pos[:1], np.array([1]), multimask_output=True)
+    assert np.array_equal(one, three[np.argmax(scores)]) and not np.array_equal(one, single[0])
+    assert seg.encodings == 1
     seg.segment(image[::-1].copy(), None, pos, neg)
     assert seg.encodings == 2
 
