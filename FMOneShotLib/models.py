@@ -101,7 +101,13 @@ def _load(model, state, what):
 
 
 def timm_vit(entry_name: str, weights: str = "pretrained", overrides: dict | None = None):
-    """The timm ViT of a registry entry (d1s8 ... clip), in eval mode on the CPU, dynamic image size."""
+    """The timm ViT of a registry entry (d1s8 ... clip), in eval mode on the CPU, dynamic image size.
+
+    The model is built with the head of its published checkpoint (CLIP's 512-d projection ``head.weight`` /
+    ``head.bias``; none for DINO), so that the checkpoint loads strictly, key for key; a checkpoint saved
+    without the head (a fine-tuned backbone) loads into the headless model. The head is then removed: the
+    backends use patch tokens only.
+    """
     overrides = dict(overrides or {})
     _check_weights(weights, overrides, entry_name)
     key = ("timm", entry_name, str(weights), tuple(sorted(overrides.items())))
@@ -110,10 +116,13 @@ def timm_vit(entry_name: str, weights: str = "pretrained", overrides: dict | Non
 
         entry = W.checkpoint(entry_name)
         with _seeded():
-            model = timm.create_model(entry.timm_name, pretrained=False, dynamic_img_size=True, num_classes=0,
-                                      **overrides)
+            model = timm.create_model(entry.timm_name, pretrained=False, dynamic_img_size=True, **overrides)
         if weights != "random":
-            _load(model, _state(weights, entry_name), entry.description)
+            state = _state(weights, entry_name)
+            if not any(k.startswith("head.") for k in state):
+                model.reset_classifier(0)
+            _load(model, state, entry.description)
+        model.reset_classifier(0)
         _MODELS[key] = model.eval()
     return _MODELS[key]
 

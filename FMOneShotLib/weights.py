@@ -49,9 +49,10 @@ class Checkpoint:
         return self.sha256 is not None
 
 
-def _timm(name, timm_name, licence=APACHE, opt_in=False, description=""):
-    return Checkpoint(name, "model.safetensors", HF.format(timm_name), licence, timm_name=timm_name, opt_in=opt_in,
-                      description=description)
+def _timm(name, timm_name, licence=APACHE, opt_in=False, description="", hub_name=None):
+    """A timm checkpoint on the Hugging Face hub; ``hub_name`` where timm reads another model's file."""
+    return Checkpoint(name, "model.safetensors", HF.format(hub_name or timm_name), licence, timm_name=timm_name,
+                      opt_in=opt_in, description=description)
 
 
 def _sam(name, file, sha256, description):
@@ -69,7 +70,9 @@ REGISTRY: dict[str, Checkpoint] = {c.name: c for c in [
     _timm("d2g14", "vit_giant_patch14_dinov2.lvd142m", description="DINOv2 ViT-g/14"),
     _timm("d3s16", "vit_small_patch16_dinov3.lvd1689m", DINOV3, True, "DINOv3 ViT-S/16"),
     _timm("d3b16", "vit_base_patch16_dinov3.lvd1689m", DINOV3, True, "DINOv3 ViT-B/16"),
-    _timm("clip", "vit_base_patch16_clip_224.openai", MIT, description="OpenAI CLIP ViT-B/16"),
+    # OpenAI CLIP was trained with QuickGELU: timm's quickgelu variant reads the same published file.
+    _timm("clip", "vit_base_patch16_clip_quickgelu_224.openai", MIT, description="OpenAI CLIP ViT-B/16",
+          hub_name="vit_base_patch16_clip_224.openai"),
     _sam("sam_vit_b", "sam_vit_b_01ec64.pth", "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
          "Segment Anything ViT-B"),
     _sam("sam_vit_l", "sam_vit_l_0b3195.pth", "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622",

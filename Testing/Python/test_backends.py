@@ -91,6 +91,42 @@ def test_pretrained_weights_load_from_the_verified_cache(tmp_path, monkeypatch):
         assert torch.allclose(e.forward(x), ref, atol=1e-4)
 
 
+def test_clip_loads_its_published_checkpoint_layout_with_quickgelu(tmp_path, monkeypatch):
+    """timm's file for OpenAI CLIP carries the 512-d projection (head.weight, head.bias): it loads strictly,
+    into the QuickGELU network CLIP was trained with; the features are those of timm's QuickGELU model."""
+    from safetensors.torch import save_file
+
+    import timm
+
+    monkeypatch.setenv("FMONESHOT_CACHE", str(tmp_path))
+    published = timm.create_model("vit_base_patch16_clip_224.openai", pretrained=False)  # the file's layout
+    state = {k: v.contiguous() for k, v in published.state_dict().items()}
+    assert {"head.weight", "head.bias"} <= set(state) and state["head.weight"].shape == (512, 768)
+    (tmp_path / "clip").mkdir()
+    save_file(state, str(tmp_path / "clip" / "model.safetensors"))
+    e = create_extractor("clip", precision="fp32", device="cpu", input_size=64)
+    assert type(e.model.blocks[0].mlp.act).__name__ == "QuickGELU"
+    x = e.preprocess(np.random.default_rng(4).random((1, 64, 64)).astype(np.float32))
+
+    def reference(timm_name):
+        model = timm.create_model(timm_name, pretrained=False, dynamic_img_size=True)
+        model.load_state_dict(state, strict=True)
+        with torch.inference_mode():
+            t = model.blocks(model.norm_pre(model._pos_embed(model.patch_embed(x))))
+        return t[:, model.num_prefix_tokens:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
+
+    with torch.inference_mode():
+        f = e.forward(x)
+    assert torch.allclose(f, reference("vit_base_patch16_clip_quickgelu_224.openai"), atol=1e-4)
+    assert not torch.allclose(f, reference("vit_base_patch16_clip_224.openai"), atol=1e-2)  # GELU: other features
+    # a backbone saved without the head (fine-tuned, say) loads as well; a foreign file is refused clearly
+    save_file({k: v for k, v in state.items() if not k.startswith("head.")}, str(tmp_path / "backbone.safetensors"))
+    assert torch.equal(models.timm_vit("clip", str(tmp_path / "backbone.safetensors")).pos_embed, state["pos_embed"])
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(FMOneShotError, match="does not fit OpenAI CLIP"):
+        models.timm_vit("clip", str(tmp_path / "other.safetensors"))
+
+
 def test_overlapping_patches_match_a_reference_implementation():
     """Stride s < patch p: each token is the patch embedding of the p x p window starting at (s*i, s*j) of the
     padded image, plus the position embedding resampled (bicubic) to the denser grid."""
