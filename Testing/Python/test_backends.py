@@ -81,7 +81,7 @@ def test_pretrained_weights_load_from_the_verified_cache(tmp_path, monkeypatch):
                               dynamic_img_size=True)
     (tmp_path / "d2s14").mkdir()
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "d2s14" / "model.safetensors"))
-    e = create_extractor("d2s14", precision="fp32", input_size=112)
+    e = create_extractor("d2s14", precision="fp32", input_size=112, pos_interpolation="timm")  # timm's way
     assert (tmp_path / "d2s14" / "model.safetensors.sha256").exists()  # pinned at first use
     x = e.preprocess(np.random.default_rng(1).random((1, 112, 112)).astype(np.float32))
     with torch.inference_mode():
@@ -144,11 +144,46 @@ def test_overlapping_patches_match_a_reference_implementation():
         ref = weight @ window + m.patch_embed.proj.bias
         assert torch.allclose(tokens[0, i, j], ref, atol=1e-4)
     with torch.inference_mode():
-        embedded = m._pos_embed(tokens)[:, m.num_prefix_tokens:]
-    grid = m.pos_embed[:, m.num_prefix_tokens:].reshape(1, 14, 14, -1).permute(0, 3, 1, 2)
-    ref_pos = F.interpolate(grid, size=(8, 8), mode="bicubic", align_corners=False, antialias=True)
-    ref_pos = ref_pos.permute(0, 2, 3, 1).reshape(1, 64, -1)
-    assert torch.allclose(embedded, tokens.reshape(1, 64, -1) + ref_pos, atol=1e-4)
+        embedded = e.pos_embed(tokens)
+    # DINO v1 (and v2) by default: dino-vit-features' interpolation, written out (scale factor, +0.1 offset)
+    assert e.pos_interpolation == "dino"
+    grid = m.pos_embed[:, 1:].reshape(1, 14, 14, -1).permute(0, 3, 1, 2)
+    ref_pos = F.interpolate(grid, scale_factor=(8.1 / 14, 8.1 / 14), mode="bicubic", align_corners=False,
+                            recompute_scale_factor=False).permute(0, 2, 3, 1).reshape(1, 64, -1)
+    assert torch.allclose(embedded[:, 1:], tokens.reshape(1, 64, -1) + ref_pos, atol=1e-4)
+    assert torch.allclose(embedded[:, 0], m.cls_token[:, 0] + m.pos_embed[:, 0], atol=1e-6)
+    # timm's size-based, antialiased resampling on request (the default for CLIP): another, measurable choice
+    timm_pos = F.interpolate(grid, size=(8, 8), mode="bicubic", align_corners=False, antialias=True)
+    timm_pos = timm_pos.permute(0, 2, 3, 1).reshape(1, 64, -1)
+    assert not torch.allclose(ref_pos, timm_pos, atol=1e-3)
+    t = vit("d1s16", input_size=64, stride=8, pos_interpolation="timm")
+    with torch.inference_mode():
+        assert torch.allclose(t.pos_embed(tokens)[:, 1:], tokens.reshape(1, 64, -1) + timm_pos, atol=1e-4)
+    assert vit("clip", input_size=64).pos_interpolation == "timm"
+    assert t.settings()["pos_interpolation"] == "timm" and e.settings()["pos_interpolation"] == "dino"
+    with pytest.raises(FMOneShotError, match="does not apply to d3s16"):
+        vit("d3s16", pos_interpolation="dino")
+    # at the trained grid (224 px at stride 16) the embeddings are used as trained, as in DINO
+    full = vit("d1s16", input_size=224)
+    x = full.patch_tokens(full.preprocess(img))
+    with torch.inference_mode():
+        assert torch.equal(full.pos_embed(x), full.model._pos_embed(x))
+
+
+@pytest.mark.parametrize("name, stride", [("d2s14", 7), ("d2s14", 14), ("d1s16", 8), ("d1s8", 3)])
+def test_cell_centres_are_exact_with_odd_padding(name, stride):
+    """Each cell's window is centred on (j + 0.5) * stride - 0.5 in pixel indices, also where patch - stride
+    is odd (patch 14, stride 7: the padding is 3.5 pixels a side). On a ramp image (pixel value = column),
+    the mean over a cell's window is its centre."""
+    e = vit(name, stride=stride, input_size=10 * stride)
+    H = W = 10 * stride  # no resizing
+    ramp = np.tile(np.arange(W, dtype=np.float32), (H, 1)) / W
+    x = e.preprocess(ramp[None])[:, :1] * e.std[:, :1] + e.mean[:, :1]  # back to [0, 1] values
+    means = F.avg_pool2d(x, e.patch, stride=e.stride)[0, 0] * W  # (h, w): each window's mean column
+    assert means.shape == (10, 10)
+    inside = range((e.patch - e.stride + 1) // e.stride + 1, 10 - (e.patch - e.stride + 1) // e.stride - 1)
+    for j in inside:  # windows not reaching the zero padding
+        assert means[5, j].item() == pytest.approx((j + 0.5) * stride - 0.5, abs=1e-3), j
 
 
 def test_overlapping_patch_cells_are_centred_where_the_grid_convention_says():
