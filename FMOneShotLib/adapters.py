@@ -312,7 +312,7 @@ class ContrastiveAdapter(Adapter):
     name = "contrastive"
 
     def __init__(self, seed: int = 0, hidden: int = 64, embedding: int = 32, epochs: int = 200, lr: float = 1e-2,
-                 augment: bool = False, top_k: int = 8, bank_size: int = 512):
+                 augment: bool = False, top_k: int = 1, bank_size: int = 64):
         super().__init__(seed, augment)
         if int(top_k) < 1 or int(bank_size) < 1:
             raise FMOneShotError(f"The contrastive adapter's top_k {top_k} and bank_size {bank_size} must be >= 1.",

@@ -236,9 +236,11 @@ def test_augmented_training_is_reproducible_and_saved_with_the_adapter(tmp_path)
     runs = [OneShot(template(), adapter="contrastive", adapter_options={"augment": True}).fit() for _ in range(2)]
     assert not runs[1].adapter_reused
     assert torch.equal(runs[0].adapter.branch.net[0].weight, runs[1].adapter.branch.net[0].weight)
-    # the views are in the training set: more template features than the slice alone has ROI cells
-    plain = OneShot(template(), adapter="contrastive").fit()
-    assert len(runs[0].adapter.roi[0]) > len(plain.adapter.roi[0])
+    # the views are in the training set: more template features than the slice alone has ROI cells (a bank
+    # large enough to hold them all)
+    plain = OneShot(template(), adapter="contrastive", adapter_options={"bank_size": 5000}).fit()
+    big = OneShot(template(), adapter="contrastive", adapter_options={"augment": True, "bank_size": 5000}).fit()
+    assert len(big.adapter.roi[0]) > len(plain.adapter.roi[0])
     tpl = runs[1].template
     result = runs[1].apply(vol)
     assert np.mean([dice(result.mask("a")[z], ref[z] == 1) for z in range(vol.n_slices)]) >= 0.9
