@@ -82,6 +82,12 @@ REGISTRY: dict[str, Checkpoint] = {c.name: c for c in [
 ]}
 
 
+# Stable Diffusion 2.1 (the `sd` backend): WEIGHTS.md states its licence only, no repository, file or digest,
+# so it has no download entry; the user brings its diffusers-format folder (models.stable_diffusion).
+SD_LICENCE = "CreativeML Open RAIL++-M"
+SD_DESCRIPTION = "Stable Diffusion 2.1"
+
+
 def checkpoint(name) -> Checkpoint:
     """The registry entry called ``name`` (a Checkpoint passes through: the tests use their own)."""
     if isinstance(name, Checkpoint):

@@ -384,3 +384,84 @@ def test_what_auto_picks_is_known_without_importing_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**__import__("os").environ, "FMONESHOT_CACHE": "/nonexistent-fmoneshot-cache"})
     assert out.stdout.split() == ["offline", "False"]
+
+
+# Stable Diffusion (DIFT): diffusers' UNet2DConditionModel and AutoencoderKL and transformers' CLIPTextModel,
+# the classes of SD 2.1, made tiny and randomly initialised.
+TINY_SD = {"unet": dict(block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=(2, 4),
+                        cross_attention_dim=32, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), sample_size=8, norm_num_groups=8),
+           "vae": dict(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                       up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=8),
+           "text_encoder": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                vocab_size=100, projection_dim=16, bos_token_id=98, eos_token_id=99)}
+
+
+def sd(**kw):
+    pytest.importorskip("diffusers", reason="the sd extra (diffusers, transformers) is not installed")
+    options = {"weights": "random", "overrides": TINY_SD, "precision": "fp32", "device": "cpu", "input_size": 64,
+               "ensemble": 2, **kw}
+    return create_extractor("sd", **options)
+
+
+def test_sd_dift_shapes_determinism_and_options():
+    x = np.random.default_rng(5).random((2, 40, 64)).astype(np.float32)
+    e = sd()
+    f = e.extract(x)
+    # 64 px wide -> 64 x 64 input (40 rounds up to one multiple of 64); the tiny VAE halves once -> a 32 x 32
+    # latent; up-block 1 (the last of two) keeps it: 32 x 32 cells of 32 channels
+    assert f.shape == (2, 32, 32, 32) and f.dtype == torch.float32 and torch.isfinite(f).all()
+    assert torch.equal(f, sd().extract(x))  # fixed seed: the same noise draws in every run
+    assert torch.allclose(f[1], e.extract(x[1:2])[0], atol=1e-5)  # independent of the batch
+    assert torch.allclose(f, sd(batch_size=2).extract(x), atol=1e-4)  # slices batched with their draws
+    assert not torch.allclose(f, sd(timestep=900).extract(x), atol=1e-3)  # more noise, other features
+    assert not torch.allclose(f, sd(seed=1).extract(x), atol=1e-3)  # other draws
+    one = sd(ensemble=1).extract(x)
+    assert not torch.allclose(f, one, atol=1e-3)  # an average over two draws, not one
+    assert sd(up_block=0).extract(x).shape == (2, 64, 32, 32)  # the lower up-block: 64 channels, upsampled
+    assert sd(log_bin_levels=1).extract(x[:1]).shape == (1, 32 * 9, 32, 32)
+    assert e.settings()["timestep"] == 261 and e.settings()["up_block"] == 1
+    with pytest.raises(FMOneShotError, match="up-block 2 does not exist"):
+        sd(up_block=2)
+    with pytest.raises(FMOneShotError, match="Timestep 1000"):
+        sd(timestep=1000)
+
+
+def test_sd_weights_are_a_folder_and_its_licence_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("FMONESHOT_CACHE", str(tmp_path))
+    with pytest.raises(FMOneShotError, match=r"Stable Diffusion 2.1 is not at .*sd.*CreativeML Open RAIL\+\+-M"):
+        models.stable_diffusion("pretrained")
+    (tmp_path / "sd" / "unet").mkdir(parents=True)
+    with pytest.raises(FMOneShotError, match="lacks vae, text_encoder, tokenizer, scheduler"):
+        models.stable_diffusion("pretrained")
+    with pytest.raises(FMOneShotError, match="need weights='random'"):
+        models.stable_diffusion(str(tmp_path / "sd"), overrides=TINY_SD)
+
+
+def test_sd_without_its_extra_says_how_to_install_it(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # import fails as if not installed
+    with pytest.raises(FMOneShotError, match=r"fmoneshot\[sd\]"):
+        models.stable_diffusion("random", {"unet": {"sample_size": 7}})
+
+
+def test_sd_in_the_whole_chain_segments_and_localizes(ct):
+    vol, ref = ct
+    z = int(np.argmax((ref == 1).sum(axis=(1, 2))))
+    pos, neg = sample_prompts(ref[z] == 1, 5, 5, 0)
+    # the landmark on a cell centre of the 32 x 32 grid over the 122 x 101 slice: (j + 0.5) * W / w - 0.5
+    tip = (15.5 * 122 / 32 - 0.5, 15.5 * 101 / 32 - 0.5)
+    tpl = Template.from_volume(vol, z, {"liver": pos}, {"liver": neg}, {"liver": ref[z] == 1},
+                               landmarks={"tip": tip})
+    sd()  # skips without the extra
+    engine = OneShot(tpl, backend="sd", segmenter="offline",
+                     backend_options={"weights": "random", "overrides": TINY_SD, "precision": "fp32",
+                                      "device": "cpu", "input_size": 64, "ensemble": 2}).fit()
+    result = engine.apply(vol, slices=[z - 1, z, z + 1])
+    assert result.labels.array.shape == vol.array.shape
+    assert not result.labels.array[:z - 1].any() and not result.labels.array[z + 2:].any()
+    assert result.labels.array[z].any()  # on the template slice itself the structure is found
+    on_template = [m for m in result.landmarks["tip"] if m.slice == z][0]
+    assert on_template.confidence > 0.7  # its own features (below 1 only by upsampling between cells)
+    assert np.hypot(*(np.asarray(on_template.xy) - tip)) <= 1.5
