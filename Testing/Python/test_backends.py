@@ -465,3 +465,14 @@ def test_sd_in_the_whole_chain_segments_and_localizes(ct):
     on_template = [m for m in result.landmarks["tip"] if m.slice == z][0]
     assert on_template.confidence > 0.7  # its own features (below 1 only by upsampling between cells)
     assert np.hypot(*(np.asarray(on_template.xy) - tip)) <= 1.5
+
+
+def test_cli_keeps_sd_options_to_the_sd_backend(tmp_path, capsys):
+    ct_path = SAMPLE / "images" / "ct-small.nii.gz"
+    base = ["segment", str(ct_path), "--template-image", str(ct_path), "--positive", "liver:45,60",
+            "-o", str(tmp_path / "x.nii.gz")]
+    assert main(base + ["--backend", "d2s14", "--weights", "random", "--timestep", "100"]) == 2
+    assert "--timestep apply to the Stable Diffusion backend only" in capsys.readouterr().err
+    assert main(base + ["--backend", "sd", "--weights", "random", "--stride", "7"]) == 2
+    assert "--stride do not apply to the Stable Diffusion backend" in capsys.readouterr().err
+    assert not (tmp_path / "x.nii.gz").exists()
