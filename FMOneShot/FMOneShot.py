@@ -76,7 +76,7 @@ class FMOneShot(ScriptedLoadableModule):
 # import PyTorch, which is not installed when Slicer starts; Testing/Python/test_module_ui.py holds them equal.
 ORIENTATIONS = ["auto", "axial", "coronal", "sagittal"]  # FMOneShotLib.image.ORIENTATIONS, and auto
 BACKENDS = ["auto", "offline", "d2s14", "d2b14", "d2l14", "d2g14", "d1s8", "d1s16", "d1b8", "d1b16", "d3s16",
-            "d3b16", "clip", "sam"]  # FMOneShotLib.features.available_backends(), and auto
+            "d3b16", "clip", "sam", "sd"]  # FMOneShotLib.features.available_backends(), and auto
 ADAPTERS = ["auto", "none", "basic", "classification", "contrastive"]  # FMOneShotLib.adapters.ADAPTERS
 SEGMENTERS = ["auto", "sam2", "sam", "offline", "none"]  # FMOneShotLib.segmenters.SEGMENTERS, and auto
 DEVICES = ["auto", "cpu", "cuda"]  # FMOneShotLib.mrml.DEVICES

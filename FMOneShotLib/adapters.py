@@ -6,8 +6,9 @@ chain upsamples the probabilities, never the features). Training is seeded and t
 
 - ``basic``: cosine similarity of every cell with its nearest template ROI feature, thresholded (no training);
 - ``classification``: a 3-layer feed-forward network, pixel feature -> background or label (cross-entropy);
-- ``contrastive``: paper B's Siamese network; two branches with shared weights whose outputs are concatenated
-  and fed to a linear + softmax layer, trained on ROI/ROI (same label) and ROI/outside (background) pairs.
+- ``contrastive``: paper B's Siamese network; two branches with shared weights embed a target cell and a
+  template ROI feature, a cosine with a learned temperature says whether they are the same structure; trained
+  on ROI/ROI (same) and outside/ROI (other) pairs, applied against a bank of template ROI features per label.
 
 Every adapter saves its trained state as named tensors plus a small JSON-able description
 (:meth:`Adapter.state`, :func:`adapter_from_state`), stored inside the template.
@@ -285,42 +286,66 @@ class ClassificationAdapter(Adapter):
 
 
 class ContrastiveAdapter(Adapter):
-    """Paper B's Siamese adapter: is a target cell the same structure as a template ROI feature, or background?
+    """Paper B's Siamese adapter: a learned similarity between a target cell and the template's ROI features.
 
-    A pair (target cell ``x``, template ROI feature ``t`` of label ``l``) goes through the shared branch ``f``
-    (3-layer feed-forward), and ``[f(x), f(t)]`` through a linear layer + softmax over background and the
-    labels. Training pairs per label: (ROI, ROI) -> label, (outside the label's ROI, ROI) -> background, with
-    BACKGROUND_RATIO times as many negative pairs. At inference each cell is paired with every template ROI
-    feature of a label and the pair logits are averaged; because the last layer is linear over the
-    concatenation, that equals ``W_x f(x) + mean_t W_t f(t) + b``: the branch runs once per cell and once per
-    template feature (:meth:`predict_pairs` is the literal per-pair computation, for tests).
+    Shapes: C feature channels, E embedding size, N target cells, M template features in a label's bank,
+    L labels. A shared branch ``f`` (paper B's 3-layer feed-forward network, C -> E) embeds both cells of a
+    pair, and the head compares the two embeddings: the pair logit is
+
+        ``logit(x, t) = s * cos(f(x), f(t)) + b``,   ``P(same ROI | x, t) = sigmoid(logit)``
+
+    with a learned scale ``s = 1 / temperature`` and bias ``b`` (a two-way softmax [other, same], as paper B's
+    softmax layer; a cosine with temperature as in SimCLR, Chen et al. 2020, eq. 1). The answer depends on
+    the pair: a target cell is the label where it resembles the template's ROI in the learned embedding.
+
+    Training (paper B, Fig. 3), per label: random (ROI, ROI) pairs are "same"; (outside the label's ROI,
+    ROI) pairs are "other", BACKGROUND_RATIO times as many; binary cross-entropy.
+
+    Inference (paper B, Fig. 5): each target cell is paired with the label's **bank** of template ROI
+    features (up to ``bank_size``, seeded), and the pair logits are aggregated by the mean of the ``top_k``
+    largest (``top_k=1``: the maximum) before the sigmoid; background = 1 - the most probable label. Because
+    the head is a cosine, all pairs cost one branch pass per cell and per bank feature (the bank's once, at
+    fit) plus an (N, E) x (E, M) product per label; :meth:`predict_pairs` is the literal per-pair
+    computation, for tests. :meth:`set_bank` replaces the banks without retraining.
     """
 
     name = "contrastive"
 
     def __init__(self, seed: int = 0, hidden: int = 64, embedding: int = 32, epochs: int = 200, lr: float = 1e-2,
-                 augment: bool = False):
+                 augment: bool = False, top_k: int = 1, bank_size: int = 64):
         super().__init__(seed, augment)
+        if int(top_k) < 1 or int(bank_size) < 1:
+            raise FMOneShotError(f"The contrastive adapter's top_k {top_k} and bank_size {bank_size} must be >= 1.",
+                                 "choose top_k >= 1 (1: the best-matching template feature) and bank_size >= 1.")
         self.hidden, self.embedding, self.epochs, self.lr = hidden, embedding, epochs, lr
+        self.top_k, self.bank_size = int(top_k), int(bank_size)
         self.branch: MLP | None = None
-        self.head: torch.nn.Linear | None = None
-        self.roi: list = []
+        self.scale_bias: torch.nn.Parameter | None = None  # (2,): log s, b
+        self.roi: list = []  # per label the bank, (M_l, C) template ROI features
+        self._bank: list = []  # per label the bank's unit embeddings, (E, M_l)
 
     def options(self) -> dict:
         return {**super().options(), "hidden": self.hidden, "embedding": self.embedding, "epochs": self.epochs,
-                "lr": self.lr}
+                "lr": self.lr, "top_k": self.top_k, "bank_size": self.bank_size}
 
     def _build(self, n_in: int):
         self.branch = MLP(n_in, self.embedding, self.hidden)
-        self.head = torch.nn.Linear(2 * self.embedding, self.n_labels + 1)
+        self.scale_bias = torch.nn.Parameter(torch.tensor([float(np.log(10.0)), 0.0]))
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C) features -> (N, E) unit embeddings."""
+        return F.normalize(self.branch(x), dim=1)
+
+    def _logit(self, cosine: torch.Tensor) -> torch.Tensor:
+        return self.scale_bias[0].exp() * cosine + self.scale_bias[1]
 
     def fit(self, features: list, masks: list) -> "ContrastiveAdapter":
         self.n_labels = masks[0].shape[0]
         rng = np.random.default_rng(self.seed)
-        self.roi = self._roi_features(features, masks, MAX_SAMPLES_PER_LABEL)
+        rois = self._roi_features(features, masks, MAX_SAMPLES_PER_LABEL)
         flat = [(f.reshape(f.shape[0], -1).T.float(), m.reshape(m.shape[0], -1)) for f, m in zip(features, masks)]
         xs, ts, ys = [], [], []
-        for label, roi in enumerate(self.roi):
+        for label, roi in enumerate(rois):
             n = len(roi)
             outside = torch.cat([f[np.nonzero(~m[label])[0]] for f, m in flat])
             if len(outside) == 0:
@@ -330,39 +355,56 @@ class ContrastiveAdapter(Adapter):
             p = max(n, k // BACKGROUND_RATIO)  # positive pairs: random (ROI, ROI), so a small ROI is not swamped
             xs.append(roi[torch.as_tensor(rng.choice(n, p))])
             ts.append(roi[torch.as_tensor(rng.choice(n, p))])
-            ys.append(torch.full((p,), label + 1))
+            ys.append(torch.ones(p))
             xs.append(outside[torch.as_tensor(rng.choice(len(outside), k, replace=len(outside) < k))])
             ts.append(roi[torch.as_tensor(rng.choice(n, k))])
-            ys.append(torch.zeros(k, dtype=torch.long))
-        x, t, y = torch.cat(xs), torch.cat(ts), torch.cat(ys).long()
+            ys.append(torch.zeros(k))
+        x, t, y = torch.cat(xs), torch.cat(ts), torch.cat(ys)
+        y = y * 0.95 + 0.025  # label smoothing: bounded logits (see ClassificationAdapter)
         with torch.random.fork_rng():
             torch.manual_seed(self.seed)
             self._build(x.shape[1])
-            params = list(self.branch.parameters()) + list(self.head.parameters())
+            params = list(self.branch.parameters()) + [self.scale_bias]
 
             def loss():
-                logits = self.head(torch.cat([self.branch(x), self.branch(t)], dim=1))
-                return F.cross_entropy(logits, y, label_smoothing=0.05)
+                cosine = (self._embed(x) * self._embed(t)).sum(dim=1)
+                return F.binary_cross_entropy_with_logits(self._logit(cosine), y)
 
             train_adam(params, loss, self.epochs, self.lr)
         self.branch.eval()
-        self._prepare()
+        self.set_bank([r[torch.as_tensor(np.sort(rng.choice(len(r), self.bank_size, replace=False)))]
+                       if len(r) > self.bank_size else r for r in rois])
         return self
 
-    def _prepare(self):
-        """The template side of the linear layer, once: mean_t W_t f(t) + b per label, (L, L + 1)."""
-        E = self.embedding
-        with torch.inference_mode():
-            self.template_logits = torch.stack([(self.branch(r) @ self.head.weight[:, E:].T).mean(dim=0)
-                                                for r in self.roi]) + self.head.bias
+    @torch.inference_mode()
+    def set_bank(self, roi: list) -> "ContrastiveAdapter":
+        """Use ``roi`` (per label, (M_l, C) standardised template ROI features) as the template banks,
+        with the trained weights unchanged; their embeddings are computed here, once."""
+        if self.branch is None:
+            raise RuntimeError("fit() the adapter (or load its state) before setting its template banks.")
+        if len(roi) != self.n_labels or any(len(r) == 0 for r in roi):
+            raise FMOneShotError(f"{len(roi)} template banks were given for {self.n_labels} labels, or one is empty.",
+                                 "give one non-empty (M, C) bank of ROI features per label.")
+        self.roi = [torch.as_tensor(r).float() for r in roi]
+        self._bank = [self._embed(r).T.contiguous() for r in self.roi]
+        return self
+
+    def _aggregate(self, pair_logits: torch.Tensor) -> torch.Tensor:
+        """(N, M) pair logits -> (N,): the mean of the top_k largest (all of them where M < top_k)."""
+        k = min(self.top_k, pair_logits.shape[1])
+        return pair_logits.amax(dim=1) if k == 1 else pair_logits.topk(k, dim=1).values.mean(dim=1)
 
     @torch.inference_mode()
-    def predict(self, features: torch.Tensor) -> torch.Tensor:
+    def predict(self, features: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
         if self.branch is None:
             raise RuntimeError("fit() the adapter before predict().")
-        cell = self.branch(_cells(features).float()) @ self.head.weight[:, :self.embedding].T  # (N, L + 1)
-        probs = torch.stack([(cell + self.template_logits[i]).softmax(dim=1)[:, i + 1]
-                             for i in range(self.n_labels)], dim=1)
+        x = _cells(features).float()
+        probs = torch.empty(len(x), self.n_labels)
+        for start in range(0, len(x), chunk):
+            z = self._embed(x[start:start + chunk])  # (n, E)
+            for i, bank in enumerate(self._bank):
+                # s > 0, so the top-k of the logits are those of the cosines
+                probs[start:start + chunk, i] = self._logit(self._aggregate(z @ bank)).sigmoid()
         return _grid(_with_background(probs), features.shape)
 
     @torch.inference_mode()
@@ -370,27 +412,30 @@ class ContrastiveAdapter(Adapter):
         """The same probabilities computed pair by pair through the whole network (slow; for tests)."""
         x = _cells(features).float()
         probs = []
-        for i, roi in enumerate(self.roi):
-            logits = torch.stack([self.head(torch.cat([self.branch(x), self.branch(t[None]).expand(len(x), -1)], 1))
-                                  for t in roi]).mean(dim=0)
-            probs.append(logits.softmax(dim=1)[:, i + 1])
+        for roi in self.roi:
+            logits = torch.stack([self._logit((self._embed(x) * self._embed(t[None]).expand(len(x), -1)).sum(dim=1))
+                                  for t in roi], dim=1)  # (N, M): one network pass per pair
+            probs.append(self._aggregate(logits).sigmoid())
         return _grid(_with_background(torch.stack(probs, dim=1)), features.shape)
 
     def tensors(self) -> dict:
         out = {f"branch.{k}": v for k, v in self.branch.state_dict().items()}
-        out.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
+        out["head.scale_bias"] = self.scale_bias.detach()
         out.update({f"roi.{i}": r for i, r in enumerate(self.roi)})
         return out
 
     def load_tensors(self, tensors: dict, n_labels: int) -> "ContrastiveAdapter":
+        if "head.scale_bias" not in tensors:
+            raise FMOneShotError("The saved contrastive adapter has the linear head of FMOneShot before issue 17.",
+                                 "fit the template again (it is retrained when the adapter options differ).")
         self.n_labels = n_labels
-        self.roi = [tensors[f"roi.{i}"].float() for i in range(n_labels)]
-        self._build(self.roi[0].shape[1])
+        roi = [tensors[f"roi.{i}"].float() for i in range(n_labels)]
+        self._build(roi[0].shape[1])
         self.branch.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("branch.")})
-        self.head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
+        with torch.no_grad():
+            self.scale_bias.copy_(tensors["head.scale_bias"])
         self.branch.eval()
-        self._prepare()
-        return self
+        return self.set_bank(roi)
 
 
 ADAPTERS = {"basic": BasicAdapter, "classification": ClassificationAdapter, "contrastive": ContrastiveAdapter}

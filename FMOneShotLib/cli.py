@@ -234,6 +234,7 @@ def _adapter_options(args) -> dict:
 
 FOUNDATION_OPTIONS = {"weights": "--weights", "block": "--block", "stride": "--stride",
                       "log_bin_levels": "--log-bin", "input_size": "--input-size"}
+SD_OPTIONS = {"timestep": "--timestep", "up_block": "--up-block", "ensemble": "--ensemble"}
 
 
 def _backend_options(args) -> dict:
@@ -245,7 +246,12 @@ def _backend_options(args) -> dict:
         resolve_device(args.device)  # refuses cuda where PyTorch sees no GPU (never a silent CPU run), unknown names
     given = {k: getattr(args, k, None) for k in FOUNDATION_OPTIONS}
     given = {k: v for k, v in given.items() if v is not None}
+    sd_given = {k: getattr(args, k, None) for k in SD_OPTIONS}
+    sd_given = {k: v for k, v in sd_given.items() if v is not None}
     backend = resolve_backend(args.backend)[0]
+    if sd_given and backend != "sd":
+        raise FMOneShotError(f"{', '.join(SD_OPTIONS[k] for k in sd_given)} apply to the Stable Diffusion backend "
+                             "only.", "add --backend sd, or drop those options.")
     if backend == "offline":
         if given:
             flags = ", ".join(FOUNDATION_OPTIONS[k] for k in given)
@@ -258,6 +264,12 @@ def _backend_options(args) -> dict:
             raise FMOneShotError(f"{', '.join(wrong)} do not apply to the SAM encoder backend (fixed 1024 input, "
                                  "its output layer).", "drop them, or choose a ViT backend such as d2s14.")
         given["model"] = args.sam_model
+    if backend == "sd":
+        wrong = [FOUNDATION_OPTIONS[k] for k in ("block", "stride") if k in given]
+        if wrong:
+            raise FMOneShotError(f"{', '.join(wrong)} do not apply to the Stable Diffusion backend (DIFT features of "
+                                 "one up-block of its UNet).", "drop them, or choose a ViT backend such as d2s14.")
+        given.update(sd_given)
     if given.get("weights") == "random":
         print("fmoneshot: warning: randomly initialised weights (--weights random): for tests and benchmarks "
               "only; the results mean nothing.", file=sys.stderr)
@@ -625,14 +637,18 @@ def build_parser() -> argparse.ArgumentParser:
     def model_args(sp, segmenter=True):
         g = sp.add_argument_group("foundation models (backends other than offline; SAM)")
         g.add_argument("--weights", help="backend weights: pretrained (default: the verified cache), a checkpoint "
-                       "file, or random (tests and benchmarks only)")
+                       "file (for sd: the diffusers-format folder), or random (tests and benchmarks only)")
         g.add_argument("--block", type=int, help="transformer block whose token embeddings are the features "
                        "(default -1, the last)")
         g.add_argument("--stride", type=int, help="patch-embedding stride; below the patch size the patches "
                        "overlap (denser features)")
         g.add_argument("--log-bin", dest="log_bin_levels", type=int, metavar="LEVELS",
                        help="log-binning levels of the neighbourhood (0: off, the default; Amir et al. use 2)")
-        g.add_argument("--input-size", type=int, help="longest side of a slice fed to a ViT (default 448)")
+        g.add_argument("--input-size", type=int, help="longest side of a slice fed to a ViT (default 448) or to "
+                       "Stable Diffusion (default 768)")
+        g.add_argument("--timestep", type=int, help="sd: diffusion timestep of the added noise (default 261)")
+        g.add_argument("--up-block", type=int, help="sd: UNet up-block whose output is the features (default 1)")
+        g.add_argument("--ensemble", type=int, help="sd: noise draws averaged (default 8)")
         g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
         g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                        help="auto: bf16 on CUDA and on CPUs with AMX, else fp32")

@@ -104,7 +104,13 @@ def _load(model, state, what):
 
 
 def timm_vit(entry_name: str, weights: str = "pretrained", overrides: dict | None = None):
-    """The timm ViT of a registry entry (d1s8 ... clip), in eval mode on the CPU, dynamic image size."""
+    """The timm ViT of a registry entry (d1s8 ... clip), in eval mode on the CPU, dynamic image size.
+
+    The model is built with the head of its published checkpoint (CLIP's 512-d projection ``head.weight`` /
+    ``head.bias``; none for DINO), so that the checkpoint loads strictly, key for key; a checkpoint saved
+    without the head (a fine-tuned backbone) loads into the headless model. The head is then removed: the
+    backends use patch tokens only.
+    """
     overrides = dict(overrides or {})
     _check_weights(weights, overrides, entry_name)
     key = ("timm", entry_name, str(weights), tuple(sorted(overrides.items())))
@@ -113,10 +119,13 @@ def timm_vit(entry_name: str, weights: str = "pretrained", overrides: dict | Non
 
         entry = W.checkpoint(entry_name)
         with _seeded():
-            model = timm.create_model(entry.timm_name, pretrained=False, dynamic_img_size=True, num_classes=0,
-                                      **overrides)
+            model = timm.create_model(entry.timm_name, pretrained=False, dynamic_img_size=True, **overrides)
         if weights != "random":
-            _load(model, _state(weights, entry_name), entry.description)
+            state = _state(weights, entry_name)
+            if not any(k.startswith("head.") for k in state):
+                model.reset_classifier(0)
+            _load(model, state, entry.description)
+        model.reset_classifier(0)
         _MODELS[key] = model.eval()
     return _MODELS[key]
 
@@ -203,3 +212,88 @@ def sam2(model_type: str = "tiny", weights: str = "pretrained", overrides: dict 
             _load(model, _state(weights, entry_name), W.checkpoint(entry_name).description)
         _MODELS[key] = model.eval()
     return _MODELS[key]
+
+
+# Stable Diffusion 2.1's architecture (diffusers' UNet2DConditionModel and AutoencoderKL, transformers'
+# CLIPTextModel: OpenCLIP ViT-H/14's text tower without its last layer), for weights="random".
+SD21_UNET = dict(sample_size=96, in_channels=4, out_channels=4, layers_per_block=2,
+                 block_out_channels=(320, 640, 1280, 1280), attention_head_dim=(5, 10, 20, 20),
+                 cross_attention_dim=1024, use_linear_projection=True, upcast_attention=True,
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+SD21_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=768,
+                block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4)
+SD21_TEXT = dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                 num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", projection_dim=512)
+SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def _sd_folder(weights):
+    """The diffusers-format folder of Stable Diffusion 2.1 for ``weights`` ('pretrained': CACHE/sd)."""
+    folder = W.cache_dir() / "sd" if weights == "pretrained" else Path(str(weights))
+    how = (f"its weights are under the {W.SD_LICENCE} licence: read and accept it on the model's page, download "
+           f"{W.SD_DESCRIPTION} in the diffusers format (folders {', '.join(SD_PARTS)}) and put that folder "
+           f"at {W.cache_dir() / 'sd'}, or give it with --weights FOLDER.")
+    if not folder.is_dir():
+        raise FMOneShotError(f"{W.SD_DESCRIPTION} is not at {folder}.", how)
+    missing = [part for part in SD_PARTS if not (folder / part).is_dir()]
+    if missing:
+        raise FMOneShotError(f"{folder} is not a diffusers-format {W.SD_DESCRIPTION}: it lacks {', '.join(missing)}.",
+                             how)
+    return folder
+
+
+def stable_diffusion(weights: str = "pretrained", overrides: dict | None = None) -> dict:
+    """Stable Diffusion 2.1's parts for DIFT features, eval mode, on the CPU: a dict of ``unet``
+    (UNet2DConditionModel), ``vae`` (AutoencoderKL), ``text_encoder`` (CLIPTextModel), ``tokenizer``
+    (CLIPTokenizer, or None for random weights: the empty prompt is then BOS, EOS, padding), ``scheduler``
+    (DDPMScheduler: the noise schedule).
+
+    ``weights``: 'pretrained' (the diffusers-format folder at CACHE/sd), a folder, or 'random' (SD 2.1's
+    architecture randomly initialised). Folders are read with safetensors only. ``overrides`` (random weights
+    only) replace parts of the configs: ``{"unet": {...}, "vae": {...}, "text_encoder": {...}}`` (tests).
+    Needs the ``sd`` extra (``pip install fmoneshot[sd]``: diffusers, transformers).
+    """
+    overrides = {k: dict(v) for k, v in (overrides or {}).items()}
+    if overrides and weights != "random":
+        raise FMOneShotError(f"Architecture overrides {sorted(overrides)} for sd need weights='random'.",
+                             "drop the overrides to load the pretrained weights.")
+    unknown = set(overrides) - {"unet", "vae", "text_encoder"}
+    if unknown:
+        raise FMOneShotError(f"Unknown sd overrides {sorted(unknown)}.", "override unet, vae or text_encoder.")
+    folder = None if weights == "random" else _sd_folder(weights)
+    key = ("sd", str(folder or weights), repr(sorted((k, sorted(v.items())) for k, v in overrides.items())))
+    if key in _MODELS:
+        return _MODELS[key]
+    try:
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    except ImportError:
+        raise FMOneShotError("The sd backend needs diffusers and transformers, which are not installed.",
+                             "pip install 'fmoneshot[sd]' (or: pip install diffusers transformers).") from None
+    if folder is None:
+        with _seeded():
+            parts = {"unet": UNet2DConditionModel(**{**SD21_UNET, **overrides.get("unet", {})}),
+                     "vae": AutoencoderKL(**{**SD21_VAE, **overrides.get("vae", {})}),
+                     "text_encoder": CLIPTextModel(CLIPTextConfig(**{**SD21_TEXT,
+                                                                     **overrides.get("text_encoder", {})})),
+                     "tokenizer": None,
+                     "scheduler": DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                                beta_schedule="scaled_linear")}
+    else:
+        try:
+            parts = {"unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=True),
+                     "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=True),
+                     "text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder",
+                                                                   use_safetensors=True),
+                     "tokenizer": CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+                     "scheduler": DDPMScheduler.from_pretrained(folder, subfolder="scheduler")}
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise FMOneShotError(f"Cannot load {W.SD_DESCRIPTION} from {folder}: {str(exc).splitlines()[0][:200]}",
+                                 "give the diffusers-format folder with .safetensors weights (fmoneshot never "
+                                 "loads pickled .bin files).") from None
+    for name in ("unet", "vae", "text_encoder"):
+        parts[name].eval().requires_grad_(False)
+    _MODELS[key] = parts
+    return parts

@@ -208,10 +208,11 @@ class OneShot:
         saved = self.template.adapter
         if not saved:
             return None
+        # every option, defaults included: an adapter saved under other defaults (an older FMOneShot) retrains
+        options = create_adapter(kind, seed=self.seed, **self.adapter_options).options()
         same = (saved["description"].get("adapter") == kind and saved.get("backend") == self.extractor.settings()
                 and saved.get("labels") == self.template.label_names
-                and all(saved["description"]["options"].get(k) == v
-                        for k, v in {"seed": self.seed, **self.adapter_options}.items()))
+                and saved["description"].get("options") == options)
         return adapter_from_state(saved["description"], self.template.adapter_tensors) if same else None
 
     def _template_masks(self, s, feats) -> np.ndarray:

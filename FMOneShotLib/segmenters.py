@@ -1,7 +1,8 @@
 """Segmenters turn point prompts on a target slice into a mask.
 
-SAM (segment-anything's predictor) encodes a slice once, only where prompts exist, and keeps the
-best-scoring of its three masks; it is the default (``auto``) whenever a SAM checkpoint is in the cache. The
+SAM (segment-anything's predictor) encodes a slice once, only where prompts exist; a single point gets SAM's
+three masks and keeps the best-scoring one, several points get its single mask, as segment-anything advises;
+it is the default (``auto``) whenever a SAM checkpoint is in the cache. The
 offline refiner needs no weights: it grows the region of pixels whose features resemble the positive prompts more
 than the negative ones, keeps what is connected to a positive prompt, and respects a localisation prior
 (an adapter's probability map) where one exists.
@@ -81,8 +82,12 @@ class RegionSegmenter(Segmenter):
 
 
 class SamSegmenter(Segmenter):
-    """Segment Anything: point prompts (label 1 positive, 0 negative) -> the best of its three masks.
+    """Segment Anything: point prompts (label 1 positive, 0 negative) -> one mask.
 
+    A single point is ambiguous (a part, the object, the whole): SAM's three multimask tokens answer it and
+    the mask with the best predicted IoU is kept. Several points are not ambiguous, and the multimask tokens
+    were trained for single prompts, so they get SAM's single-mask output (``multimask_output=False``), as
+    the docstring of segment-anything's ``SamPredictor.predict`` advises (Kirillov et al. 2023, sec. 3).
     The slice is encoded once (``SamPredictor.set_image``) and the encoding is reused for every label
     prompted on the same slice. ``weights``: 'pretrained' (the verified cache), a file, or 'random' (tests).
     """
@@ -90,7 +95,7 @@ class SamSegmenter(Segmenter):
     name = "sam"
 
     def __init__(self, model: str = "vit_b", weights: str = "pretrained", device: str = "auto",
-                 precision: str = "auto", multimask: bool = True, overrides: dict | None = None):
+                 precision: str = "auto", overrides: dict | None = None):
         from segment_anything import SamPredictor
 
         self.model_type = model
@@ -98,7 +103,6 @@ class SamSegmenter(Segmenter):
         self.precision = models.resolve_precision(precision, self.device)
         sam = models.sam(model, weights, overrides).to(self.device)
         self.predictor = SamPredictor(sam)
-        self.multimask = multimask
         self._key = None
         self.encodings = 0  # slices encoded (the expensive step)
         self.forward_seconds = 0.0
@@ -130,7 +134,7 @@ class SamSegmenter(Segmenter):
         labels = np.concatenate([np.ones(len(positive)), np.zeros(len(negative))])
         with torch.inference_mode():
             masks, scores, _ = self.predictor.predict(point_coords=coords, point_labels=labels,
-                                                      multimask_output=self.multimask)
+                                                      multimask_output=len(coords) == 1)
         return masks[int(np.argmax(scores))].astype(bool)
 
 
@@ -273,4 +277,4 @@ def create_segmenter(name: str = "auto", **options) -> Segmenter:
     return SEGMENTERS[name](**{**defaults, **options})
 
 
-SAM_OPTIONS = ("model", "weights", "device", "precision", "multimask", "overrides")
+SAM_OPTIONS = ("model", "weights", "device", "precision", "overrides")

@@ -54,9 +54,10 @@ class Checkpoint:
         return self.sha256 is not None
 
 
-def _timm(name, timm_name, licence=APACHE, opt_in=False, description=""):
-    return Checkpoint(name, "model.safetensors", HF.format(timm_name), licence, timm_name=timm_name, opt_in=opt_in,
-                      description=description)
+def _timm(name, timm_name, licence=APACHE, opt_in=False, description="", hub_name=None):
+    """A timm checkpoint on the Hugging Face hub; ``hub_name`` where timm reads another model's file."""
+    return Checkpoint(name, "model.safetensors", HF.format(hub_name or timm_name), licence, timm_name=timm_name,
+                      opt_in=opt_in, description=description)
 
 
 def _sam(name, file, sha256, description, url=SAM_URL):
@@ -74,7 +75,9 @@ REGISTRY: dict[str, Checkpoint] = {c.name: c for c in [
     _timm("d2g14", "vit_giant_patch14_dinov2.lvd142m", description="DINOv2 ViT-g/14"),
     _timm("d3s16", "vit_small_patch16_dinov3.lvd1689m", DINOV3, True, "DINOv3 ViT-S/16"),
     _timm("d3b16", "vit_base_patch16_dinov3.lvd1689m", DINOV3, True, "DINOv3 ViT-B/16"),
-    _timm("clip", "vit_base_patch16_clip_224.openai", MIT, description="OpenAI CLIP ViT-B/16"),
+    # OpenAI CLIP was trained with QuickGELU: timm's quickgelu variant reads the same published file.
+    _timm("clip", "vit_base_patch16_clip_quickgelu_224.openai", MIT, description="OpenAI CLIP ViT-B/16",
+          hub_name="vit_base_patch16_clip_224.openai"),
     _sam("sam_vit_b", "sam_vit_b_01ec64.pth", "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
          "Segment Anything ViT-B"),
     _sam("sam_vit_l", "sam_vit_l_0b3195.pth", "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622",
@@ -90,6 +93,12 @@ REGISTRY: dict[str, Checkpoint] = {c.name: c for c in [
     _sam("sam2_large", "sam2_hiera_large.pt", "7442e4e9b732a508f80e141e7c2913437a3610ee0c77381a66658c3a445df87b",
          "SAM 2 Hiera-L", SAM2_URL),
 ]}
+
+
+# Stable Diffusion 2.1 (the `sd` backend): WEIGHTS.md states its licence only, no repository, file or digest,
+# so it has no download entry; the user brings its diffusers-format folder (models.stable_diffusion).
+SD_LICENCE = "CreativeML Open RAIL++-M"
+SD_DESCRIPTION = "Stable Diffusion 2.1"
 
 
 def checkpoint(name) -> Checkpoint:
@@ -436,7 +445,7 @@ def check_architecture(entry: Checkpoint, path, what: str, consequence: str, fix
 TIMM_BACKENDS = tuple(c.name for c in REGISTRY.values() if c.timm_name)
 #: Every feature backend's name, known without importing PyTorch (the command line's choices);
 #: ``features`` registers exactly these (a test holds it).
-BACKENDS = ("offline", *TIMM_BACKENDS, "sam")
+BACKENDS = ("offline", *TIMM_BACKENDS, "sam", "sd")
 
 # What "auto" picks: the first of these whose checkpoint is in the weights cache, else the offline backend.
 # DINOv2 ViT-S/14 first: paper A's family, and 0.16-0.39 s a slice on a 2-core CPU (docs/results.md).

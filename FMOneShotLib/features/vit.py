@@ -7,13 +7,21 @@ For a batch of slices the ViT backends
   1. resize each slice so that its longest side is ``input_size`` pixels (both sides a multiple of the
      stride), repeat it to 3 channels and normalise with the model's mean and standard deviation;
   2. embed patches with the model's own patch-embedding weights at ``stride`` (smaller than the patch size:
-     overlapping patches, Amir et al.), after padding the image by patch - stride pixels so that cell (i, j)
-     is centred on pixel ((j + 0.5) * stride, (i + 0.5) * stride) as the grid convention of features.base
-     requires; the position embeddings (or DINOv3's rotary positions) are resampled to the denser grid;
+     overlapping patches, Amir et al.), after padding the image by (patch - stride) / 2 pixels on each side so
+     that cell (i, j) is centred on pixel ((j + 0.5) * stride, (i + 0.5) * stride) as the grid convention of
+     features.base requires (an odd padding, as at patch 14 / stride 7, is half a pixel on each side: the
+     resized image is resampled half a pixel over); the position embeddings are resampled to the denser grid
+     (``pos_interpolation``, below), DINOv3's rotary positions computed for it;
   3. run the transformer blocks up to ``block`` (default the last, as in paper A) and return that block's
      patch **token** embeddings (prefix tokens dropped, no final norm) at the patch grid;
   4. optionally log-bin them (features.base.log_bin).
 Everything runs under ``torch.inference_mode`` in bf16 autocast where ``precision`` resolves to bf16.
+
+``pos_interpolation``: ``"dino"`` resamples the learned position embeddings as DINO, DINOv2 and
+dino-vit-features (Amir et al., ``ViTExtractor._fix_pos_enc``) do, which is what paper A used: bicubic with
+a scale factor of (grid + 0.1) / the trained grid, no antialiasing; the default for DINO v1 and v2.
+``"timm"`` resamples to the grid size, bicubic with antialiasing (timm's ``resample_abs_pos_embed``); the
+default for CLIP. The two differ by a fraction of a cell in where each position is read.
 """
 
 from __future__ import annotations
@@ -29,6 +37,26 @@ from ..weights import TIMM_BACKENDS  # paper names; each is a registry entry (we
 from .base import FeatureExtractor, log_bin, register
 
 DEFAULT_INPUT_SIZE = 448
+POS_INTERPOLATIONS = ("dino", "timm")
+
+
+def default_pos_interpolation(name: str) -> str:
+    """'dino' for DINO v1 and v2 (paper A's reference code), else 'timm'."""
+    return "dino" if name.startswith(("d1", "d2")) else "timm"
+
+
+def dino_pos_embed(pos_embed: torch.Tensor, grid) -> torch.Tensor:
+    """Patch position embeddings (1, N, C) of a trained sqrt(N) x sqrt(N) grid -> (1, h * w, C) for ``grid``
+    (h, w), as DINO / DINOv2 / dino-vit-features interpolate them: bicubic, scale factor (h + 0.1) / sqrt(N)
+    per axis, ``align_corners=False``, no antialiasing, unchanged when the grid is the trained one."""
+    n = int(round(pos_embed.shape[1] ** 0.5))
+    h, w = grid
+    if (h, w) == (n, n):
+        return pos_embed
+    grid_embed = pos_embed.reshape(1, n, n, -1).permute(0, 3, 1, 2)
+    out = F.interpolate(grid_embed.float(), scale_factor=((h + 0.1) / n, (w + 0.1) / n), mode="bicubic",
+                        align_corners=False, recompute_scale_factor=False)
+    return out.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, h * w, -1)
 
 
 class TimmViTFeatures(FeatureExtractor):
@@ -36,7 +64,8 @@ class TimmViTFeatures(FeatureExtractor):
 
     def __init__(self, name: str, weights: str = "pretrained", block: int = -1, stride: int | None = None,
                  log_bin_levels: int = 0, input_size: int = DEFAULT_INPUT_SIZE, device: str = "auto",
-                 precision: str = "auto", batch_size: int | None = None, overrides: dict | None = None):
+                 precision: str = "auto", batch_size: int | None = None, overrides: dict | None = None,
+                 pos_interpolation: str = "auto"):
         self.name = name
         self.weights = str(weights)
         self.model = models.timm_vit(name, weights, overrides)
@@ -64,6 +93,12 @@ class TimmViTFeatures(FeatureExtractor):
         self.mean = torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406)), dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(cfg.get("std", (0.229, 0.224, 0.225)), dtype=torch.float32).view(1, 3, 1, 1)
         self._rope = hasattr(self.model, "rope")  # Eva (DINOv3) passes rotary positions to its blocks
+        if pos_interpolation == "auto":
+            pos_interpolation = default_pos_interpolation(name)
+        if pos_interpolation not in POS_INTERPOLATIONS or (self._rope and pos_interpolation != "timm"):
+            raise FMOneShotError(f"Position-embedding interpolation {pos_interpolation!r} does not apply to {name}.",
+                                 "choose 'dino' or 'timm' (DINOv3's rotary positions: 'timm'), or 'auto'.")
+        self.pos_interpolation = pos_interpolation
 
     def grid_shape(self, image_shape) -> tuple:
         """Feature grid (h, w) of a slice of ``image_shape`` (H, W)."""
@@ -80,8 +115,10 @@ class TimmViTFeatures(FeatureExtractor):
         t = F.interpolate(t[:, None], size=(h * self.stride, w * self.stride), mode="bilinear",
                           align_corners=False, antialias=True)
         pad = self.patch - self.stride
-        if pad:
-            t = F.pad(t, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2))
+        if pad % 2:  # half a pixel on each side: pad one more, then the mean of each 2 x 2 neighbourhood
+            t = F.avg_pool2d(F.pad(t, (pad // 2 + 1,) * 4), kernel_size=2, stride=1)
+        elif pad:
+            t = F.pad(t, (pad // 2,) * 4)
         return (t.expand(-1, 3, -1, -1) - self.mean) / self.std
 
     def patch_tokens(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,6 +126,23 @@ class TimmViTFeatures(FeatureExtractor):
         pe = self.model.patch_embed
         x = F.conv2d(x, pe.proj.weight, pe.proj.bias, stride=self.stride)
         return pe.norm(x.permute(0, 2, 3, 1))
+
+    def pos_embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, h, w, C) patch tokens -> (B, P + h * w, C) with the P prefix tokens, position embeddings added
+        (resampled by ``self.pos_interpolation``)."""
+        m = self.model
+        if self.pos_interpolation == "timm" or m.pos_embed is None:
+            return m._pos_embed(tokens)
+        B, h, w, C = tokens.shape
+        prefix = [t.expand(B, -1, -1) for t in (m.cls_token, m.reg_token) if t is not None]
+        n_pos_prefix = 0 if m.no_embed_class else m.num_prefix_tokens
+        patch_pos = dino_pos_embed(m.pos_embed[:, n_pos_prefix:], (h, w))
+        x = tokens.reshape(B, h * w, C)
+        if m.no_embed_class:
+            x = torch.cat(prefix + [x + patch_pos], dim=1)
+        else:
+            x = torch.cat(prefix + [x], dim=1) + torch.cat([m.pos_embed[:, :n_pos_prefix], patch_pos], dim=1)
+        return m.pos_drop(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H', W') preprocessed -> token embeddings of ``self.block`` as (B, C, h, w), float32."""
@@ -101,7 +155,7 @@ class TimmViTFeatures(FeatureExtractor):
             for blk in m.blocks[:self.block + 1]:
                 tokens = blk(tokens, rope=rope)
         else:
-            tokens = m.norm_pre(m.patch_drop(m._pos_embed(tokens)))
+            tokens = m.norm_pre(m.patch_drop(self.pos_embed(tokens)))
             for blk in m.blocks[:self.block + 1]:
                 tokens = blk(tokens)
         tokens = tokens[:, m.num_prefix_tokens:]
@@ -120,7 +174,8 @@ class TimmViTFeatures(FeatureExtractor):
 
     def settings(self) -> dict:
         s = {"backend": self.name, "weights": self.weights, "block": self.block, "stride": self.stride,
-             "log_bin_levels": self.log_bin_levels, "input_size": self.input_size}
+             "log_bin_levels": self.log_bin_levels, "input_size": self.input_size,
+             "pos_interpolation": self.pos_interpolation}
         if self.overrides:
             s["overrides"] = self.overrides
         return s

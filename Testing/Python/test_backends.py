@@ -5,6 +5,8 @@ import json
 
 import numpy as np
 import pytest
+
+from conftest import require_package
 import torch
 import torch.nn.functional as F
 
@@ -81,7 +83,7 @@ def test_pretrained_weights_load_from_the_verified_cache(tmp_path, monkeypatch):
                               dynamic_img_size=True)
     (tmp_path / "d2s14").mkdir()
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "d2s14" / "model.safetensors"))
-    e = create_extractor("d2s14", precision="fp32", input_size=112)
+    e = create_extractor("d2s14", precision="fp32", input_size=112, pos_interpolation="timm")  # timm's way
     assert (tmp_path / "d2s14" / "model.safetensors.sha256").exists()  # pinned at first use
     x = e.preprocess(np.random.default_rng(1).random((1, 112, 112)).astype(np.float32))
     with torch.inference_mode():
@@ -89,6 +91,42 @@ def test_pretrained_weights_load_from_the_verified_cache(tmp_path, monkeypatch):
         ref = model.blocks[-1](model.blocks[:-1](model.norm_pre(model._pos_embed(model.patch_embed(x)))))
         ref = ref[:, model.num_prefix_tokens:].reshape(1, 8, 8, -1).permute(0, 3, 1, 2)
         assert torch.allclose(e.forward(x), ref, atol=1e-4)
+
+
+def test_clip_loads_its_published_checkpoint_layout_with_quickgelu(tmp_path, monkeypatch):
+    """timm's file for OpenAI CLIP carries the 512-d projection (head.weight, head.bias): it loads strictly,
+    into the QuickGELU network CLIP was trained with; the features are those of timm's QuickGELU model."""
+    from safetensors.torch import save_file
+
+    import timm
+
+    monkeypatch.setenv("FMONESHOT_CACHE", str(tmp_path))
+    published = timm.create_model("vit_base_patch16_clip_224.openai", pretrained=False)  # the file's layout
+    state = {k: v.contiguous() for k, v in published.state_dict().items()}
+    assert {"head.weight", "head.bias"} <= set(state) and state["head.weight"].shape == (512, 768)
+    (tmp_path / "clip").mkdir()
+    save_file(state, str(tmp_path / "clip" / "model.safetensors"))
+    e = create_extractor("clip", precision="fp32", device="cpu", input_size=64)
+    assert type(e.model.blocks[0].mlp.act).__name__ == "QuickGELU"
+    x = e.preprocess(np.random.default_rng(4).random((1, 64, 64)).astype(np.float32))
+
+    def reference(timm_name):
+        model = timm.create_model(timm_name, pretrained=False, dynamic_img_size=True)
+        model.load_state_dict(state, strict=True)
+        with torch.inference_mode():
+            t = model.blocks(model.norm_pre(model._pos_embed(model.patch_embed(x))))
+        return t[:, model.num_prefix_tokens:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
+
+    with torch.inference_mode():
+        f = e.forward(x)
+    assert torch.allclose(f, reference("vit_base_patch16_clip_quickgelu_224.openai"), atol=1e-4)
+    assert not torch.allclose(f, reference("vit_base_patch16_clip_224.openai"), atol=1e-2)  # GELU: other features
+    # a backbone saved without the head (fine-tuned, say) loads as well; a foreign file is refused clearly
+    save_file({k: v for k, v in state.items() if not k.startswith("head.")}, str(tmp_path / "backbone.safetensors"))
+    assert torch.equal(models.timm_vit("clip", str(tmp_path / "backbone.safetensors")).pos_embed, state["pos_embed"])
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(FMOneShotError, match="does not fit OpenAI CLIP"):
+        models.timm_vit("clip", str(tmp_path / "other.safetensors"))
 
 
 def test_overlapping_patches_match_a_reference_implementation():
@@ -108,11 +146,46 @@ def test_overlapping_patches_match_a_reference_implementation():
         ref = weight @ window + m.patch_embed.proj.bias
         assert torch.allclose(tokens[0, i, j], ref, atol=1e-4)
     with torch.inference_mode():
-        embedded = m._pos_embed(tokens)[:, m.num_prefix_tokens:]
-    grid = m.pos_embed[:, m.num_prefix_tokens:].reshape(1, 14, 14, -1).permute(0, 3, 1, 2)
-    ref_pos = F.interpolate(grid, size=(8, 8), mode="bicubic", align_corners=False, antialias=True)
-    ref_pos = ref_pos.permute(0, 2, 3, 1).reshape(1, 64, -1)
-    assert torch.allclose(embedded, tokens.reshape(1, 64, -1) + ref_pos, atol=1e-4)
+        embedded = e.pos_embed(tokens)
+    # DINO v1 (and v2) by default: dino-vit-features' interpolation, written out (scale factor, +0.1 offset)
+    assert e.pos_interpolation == "dino"
+    grid = m.pos_embed[:, 1:].reshape(1, 14, 14, -1).permute(0, 3, 1, 2)
+    ref_pos = F.interpolate(grid, scale_factor=(8.1 / 14, 8.1 / 14), mode="bicubic", align_corners=False,
+                            recompute_scale_factor=False).permute(0, 2, 3, 1).reshape(1, 64, -1)
+    assert torch.allclose(embedded[:, 1:], tokens.reshape(1, 64, -1) + ref_pos, atol=1e-4)
+    assert torch.allclose(embedded[:, 0], m.cls_token[:, 0] + m.pos_embed[:, 0], atol=1e-6)
+    # timm's size-based, antialiased resampling on request (the default for CLIP): another, measurable choice
+    timm_pos = F.interpolate(grid, size=(8, 8), mode="bicubic", align_corners=False, antialias=True)
+    timm_pos = timm_pos.permute(0, 2, 3, 1).reshape(1, 64, -1)
+    assert not torch.allclose(ref_pos, timm_pos, atol=1e-3)
+    t = vit("d1s16", input_size=64, stride=8, pos_interpolation="timm")
+    with torch.inference_mode():
+        assert torch.allclose(t.pos_embed(tokens)[:, 1:], tokens.reshape(1, 64, -1) + timm_pos, atol=1e-4)
+    assert vit("clip", input_size=64).pos_interpolation == "timm"
+    assert t.settings()["pos_interpolation"] == "timm" and e.settings()["pos_interpolation"] == "dino"
+    with pytest.raises(FMOneShotError, match="does not apply to d3s16"):
+        vit("d3s16", pos_interpolation="dino")
+    # at the trained grid (224 px at stride 16) the embeddings are used as trained, as in DINO
+    full = vit("d1s16", input_size=224)
+    x = full.patch_tokens(full.preprocess(img))
+    with torch.inference_mode():
+        assert torch.equal(full.pos_embed(x), full.model._pos_embed(x))
+
+
+@pytest.mark.parametrize("name, stride", [("d2s14", 7), ("d2s14", 14), ("d1s16", 8), ("d1s8", 3)])
+def test_cell_centres_are_exact_with_odd_padding(name, stride):
+    """Each cell's window is centred on (j + 0.5) * stride - 0.5 in pixel indices, also where patch - stride
+    is odd (patch 14, stride 7: the padding is 3.5 pixels a side). On a ramp image (pixel value = column),
+    the mean over a cell's window is its centre."""
+    e = vit(name, stride=stride, input_size=10 * stride)
+    H = W = 10 * stride  # no resizing
+    ramp = np.tile(np.arange(W, dtype=np.float32), (H, 1)) / W
+    x = e.preprocess(ramp[None])[:, :1] * e.std[:, :1] + e.mean[:, :1]  # back to [0, 1] values
+    means = F.avg_pool2d(x, e.patch, stride=e.stride)[0, 0] * W  # (h, w): each window's mean column
+    assert means.shape == (10, 10)
+    inside = range((e.patch - e.stride + 1) // e.stride + 1, 10 - (e.patch - e.stride + 1) // e.stride - 1)
+    for j in inside:  # windows not reaching the zero padding
+        assert means[5, j].item() == pytest.approx((j + 0.5) * stride - 0.5, abs=1e-3), j
 
 
 def test_overlapping_patch_cells_are_centred_where_the_grid_convention_says():
@@ -175,9 +248,18 @@ def test_sam_segmenter_equals_segment_anything_and_encodes_each_slice_once():
     assert seg.encodings == 1 and mask.shape == image.shape and mask.dtype == bool
     ref = SamPredictor(models.sam("vit_b", "random", SMALL_SAM))
     ref.set_image(np.repeat((image * 255).round().astype(np.uint8)[..., None], 3, axis=2))
-    masks, scores, _ = ref.predict(np.concatenate([pos, neg]), np.array([1, 1, 0]), multimask_output=True)
-    assert np.array_equal(mask, masks[np.argmax(scores)])
     assert not seg.segment(image, None, np.zeros((0, 2)), neg).any()
+    # Several points are not ambiguous: SAM's single-mask output (segment-anything's advice), not the best of
+    # its three multimask outputs, which differs here.
+    single, _, _ = ref.predict(np.concatenate([pos, neg]), np.array([1, 1, 0]), multimask_output=False)
+    three, scores, _ = ref.predict(np.concatenate([pos, neg]), np.array([1, 1, 0]), multimask_output=True)
+    assert np.array_equal(mask, single[0]) and not np.array_equal(mask, three[np.argmax(scores)])
+    # One point alone is ambiguous: the best-scoring of the three masks, which differs from the single mask.
+    one = seg.segment(image, None, pos[:1], np.zeros((0, 2)))
+    single, _, _ = ref.predict(pos[:1], np.array([1]), multimask_output=False)
+    three, scores, _ = ref.predict(pos[:1], np.array([1]), multimask_output=True)
+    assert np.array_equal(one, three[np.argmax(scores)]) and not np.array_equal(one, single[0])
+    assert seg.encodings == 1
     seg.segment(image[::-1].copy(), None, pos, neg)
     assert seg.encodings == 2
 
@@ -304,3 +386,95 @@ def test_what_auto_picks_is_known_without_importing_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**__import__("os").environ, "FMONESHOT_CACHE": "/nonexistent-fmoneshot-cache"})
     assert out.stdout.split() == ["offline", "False"]
+
+
+# Stable Diffusion (DIFT): diffusers' UNet2DConditionModel and AutoencoderKL and transformers' CLIPTextModel,
+# the classes of SD 2.1, made tiny and randomly initialised.
+TINY_SD = {"unet": dict(block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=(2, 4),
+                        cross_attention_dim=32, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), sample_size=8, norm_num_groups=8),
+           "vae": dict(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                       up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=8),
+           "text_encoder": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                vocab_size=100, projection_dim=16, bos_token_id=98, eos_token_id=99)}
+
+
+def sd(**kw):
+    require_package("diffusers", "pip install 'fmoneshot[sd]'")
+    options = {"weights": "random", "overrides": TINY_SD, "precision": "fp32", "device": "cpu", "input_size": 64,
+               "ensemble": 2, **kw}
+    return create_extractor("sd", **options)
+
+
+def test_sd_dift_shapes_determinism_and_options():
+    x = np.random.default_rng(5).random((2, 40, 64)).astype(np.float32)
+    e = sd()
+    f = e.extract(x)
+    # 64 px wide -> 64 x 64 input (40 rounds up to one multiple of 64); the tiny VAE halves once -> a 32 x 32
+    # latent; up-block 1 (the last of two) keeps it: 32 x 32 cells of 32 channels
+    assert f.shape == (2, 32, 32, 32) and f.dtype == torch.float32 and torch.isfinite(f).all()
+    assert torch.equal(f, sd().extract(x))  # fixed seed: the same noise draws in every run
+    assert torch.allclose(f[1], e.extract(x[1:2])[0], atol=1e-5)  # independent of the batch
+    assert torch.allclose(f, sd(batch_size=2).extract(x), atol=1e-4)  # slices batched with their draws
+    assert not torch.allclose(f, sd(timestep=900).extract(x), atol=1e-3)  # more noise, other features
+    assert not torch.allclose(f, sd(seed=1).extract(x), atol=1e-3)  # other draws
+    one = sd(ensemble=1).extract(x)
+    assert not torch.allclose(f, one, atol=1e-3)  # an average over two draws, not one
+    assert sd(up_block=0).extract(x).shape == (2, 64, 32, 32)  # the lower up-block: 64 channels, upsampled
+    assert sd(log_bin_levels=1).extract(x[:1]).shape == (1, 32 * 9, 32, 32)
+    assert e.settings()["timestep"] == 261 and e.settings()["up_block"] == 1
+    with pytest.raises(FMOneShotError, match="up-block 2 does not exist"):
+        sd(up_block=2)
+    with pytest.raises(FMOneShotError, match="Timestep 1000"):
+        sd(timestep=1000)
+
+
+def test_sd_weights_are_a_folder_and_its_licence_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("FMONESHOT_CACHE", str(tmp_path))
+    with pytest.raises(FMOneShotError, match=r"Stable Diffusion 2.1 is not at .*sd.*CreativeML Open RAIL\+\+-M"):
+        models.stable_diffusion("pretrained")
+    (tmp_path / "sd" / "unet").mkdir(parents=True)
+    with pytest.raises(FMOneShotError, match="lacks vae, text_encoder, tokenizer, scheduler"):
+        models.stable_diffusion("pretrained")
+    with pytest.raises(FMOneShotError, match="need weights='random'"):
+        models.stable_diffusion(str(tmp_path / "sd"), overrides=TINY_SD)
+
+
+def test_sd_without_its_extra_says_how_to_install_it(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # import fails as if not installed
+    with pytest.raises(FMOneShotError, match=r"fmoneshot\[sd\]"):
+        models.stable_diffusion("random", {"unet": {"sample_size": 7}})
+
+
+def test_sd_in_the_whole_chain_segments_and_localizes(ct):
+    vol, ref = ct
+    z = int(np.argmax((ref == 1).sum(axis=(1, 2))))
+    pos, neg = sample_prompts(ref[z] == 1, 5, 5, 0)
+    # the landmark on a cell centre of the 32 x 32 grid over the 122 x 101 slice: (j + 0.5) * W / w - 0.5
+    tip = (15.5 * 122 / 32 - 0.5, 15.5 * 101 / 32 - 0.5)
+    tpl = Template.from_volume(vol, z, {"liver": pos}, {"liver": neg}, {"liver": ref[z] == 1},
+                               landmarks={"tip": tip})
+    sd()  # skips without the extra
+    engine = OneShot(tpl, backend="sd", segmenter="offline",
+                     backend_options={"weights": "random", "overrides": TINY_SD, "precision": "fp32",
+                                      "device": "cpu", "input_size": 64, "ensemble": 2}).fit()
+    result = engine.apply(vol, slices=[z - 1, z, z + 1])
+    assert result.labels.array.shape == vol.array.shape
+    assert not result.labels.array[:z - 1].any() and not result.labels.array[z + 2:].any()
+    assert result.labels.array[z].any()  # on the template slice itself the structure is found
+    on_template = [m for m in result.landmarks["tip"] if m.slice == z][0]
+    assert on_template.confidence > 0.7  # its own features (below 1 only by upsampling between cells)
+    assert np.hypot(*(np.asarray(on_template.xy) - tip)) <= 1.5
+
+
+def test_cli_keeps_sd_options_to_the_sd_backend(tmp_path, capsys):
+    ct_path = SAMPLE / "images" / "ct-small.nii.gz"
+    base = ["segment", str(ct_path), "--template-image", str(ct_path), "--positive", "liver:45,60",
+            "-o", str(tmp_path / "x.nii.gz")]
+    assert main(base + ["--backend", "d2s14", "--weights", "random", "--timestep", "100"]) == 2
+    assert "--timestep apply to the Stable Diffusion backend only" in capsys.readouterr().err
+    assert main(base + ["--backend", "sd", "--weights", "random", "--stride", "7"]) == 2
+    assert "--stride do not apply to the Stable Diffusion backend" in capsys.readouterr().err
+    assert not (tmp_path / "x.nii.gz").exists()

@@ -177,8 +177,11 @@ def test_registry_holds_the_published_facts_only():
     assert sam["sam_vit_b_01ec64.pth"].startswith("ec2df627") and sam["sam_vit_h_4b8939.pth"].startswith("a7bf3b02")
     timm_entries = [e for e in W.REGISTRY.values() if e.timm_name]
     assert timm_entries and all(e.sha256 is None for e in timm_entries)  # no invented digests
-    assert all(e.url == f"https://huggingface.co/timm/{e.timm_name}/resolve/main/model.safetensors"
-               for e in timm_entries)
+    from timm.models import get_pretrained_cfg
+
+    # the file timm itself reads for the model (CLIP's QuickGELU variant reads the plain CLIP file)
+    assert all(e.url == f"https://huggingface.co/{get_pretrained_cfg(e.timm_name).hf_hub_id}/resolve/main/"
+               "model.safetensors" for e in timm_entries)
     assert [e.name for e in W.REGISTRY.values() if e.opt_in] == ["d3s16", "d3b16"]
 
 
