@@ -88,7 +88,8 @@ def _naive_slice(engine, image01, spacing, name) -> dict:
 
 def run_bench(slices: int = 100, size: int = 512, backend: str = "offline", segmenter: str = "auto",
               adapter: str | None = "auto", backend_options: dict | None = None, naive_slices: int = 3,
-              seed: int = 0, progress=None, segmenter_options: dict | None = None) -> dict:
+              seed: int = 0, progress=None, segmenter_options: dict | None = None,
+              chain_options: dict | None = None) -> dict:
     vol, ref = bench_volume(slices, size)
     value = load_dataset(SAMPLE).label_value(BENCH_LABEL)
     on = (ref == value).any(axis=(1, 2))
@@ -102,7 +103,8 @@ def run_bench(slices: int = 100, size: int = 512, backend: str = "offline", segm
         io_seconds = time.perf_counter() - t0
         t = time.perf_counter()
         engine = OneShot(template, backend=backend, adapter=adapter, segmenter=segmenter,
-                         backend_options=backend_options, segmenter_options=segmenter_options, seed=seed).fit()
+                         backend_options=backend_options, segmenter_options=segmenter_options, seed=seed,
+                         **(chain_options or {})).fit()
         fit_seconds = time.perf_counter() - t
         result = engine.apply(volume, progress=progress)
         t = time.perf_counter()
