@@ -35,7 +35,7 @@ DEFAULT_KIND = "affine"
 # How the chain uses the alignment (pipeline.OneShot; docs/results.md has the measurements behind them).
 SEARCH_RADIUS = 80.0  # mm: window around each aligned template point
 PRIOR_MARGIN = 20.0  # mm: the aligned template region is dilated by this much before it gates the adapter
-EXTENT_MARGIN = 10.0  # mm added beyond both ends of an aligned extent
+EXTENT_MARGIN = 0.0  # mm added beyond both ends of an aligned extent (0: the mapped ends, rounded outwards)
 # Images are registered at most this many pixels a side (the finest pyramid level): the registration is
 # global, and a cephalogram's 1340 x 1671 pixels would cost seconds per iteration at full size.
 WORK_SIDE = 192

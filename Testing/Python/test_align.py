@@ -133,7 +133,7 @@ def test_extent_maps_through_a_known_shift_and_scale_along_the_slice_axis():
         first, last = placement.slices["liver"]
         # 20 mm and 38 mm of the template lie at target slices (20 - 12) / 3 = 2.7 and (38 - 12) / 3 = 8.7
         assert first in (2, 3) and last in (8, 9), (kind, first, last)
-    engine = OneShot(tpl, align="none", segmenter="offline").fit()  # the default margin: 10 mm, 3.3 slices
+    engine = OneShot(tpl, align="none", extent_margin=10.0, segmenter="offline").fit()  # 10 mm: 3.3 slices
     first, last = engine.align(engine.plan(tgt)).slices["liver"]
     assert (first, last) == (-1, 12)  # floor(2.67 - 3.33), ceil(8.67 + 3.33)
 
