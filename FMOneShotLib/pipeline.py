@@ -701,7 +701,8 @@ def _crop(image: np.ndarray, centre, size, side: int) -> tuple:
     ``side`` x ``side`` pixels (edge pixels repeated beyond the border). Returns (crop, origin): crop pixel
     (u, v) shows image pixel ``origin + (u, v) * size / side``."""
     sx, sy = (float(size[0]), float(size[1]))
-    origin = np.array([centre[0] - (sx - sx / side) / 2, centre[1] - (sy - sy / side) / 2])
+    # a whole-pixel origin, so that at the template's pixel size the crop's pixels are the image's own
+    origin = np.round([centre[0] - (sx - sx / side) / 2, centre[1] - (sy - sy / side) / 2])
     xs = np.clip(origin[0] + np.arange(side) * sx / side, 0, image.shape[1] - 1)
     ys = np.clip(origin[1] + np.arange(side) * sy / side, 0, image.shape[0] - 1)
     crop = ndi.map_coordinates(image, np.meshgrid(ys, xs, indexing="ij"), order=1, mode="nearest")
