@@ -103,24 +103,25 @@ def _naive_slice(engine, image01, spacing, name) -> dict:
 def run_bench(slices: int = 100, size: int = 512, backend: str = "offline", segmenter: str = "auto",
               adapter: str | None = "auto", backend_options: dict | None = None, naive_slices: int = 3,
               seed: int = 0, progress=None, segmenter_options: dict | None = None, threads: int | None = None,
-              segmenter_slices: str = "found") -> dict:
+              segmenter_slices: str = "found", chain_options: dict | None = None) -> dict:
     """Time the chain on :func:`bench_volume`; ``threads``: threads of the model forwards (None: PyTorch's own
     number; small-tensor work always runs on :data:`~FMOneShotLib.threads.SMALL_WORK_THREADS`);
     ``segmenter_slices``: 'found' (where the chain finds the structure) or 'reference' (exactly the slices that
-    contain it in the reference). Returns the figures as a dict."""
+    contain it in the reference); ``chain_options``: more :class:`OneShot` arguments (``align``,
+    ``search_radius``, ``prior_margin``). Returns the figures as a dict."""
     if segmenter_slices not in SEGMENTER_SLICES:
         raise FMOneShotError(f"Unknown segmenter slices {segmenter_slices!r}.",
                              f"choose one of: {', '.join(SEGMENTER_SLICES)}.")
     previous = set_model_threads(threads)
     try:
         return _run_bench(slices, size, backend, segmenter, adapter, backend_options, naive_slices, seed, progress,
-                          segmenter_options, segmenter_slices)
+                          segmenter_options, segmenter_slices, chain_options)
     finally:
         set_model_threads(previous)
 
 
 def _run_bench(slices, size, backend, segmenter, adapter, backend_options, naive_slices, seed, progress,
-               segmenter_options, segmenter_slices) -> dict:
+               segmenter_options, segmenter_slices, chain_options) -> dict:
     vol, ref = bench_volume(slices, size)
     value = load_dataset(SAMPLE).label_value(BENCH_LABEL)
     on = (ref == value).any(axis=(1, 2))
@@ -139,7 +140,8 @@ def _run_bench(slices, size, backend, segmenter, adapter, backend_options, naive
         io_seconds = time.perf_counter() - t0
         t = time.perf_counter()
         engine = OneShot(template, backend=backend, adapter=adapter, segmenter=segmenter,
-                         backend_options=backend_options, segmenter_options=segmenter_options, seed=seed).fit()
+                         backend_options=backend_options, segmenter_options=segmenter_options, seed=seed,
+                         **(chain_options or {})).fit()
         fit_seconds = time.perf_counter() - t
         window = intensity_window(volume, template.modality or volume.modality)  # as the chain normalises
         reference = [int(k) for k in np.flatnonzero(on)]

@@ -19,6 +19,9 @@ from pathlib import Path
 from . import __version__
 from .errors import FMOneShotError, FMOneShotWarning
 from .files import atomic_paths, check_folder, refuse_existing, refuse_inputs
+from .align import DEFAULT_KIND as DEFAULT_ALIGN
+from .align import KINDS as ALIGN_KINDS
+from .align import PRIOR_MARGIN, SEARCH_RADIUS
 from .image import LABEL_EXTENSIONS
 from .models import SAM2_TYPES
 from .weights import BACKENDS, resolve_backend
@@ -212,6 +215,31 @@ def _inputs(args) -> list:
     return inputs
 
 
+def _chain_options(args) -> dict:
+    """--align, --search-radius, --prior-margin as :class:`pipeline.OneShot` keyword arguments."""
+    options = {"align": args.align}
+    if args.search_radius is not None:
+        options["search_radius"] = args.search_radius
+    if args.prior_margin is not None:
+        options["prior_margin"] = args.prior_margin
+    return options
+
+
+def _parse_extents(texts, template) -> dict:
+    """['liver:40:75', ...] -> {"liver": (40, 75)}, checked against the template's labels."""
+    out = {}
+    for text in texts or []:
+        try:
+            name, first, last = text.rsplit(":", 2)
+            out[name] = (int(first), int(last))
+        except ValueError:
+            raise FMOneShotError(f"Cannot read the extent {text!r}.",
+                                 "write it as NAME:FIRST:LAST template slice numbers, e.g. liver:40:75.") from None
+    template.extent = {**template.extent, **out}
+    template.validate()
+    return out
+
+
 def _check_targets(targets):
     missing = [t for t in targets if not Path(t).exists()]
     if missing:
@@ -326,6 +354,7 @@ def cmd_segment(args) -> int:
     template = _template_from_args(args)
     if not template.labels:
         raise FMOneShotError("The template has no label to segment.", "add --positive NAME:X,Y points.")
+    _parse_extents(args.extent, template)
     volumes = [read_volume(t, args.modality or template.modality) for t in args.targets]
     for path, volume in zip(paths, volumes):
         if str(path).endswith(".png") and not volume.is_2d:
@@ -336,7 +365,8 @@ def cmd_segment(args) -> int:
 
     engine = OneShot(template, backend=args.backend, adapter=args.adapter, segmenter=args.segmenter,
                      seed=args.seed, adapter_options=_adapter_options(args), backend_options=_backend_options(args),
-                     segmenter_options=_segmenter_options(args), propagate=args.propagate).fit()
+                     segmenter_options=_segmenter_options(args), propagate=args.propagate,
+                     **_chain_options(args)).fit()
     results = []
     for volume in volumes:
         with _progress(volume.name) as update:
@@ -379,7 +409,8 @@ def cmd_localize(args) -> int:
     from .pipeline import OneShot
 
     engine = OneShot(template, backend=args.backend, adapter=args.adapter, seed=args.seed, segmenter="offline",
-                     adapter_options=_adapter_options(args), backend_options=_backend_options(args)).fit()
+                     adapter_options=_adapter_options(args), backend_options=_backend_options(args),
+                     **_chain_options(args)).fit()
     rows = []
     for target, volume in zip(args.targets, volumes):
         with _progress(volume.name) as update:
@@ -508,9 +539,11 @@ def cmd_eval(args) -> int:
                                     adapter=args.adapter, segmenter=args.segmenter, template=args.template,
                                     points=args.points, seed=args.seed, max_targets=args.max_targets,
                                     progress=update, keep_pictures=bool(args.report),
-                                    adapter_options=_adapter_options(args), propagate=args.propagate)
+                                    adapter_options=_adapter_options(args), propagate=args.propagate,
+                                    chain_options=_chain_options(args), extent=args.extent)
     print(f"{summary['dataset']} ({summary['task']}), backend {summary['backend']}, adapter {summary['adapter']}, "
-          f"segmenter {summary['segmenter']}, {summary['seconds']:.1f} s")
+          f"segmenter {summary['segmenter']}, align {summary['align']['kind']}, {summary['seconds']:.1f} s "
+          f"(align {summary['align']['seconds']:.1f} s)")
 
     def f(v, d=3):
         return "  n/a" if v is None else f"{v:.{d}f}"
@@ -542,7 +575,7 @@ def cmd_bench(args) -> int:
         r = run_bench(args.slices, args.size, backend=args.backend, segmenter=args.segmenter, adapter=args.adapter,
                       backend_options=_backend_options(args), segmenter_options=_segmenter_options(args),
                       naive_slices=args.naive_slices, seed=args.seed, progress=update, threads=args.threads,
-                      segmenter_slices=args.segmenter_slices)
+                      segmenter_slices=args.segmenter_slices, chain_options=_chain_options(args))
     v, sec = r["volume"], r["seconds"]
     print(f"FMOneShot bench: {v['slices']} slices of {v['size'][0]}x{v['size'][1]}, {v['structure']} on "
           f"{v['slices_with_structure']} slices (found on {v['slices_found']}); backend {r['backend']}, adapter "
@@ -555,7 +588,7 @@ def cmd_bench(args) -> int:
     print(f"  segmenter on {ss['count']} slices ({ss['rule']}: {where})")
     print(f"  total {sec['total']:.2f} s = {r['seconds_per_slice'] * 1000:.1f} ms per slice "
           f"(CPU time {r['cpu_seconds']:.1f} s)")
-    for stage in ("io", "fit", "features", "adapter", "correspondence", "segmenter"):
+    for stage in ("io", "fit", "align", "features", "adapter", "correspondence", "segmenter"):
         print(f"    {stage:15s} {sec.get(stage, 0.0):8.2f} s")
     ratio = "n/a" if r["overhead_ratio"] is None else f"{r['overhead_ratio']:.2f}"
     print(f"  adapter inference {r['adapter_ms_per_slice']:.1f} ms per slice at the feature grid")
@@ -675,6 +708,18 @@ def build_parser() -> argparse.ArgumentParser:
                              "higher-contrast, smaller and larger copies of them (better across subjects, more "
                              "false detections beyond the structure's ends: docs/results.md)")
 
+    def align_args(sp):
+        g = sp.add_argument_group("anatomical alignment (docs/method.md)")
+        g.add_argument("--align", default=DEFAULT_ALIGN, choices=list(ALIGN_KINDS),
+                       help="register the template to each target first (default: %(default)s); none: paper A's "
+                            "whole-slice search")
+        g.add_argument("--search-radius", type=float, metavar="MM",
+                       help=f"search each template point within this radius of its aligned position "
+                            f"(default {SEARCH_RADIUS:g} mm)")
+        g.add_argument("--prior-margin", type=float, metavar="MM",
+                       help=f"the adapter looks only within this margin of the aligned template region "
+                            f"(default {PRIOR_MARGIN:g} mm)")
+
     def template_args(sp):
         sp.add_argument("--template", help="a template saved by FMOneShot (.json)")
         sp.add_argument("--template-image", help="the template volume or image, with points given inline")
@@ -694,6 +739,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("segment", help="segment the template's labels on every slice of target volumes")
     common(s)
+    align_args(s)
     template_args(s)
     s.add_argument("targets", nargs="+", help="target volumes (files or DICOM folders)")
     s.add_argument("--positive", action="append", metavar="NAME:X,Y", help="a positive point (repeat); X = column, "
@@ -708,12 +754,16 @@ def build_parser() -> argparse.ArgumentParser:
     adapter_args(s, "auto", "auto (classification, trained on the painted masks or on the masks drawn from the "
                  "clicks), basic, classification, contrastive, or none (raw similarity)")
     s.add_argument("--save-template", help="also save the template used (.json) for reuse")
+    s.add_argument("--extent", action="append", metavar="NAME:FIRST:LAST",
+                   help="the first and last template slice a label lies on (repeat); aligned into each target, "
+                        "it bounds the slices searched, and is saved with --save-template")
     model_args(s)
     propagate_arg(s)
     s.set_defaults(func=cmd_segment)
 
     lo = sub.add_parser("localize", help="find the template's landmarks on target images and volumes")
     common(lo)
+    align_args(lo)
     template_args(lo)
     lo.add_argument("targets", nargs="+", help="target images or volumes")
     lo.add_argument("--landmark", action="append", metavar="NAME:X,Y", help="a landmark on the template (repeat)")
@@ -745,6 +795,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="score the one-shot protocol on a dataset in the case format")
     common(ev)
+    align_args(ev)
     ev.add_argument("dataset", help="dataset folder with a dataset.json (docs/data-format.md)")
     ev.add_argument("--labels", nargs="+", help="labels or landmarks to evaluate (default: all present)")
     adapter_args(ev, "auto", "auto, none, basic, classification or contrastive")
@@ -752,6 +803,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--points", type=int, default=5, help="positive and negative points each (default: %(default)s)")
     ev.add_argument("--max-targets", type=int, help="at most N target slices (or images) per label, spread evenly")
     ev.add_argument("--json", help="write the results to this .json file")
+    ev.add_argument("--extent", choices=["reference"],
+                    help="reference: each label's template carries its first and last slice in the template "
+                         "case's reference mask")
     ev.add_argument("--report", metavar="DIR", help="write report.md with the table and overlays to this folder")
     model_args(ev)
     propagate_arg(ev)
@@ -759,6 +813,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="time every stage on a large volume made from the sample CT")
     common(b)
+    align_args(b)
     b.add_argument("--slices", type=int, default=100, help="slices of the volume (default: %(default)s)")
     b.add_argument("--size", type=int, default=512, help="rows and columns of each slice (default: %(default)s)")
     b.add_argument("--adapter", default="auto", help="auto, none, basic, classification or contrastive")

@@ -74,30 +74,63 @@ def upsample(maps: torch.Tensor, shape) -> torch.Tensor:
 
 @dataclass
 class Correspondence:
-    """Where template points land on one target slice: pixel (x, y) and cosine similarity there."""
+    """Where template points land on one target slice: pixel (x, y) and the confidence there (the cosine
+    similarity; in a window, the similarity less :data:`DISTANCE_PENALTY` times the squared distance from the
+    window's centre in units of its radius)."""
 
     xy: np.ndarray  # (N, 2) float, x = column, y = row
     score: np.ndarray  # (N,)
 
 
-def correspond(queries: torch.Tensor, features: torch.Tensor, image_shape, chunk: int = 8,
-               subpixel: bool = False) -> Correspondence:
+# In a window, a candidate at the window's edge must be this much more similar (cosine) than one at its centre.
+DISTANCE_PENALTY = 0.1
+
+
+def correspond(queries: torch.Tensor, features: torch.Tensor, image_shape, chunk: int = 8, centres=None,
+               radius=None, bias: torch.Tensor | None = None, subpixel: bool = False) -> Correspondence:
     """Paper A, Eq. 1 for every query: the pixel of highest cosine similarity and that similarity.
 
-    ``queries`` (N, C), ``features`` (C, h, w), ``image_shape`` (H, W) -> :class:`Correspondence` with
-    ``xy`` (N, 2) in pixels (x = column, y = row). By default the argmax of the map upsampled to pixels,
-    which lies at a feature cell's centre. ``subpixel``: the continuous argmax instead, a parabola through
-    the grid maximum and its two neighbours along each axis (the standard sub-pixel peak estimate, e.g.
-    Lowe 2004 / OpenCV's phase-correlation peak refinement), for landmarks that must not snap to cells; along
-    an axis where the grid has the image's resolution, the grid argmax itself.
+    ``queries`` (N, C), ``features`` (C, h, w) at the grid of an (H, W) image. With ``centres`` (N, 2) pixel
+    (x, y), one per query, and ``radius`` (pixels: one number, or (rx, ry) for anisotropic pixels), each
+    query is searched only within the ellipse of that radius around its centre (the aligned template
+    position: :mod:`align`), and the answer maximises ``similarity - DISTANCE_PENALTY * (d / radius)^2``,
+    which is also its confidence; a centre outside the image searches the part of the window inside it
+    (the image pixel nearest the centre when none is). ``bias`` (N, H, W), optional, is added to the
+    similarity maps first (another scale's similarity, say).
+
+    ``xy`` is in pixels (x = column, y = row): the argmax of the map upsampled to pixels, which lies at a
+    feature cell's centre. ``subpixel`` (whole-slice search only: no ``centres``, no ``bias``): the continuous
+    argmax instead, a parabola through the grid maximum and its two neighbours along each axis (the standard
+    sub-pixel peak estimate, e.g. Lowe 2004 / OpenCV's phase-correlation peak refinement), for landmarks that
+    must not snap to cells; along an axis where the grid has the image's resolution, the grid argmax itself.
     """
     H, W = image_shape
-    if subpixel:
+    if subpixel and centres is None and bias is None:
         return _subpixel_correspond(queries, features, image_shape)
     xy = np.zeros((len(queries), 2))
     score = np.zeros(len(queries))
+    windowed = centres is not None
+    if windowed:
+        centres = np.asarray(centres, dtype=float).reshape(-1, 2)
+        if len(centres) != len(queries):
+            raise ValueError(f"{len(centres)} window centres for {len(queries)} queries")
+        rx, ry = (float(radius), float(radius)) if np.ndim(radius) == 0 else (float(radius[0]), float(radius[1]))
+        yy = torch.arange(H, dtype=torch.float32)[:, None]
+        xx = torch.arange(W, dtype=torch.float32)[None, :]
     for start in range(0, len(queries), chunk):
         maps = upsample(similarity_maps(queries[start:start + chunk], features), (H, W))
+        if bias is not None:
+            maps = maps + bias[start:start + chunk]
+        if windowed:
+            maps = maps.clone()
+            for k, (cx, cy) in enumerate(centres[start:start + chunk]):
+                d2 = ((xx - float(cx)) / rx) ** 2 + ((yy - float(cy)) / ry) ** 2
+                if not bool((d2 <= 1).any()):  # the window lies outside the image: its nearest pixel
+                    d2 = d2 - d2.min()
+                    outside = d2 > 0
+                else:
+                    outside = d2 > 1
+                maps[k] = (maps[k] - DISTANCE_PENALTY * d2).masked_fill(outside, -torch.inf)
         flat = maps.reshape(maps.shape[0], -1)
         best, idx = flat.max(dim=1)
         idx = idx.numpy()

@@ -27,6 +27,7 @@ from typing import Callable
 
 import numpy as np
 
+from .align import DEFAULT_KIND
 from .datasets import Case, Dataset, load_dataset
 from .errors import FMOneShotError
 from .files import atomic_paths, check_folder, refuse_existing
@@ -36,13 +37,30 @@ from .template import Label, Template, default_color, sample_prompts
 from .viz import (COLOR_KEY, FOUND_LANDMARK_COLOR, NEGATIVE_COLOR, POSITIVE_COLOR, REFERENCE_COLOR, mark_points,
                   overlay, radiological, write_png)
 
-SEGMENTATION_KEYS = ("dataset", "task", "backend", "adapter", "segmenter", "template", "labels", "mean_dice",
-                     "seconds")
-LANDMARK_KEYS = ("dataset", "task", "backend", "adapter", "segmenter", "template", "landmarks", "mean_ned",
+SEGMENTATION_KEYS = ("dataset", "task", "backend", "adapter", "segmenter", "align", "template", "labels",
+                     "mean_dice", "seconds")
+LANDMARK_KEYS = ("dataset", "task", "backend", "adapter", "segmenter", "align", "template", "landmarks", "mean_ned",
                  "within_10px", "seconds")
 # Formats that store no pixel size: their spacing of 1 is not millimetres.
 NO_SPACING_FORMATS = (".png", ".jpg", ".jpeg", ".bmp")
 WITHIN_PX = 10.0
+
+
+class _AlignStage:
+    """The align stage over a run: its kind, summed seconds, and the registrations' quality (NMI)."""
+
+    def __init__(self, kind: str):
+        self.kind, self.seconds, self.quality, self.before = kind, 0.0, [], []
+
+    def add(self, result) -> None:
+        self.seconds += result.timings.get("align", 0.0)
+        if result.alignment is not None and result.alignment.kind != "none":
+            self.quality.append(result.alignment.quality)
+            self.before.append(result.alignment.quality_before)
+
+    def summary(self) -> dict:
+        return {"kind": self.kind, "seconds": round(self.seconds, 2), "registrations": len(self.quality),
+                "nmi_before": _round(_mean(self.before)), "nmi_after": _round(_mean(self.quality))}
 
 
 @dataclass
@@ -102,8 +120,13 @@ def evaluate(dataset_dir, labels=None, backend: str = "offline", backend_options
              adapter: str | None = "auto", segmenter: str = "auto", template: str | None = None,
              points: int = 5, seed: int = 0, max_targets: int | None = None,
              progress: Callable | None = None, keep_pictures: bool = False, adapter_options: dict | None = None,
-             segmenter_options: dict | None = None, propagate: bool = False):
+             segmenter_options: dict | None = None, propagate: bool = False, chain_options: dict | None = None,
+             extent: str | None = None):
     """Run the protocol on the dataset at ``dataset_dir``; returns ``(summary dict, [Target])``.
+
+    ``chain_options`` go to :class:`pipeline.OneShot` (``align``, ``search_radius``, ``prior_margin``, ...).
+    ``extent="reference"`` gives each label's template the first and last slice of the label in the template
+    case's reference mask (``Template.extent``), so that what a marked extent does is measured.
 
     ``backend_options`` go to the feature backend (weights, block, stride, ...), ``segmenter_options`` to the
     segmenter (SAM's model and weights). ``propagate``: SAM 2 propagation through each target volume
@@ -121,21 +144,28 @@ def evaluate(dataset_dir, labels=None, backend: str = "offline", backend_options
     if not dataset.cases:
         raise FMOneShotError(f"Dataset {dataset.name} has no cases.", "add cases to its dataset.json.")
     options = dict(backend_options or {})
+    chain = dict(chain_options or {})
+    if extent not in (None, "reference"):
+        raise FMOneShotError(f"Unknown --extent {extent!r} for eval.", "use --extent reference, or leave it out.")
+    if extent and dataset.task != "segmentation":
+        raise FMOneShotError("--extent applies to segmentation datasets.", "leave --extent out for landmarks.")
     t0 = time.perf_counter()
     if dataset.task == "segmentation":
         summary, targets = _evaluate_segmentation(dataset, labels, backend, options, adapter, segmenter, template,
                                                   points, seed, max_targets, progress, keep_pictures,
-                                                  adapter_options or {}, dict(segmenter_options or {}), propagate)
+                                                  adapter_options or {}, dict(segmenter_options or {}), chain,
+                                                  extent, propagate)
     else:
         adapter = None if adapter in (None, "none", "auto") else adapter
         summary, targets = _evaluate_landmarks(dataset, labels, backend, options, adapter, template, seed,
-                                               max_targets, progress, keep_pictures, adapter_options or {})
+                                               max_targets, progress, keep_pictures, adapter_options or {}, chain)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     return summary, targets
 
 
 def _evaluate_segmentation(dataset, labels, backend, options, adapter, segmenter, template_id, points, seed,
-                           max_targets, progress, keep_pictures, adapter_options, segmenter_options, propagate=False):
+                           max_targets, progress, keep_pictures, adapter_options, segmenter_options, chain, extent,
+                           propagate=False):
     cases = _Cases(dataset)
     present = {c.id: set(np.unique(cases.mask(c)).tolist()) for c in dataset.cases}
     if labels:
@@ -146,6 +176,7 @@ def _evaluate_segmentation(dataset, labels, backend, options, adapter, segmenter
             raise FMOneShotError(f"No case of dataset {dataset.name} contains any of its labels.",
                                  "check the masks and the 'labels' of dataset.json.")
     per_label, tpl_info, pictures = {}, {}, []
+    stage = _AlignStage(chain.get("align", DEFAULT_KIND))
     total, done = len(values) * max(1, len(dataset.cases) - 1), 0
     for value in values:
         name = dataset.labels[value]
@@ -164,11 +195,14 @@ def _evaluate_segmentation(dataset, labels, backend, options, adapter, segmenter
         mask = ref[z] == value
         pos, neg = sample_prompts(mask, points, points, seed)
         tpl = Template.from_volume(vol, z, {name: pos}, {name: neg}, {name: mask}, labels=[Label(name, value)])
+        if extent == "reference":
+            on_slices = np.flatnonzero((ref == value).any(axis=(1, 2)))
+            tpl.extent = {name: (int(on_slices[0]), int(on_slices[-1]))}
         from .pipeline import OneShot  # PyTorch: only once the dataset and labels are checked
 
         engine = OneShot(tpl, backend=backend, adapter=adapter, segmenter=segmenter, backend_options=options,
                          seed=seed, adapter_options=adapter_options, segmenter_options=segmenter_options,
-                         propagate=propagate).fit()
+                         propagate=propagate, **chain).fit()
         tpl_info[name] = {"case": tcase.id, "slice": z}
         # Targets: (case, slice) with the label, and without it, over the other cases.
         others = [c for c in dataset.cases if c.id != tcase.id] or [tcase]
@@ -188,6 +222,7 @@ def _evaluate_segmentation(dataset, labels, backend, options, adapter, segmenter
             if want_on or want_off:
                 tvol, tref = cases.image(case), cases.mask(case)
                 result = engine.apply(tvol, slices=sorted(want_on + want_off))
+                stage.add(result)
                 pred = result.mask(name)
                 window = intensity_window(tvol)
                 for k in want_on:
@@ -220,7 +255,7 @@ def _evaluate_segmentation(dataset, labels, backend, options, adapter, segmenter
     summary = {
         # what ran, not what was asked for ("auto")
         "dataset": dataset.name, "task": "segmentation", "backend": engine.extractor.settings()["backend"],
-        "adapter": engine.adapter.name if engine.adapter is not None else "none", "segmenter": engine.segmenter.name,
+        "adapter": engine.adapter.name if engine.adapter is not None else "none", "segmenter": engine.segmenter.name, "align": stage.summary(),
         "template": {"points": points, "seed": seed, "max_targets": max_targets, "labels": tpl_info,
                      "features": engine.extractor.settings(), "propagate": propagate},
         "labels": per_label,
@@ -230,7 +265,7 @@ def _evaluate_segmentation(dataset, labels, backend, options, adapter, segmenter
 
 
 def _evaluate_landmarks(dataset, names, backend, options, adapter, template_id, seed, max_targets, progress,
-                        keep_pictures, adapter_options):
+                        keep_pictures, adapter_options, chain):
     cases = _Cases(dataset)
     with_points = [c for c in dataset.cases if c.points is not None]
     if len(with_points) < 2:
@@ -248,14 +283,17 @@ def _evaluate_landmarks(dataset, names, backend, options, adapter, template_id, 
     from .pipeline import OneShot  # PyTorch: only once the dataset and landmarks are checked
 
     engine = OneShot(tpl, backend=backend, adapter=adapter, backend_options=options, seed=seed,
-                     adapter_options=adapter_options).fit()
+                     adapter_options=adapter_options, **chain).fit()
     targets = _spread([c for c in with_points if c.id != tcase.id], max_targets)
     rows = {n: {"ned": [], "px": [], "mm": []} for n in names}
+    stage = _AlignStage(chain.get("align", DEFAULT_KIND))
     pictures = []
     for done, case in enumerate(targets, 1):
         tvol = cases.image(case)
         ref = case.read_points()
-        found = engine.apply(tvol).best_landmarks()
+        result = engine.apply(tvol)
+        stage.add(result)
+        found = result.best_landmarks()
         width = tvol.slice_shape[1]
         known = not str(case.image).lower().endswith(NO_SPACING_FORMATS)
         common = [n for n in names if n in ref]
@@ -283,7 +321,7 @@ def _evaluate_landmarks(dataset, names, backend, options, adapter, template_id, 
     summary = {
         "dataset": dataset.name, "task": "landmarks", "backend": engine.extractor.settings()["backend"],
         "adapter": engine.landmark_adapter.name if engine.landmark_adapter is not None else "none",
-        "segmenter": "none",
+        "segmenter": "none", "align": stage.summary(),
         "template": {"case": tcase.id, "seed": seed, "max_targets": max_targets, "targets": len(targets),
                      "features": engine.extractor.settings()},
         "landmarks": per,

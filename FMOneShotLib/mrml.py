@@ -651,14 +651,18 @@ DEVICES = ("auto", "cpu", "cuda")  # "auto": the GPU when there is one
 
 
 def run_options(backend: str = "auto", adapter: str = "auto", segmenter: str = "auto", device: str = "auto",
-                augment: bool = False) -> dict:
-    """The panel's choices as :class:`pipeline.OneShot` keyword arguments (device goes to the models)."""
+                augment: bool = False, align: str = "affine") -> dict:
+    """The panel's choices as :class:`pipeline.OneShot` keyword arguments (device goes to the models;
+    ``align``: one of :data:`align.KINDS`, the template registered to each target first)."""
+    from .align import check_kind
+
+    check_kind(align)
     if device not in DEVICES:
         raise FMOneShotError(f"Unknown device {device!r}.", f"choose {', '.join(DEVICES)}.")
     if augment and adapter == "none":
         raise FMOneShotError("'Augment the template' trains an adapter, and the adapter is none.",
                              "choose an adapter, or untick 'Augment the template'.")
-    return {"backend": backend, "adapter": adapter, "segmenter": segmenter,
+    return {"backend": backend, "adapter": adapter, "segmenter": segmenter, "align": align,
             "adapter_options": {"augment": True} if augment else {},
             "backend_options": {} if backend == "offline" else {"device": device},
             "segmenter_options": {"device": device} if segmenter in ("auto", "sam", "sam2") else {}}

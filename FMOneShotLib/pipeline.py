@@ -1,19 +1,24 @@
 """The one-shot chain: fit on the template once, then apply to every slice of any number of target volumes.
 
-For each target slice and label:
-  1. features of the slice (batched, at the feature grid), standardised like the template's;
-  2. correspondences of the template's positive and negative points (paper A, Eq. 1) with their similarity;
-  3. with an adapter (by default, trained on the painted masks or on the masks the segmenter draws from the
-     template's clicks): the adapter's probability map localises the
-     structure; its largest confident region decides whether the structure is on the slice at all, and
-     ten random pixels of it join the corresponding positive points as prompts (paper B);
-     without one: the mean similarity of the positive correspondences decides presence;
-  4. the segmenter turns the prompts into a mask; overlaps between labels go to the more probable label;
-  5. landmarks: the correspondence of every template landmark, in pixels and in mm; with an adapter chosen
-     explicitly, the centre of the adapter's localised region of each landmark (paper B) instead;
-  Blank slices (one grey value after normalisation: constant, all missing, or wholly outside the window)
-  are left empty and give landmarks confidence 0;
-  6. after the last slice, a 3D clean-up per label: detections in connected components (over the processed
+:meth:`OneShot.apply` runs one named stage after another, in the order the data flows:
+  0. ``plan``: the target in the template's plane, the slices to do, the intensity window;
+  1. ``align``, once per target: the template registered to the target (:mod:`align`, SimpleITK, Mattes
+     mutual information); it places every template point, each label's region (the spatial prior) and each
+     label's extent (the slices it may lie on) in the target;
+  2. ``encode``, per batch of slices: features at the feature grid, standardised like the template's;
+  3. ``localise``, per slice and label: correspondences of the template's positive and negative points
+     (paper A, Eq. 1), searched within ``search_radius`` mm of their aligned positions (the whole slice with
+     ``align="none"``); with an adapter (by default, trained on the painted masks or on the masks the
+     segmenter draws from the template's clicks), its probability map gated by the aligned template region
+     dilated by ``prior_margin`` mm, whose largest confident region decides whether the structure is on the
+     slice at all; without one, the mean similarity of the positive correspondences decides; on slices
+     outside the label's aligned extent, nothing is found;
+  4. ``prompt``: ten random pixels of the region join the corresponding positive points (paper B);
+  5. ``segment``: the segmenter turns the prompts into a mask; overlaps go to the more probable label;
+  6. ``locate_landmarks``: each template landmark's windowed correspondence, refined on features of a crop
+     around it at a finer grid than the whole slice allows; with an adapter chosen explicitly, the centre of
+     the adapter's localised region of each landmark (paper B) instead;
+  7. ``clean_up``, after the last slice, per label: detections in connected components (over the processed
      slices) smaller than ``minor_components`` of the largest are dropped, and those slices count as empty.
 
 A trained adapter is stored in the template (``template.adapter``), so saving the template after ``fit`` keeps
@@ -22,17 +27,21 @@ it, and a later ``fit`` with the same backend and adapter reuses it instead of t
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 import torch
+from scipy import ndimage as ndi
 
 from .adapters import Adapter, adapter_from_state, create_adapter, mask_to_grid, template_views
-from .correspond import FeatureStandardizer, correspond, upsample
+from .align import DEFAULT_KIND, EXTENT_MARGIN, MIN_SIDE, PRIOR_MARGIN, SEARCH_RADIUS, Alignment, check_kind
+from .align import align as align_images
+from .correspond import Correspondence, FeatureStandardizer, correspond, similarity_maps, upsample
 from .errors import FMOneShotError
-from .features import create_extractor, sample_features
+from .features import create_extractor, pixel_to_grid, sample_features
 from .image import BLANK_SPREAD, Volume, intensity_window, label_volume, normalize
 from .postprocess import drop_minor_components, keep_components
 from .propagate import propagate_volume
@@ -79,9 +88,86 @@ class Result:
     orientation: str = "axial"
     slice_axis: int = 2
 
+    # The align stage's registration of the template to this target, and per label with an extent the range
+    # of slices (as above) it was searched on.
+    alignment: Alignment | None = None
+    searched: dict = field(default_factory=dict)
+
     def mask(self, name: str) -> np.ndarray:
         """(z, y, x) bool mask of one label."""
         return self.labels.array == self.label_values[self.label_names.index(name)]
+
+
+@dataclass
+class Target:
+    """One target as the stages see it (:meth:`OneShot.plan`): the volume as given, resliced in the template's
+    plane along index axis ``axis``, the slices to process and the intensity window."""
+
+    source: Volume
+    volume: Volume
+    axis: int
+    todo: list
+    window: tuple
+
+    @property
+    def pixel_area(self) -> float:
+        """mm^2 of one pixel of a slice."""
+        return float(self.volume.pixel_spacing[0] * self.volume.pixel_spacing[1])
+
+
+@dataclass
+class Placement:
+    """The template placed in one target by the align stage: ``positive`` / ``negative`` label name -> (N, 2)
+    aligned pixel (x, y) of each template point (the windows' centres; empty with ``align="none"``),
+    ``landmarks`` (K, 2) or None, ``prior`` label -> (H, W) bool aligned template region or None, ``slices``
+    label -> (first, last) slice the label may lie on (labels with an extent only)."""
+
+    alignment: Alignment
+    positive: dict = field(default_factory=dict)
+    negative: dict = field(default_factory=dict)
+    landmarks: np.ndarray | None = None
+    prior: dict = field(default_factory=dict)
+    slices: dict = field(default_factory=dict)
+
+
+@dataclass
+class Found:
+    """What the localise stage found for one label on one slice: the correspondences of the positive and
+    negative template points, whether the label is present, the confidence behind that decision, and with an
+    adapter its (gated) probability map ``prior`` (H, W) and localised ``region`` (H, W) bool."""
+
+    positive: Correspondence
+    negative: Correspondence
+    present: bool = False
+    confidence: float = 0.0
+    prior: np.ndarray | None = None
+    region: np.ndarray | None = None
+
+    @property
+    def matches(self) -> tuple:
+        return self.positive.xy, self.negative.xy
+
+
+class _Clock:
+    """Seconds per stage: ``with clock("features"): ...`` adds the block's wall time to ``seconds["features"]``."""
+
+    def __init__(self):
+        self.seconds = {"align": 0.0, "features": 0.0, "adapter": 0.0, "correspondence": 0.0, "segmenter": 0.0}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t
+
+
+# Defaults of the alignment stages (docs/results.md has the measurements behind them).
+CONSENSUS_MIN = 4  # landmarks needed to fit their consensus affine map (3 determine one)
+CONSENSUS_RADIUS = 0.3  # the second search's radius, as a fraction of search_radius
+REFINE_SIDE = 160  # template pixels a side of the crop a landmark is refined on (the offline grid's limit)
+REFINE_WINDOW = 0.06  # the refined position lies within this fraction of the crop side of the coarse one
 
 
 class OneShot:
@@ -91,8 +177,22 @@ class OneShot:
                  segmenter: str | Segmenter = "auto", backend_options: dict | None = None, seed: int = 0,
                  prompt_points: int = 10, min_area_fraction: float = 0.03, min_similarity: float = 0.3,
                  adapter_options: dict | None = None, landmark_radius: float = 2.0,
-                 segmenter_options: dict | None = None, minor_components: float = 0.25, propagate: bool = False):
+                 segmenter_options: dict | None = None, minor_components: float = 0.25,
+                 align: str = DEFAULT_KIND, search_radius: float = SEARCH_RADIUS, prior_margin: float | None = PRIOR_MARGIN,
+                 extent_margin: float = EXTENT_MARGIN, refine_side: int = REFINE_SIDE,
+                 propagate: bool = False):
         self.template = template.validate()
+        self.align_kind = check_kind(align)
+        for what, value in (("search radius", search_radius), ("extent margin", extent_margin),
+                            ("prior margin", 0.0 if prior_margin is None else prior_margin)):
+            if not value >= 0:
+                raise FMOneShotError(f"The {what} is {value} mm.", f"give a {what} of 0 mm or more.")
+        if not search_radius > 0:
+            raise FMOneShotError(f"The search radius is {search_radius} mm.", "give a search radius above 0 mm.")
+        self.search_radius = float(search_radius)  # mm around each aligned template point
+        self.prior_margin = prior_margin  # mm the aligned template region is dilated by (None: no prior)
+        self.extent_margin = float(extent_margin)  # mm added at both ends of an aligned extent
+        self.refine_side = int(refine_side)  # template pixels a side of a landmark's refinement crop (0: none)
         self.backend = backend
         self.backend_options = dict(backend_options or {})
         self.adapter_name = adapter
@@ -156,6 +256,18 @@ class OneShot:
             for name, xy in s.landmarks.items():
                 self.q_landmarks.setdefault(name, []).append(sample_features(f, xy[None], s.image.shape))
         self.q_landmarks = {n: torch.cat(q).mean(0, keepdim=True) for n, q in self.q_landmarks.items()}
+        # Template points as (x, y, slice index) of the template's plane, in the order of the queries: the
+        # align stage places them in each target.
+        def points(table_name):
+            return {name: np.concatenate([np.c_[getattr(s, table_name)[name], np.full(len(getattr(s, table_name)[name]), s.index)]
+                                          for s in tpl.slices if len(getattr(s, table_name).get(name, ()))] or [np.zeros((0, 3))])
+                    for name in names}
+
+        self.pos_points, self.neg_points = points("positive"), points("negative")
+        self.lm_points = {n: np.mean([[*s.landmarks[n], s.index] for s in tpl.slices if n in s.landmarks], axis=0)
+                          for n in self.q_landmarks}
+        if self.q_landmarks and self.align_kind != "none" and self.refine_side:
+            self._fit_crops()
 
         # Reference area of each label (mm^2) for the presence decision, from masks or the template clicks.
         # "auto" trains the classification adapter on the painted masks, or on the segmenter's masks from
@@ -189,6 +301,24 @@ class OneShot:
             self.landmark_adapter = self._fit_adapter(self.adapter_name, std_feats, discs)
         self.fit_seconds = time.perf_counter() - t0
         return self
+
+    def _fit_crops(self) -> None:
+        """The landmarks' queries for :meth:`refine_landmarks`: features of a ``refine_side`` crop of the first
+        template slice showing each landmark, standardised over those crops, sampled at the landmark."""
+        crops, where = [], []
+        names = list(self.q_landmarks)
+        for n in names:
+            s = next(s for s in self.template.slices if n in s.landmarks)
+            crop, origin = _crop(normalize(s.image, s.window), s.landmarks[n], (self.refine_side,) * 2, self.refine_side)
+            crops.append(crop)
+            where.append(np.asarray(s.landmarks[n]) - origin)
+            self._lm_spacing = tuple(s.pixel_spacing)
+        with torch.inference_mode():
+            raw = self.extractor.extract(np.stack(crops), self._lm_spacing)
+        self.crop_standardizer = FeatureStandardizer.fit(list(raw), self.extractor.channel_weights(raw.shape[1]))
+        grid = self.crop_standardizer.for_similarity(self.crop_standardizer(raw))
+        shape = (self.refine_side, self.refine_side)
+        self.q_crops = {n: sample_features(grid[k], where[k][None], shape) for k, n in enumerate(names)}
 
     def _fit_adapter(self, kind: str, std_feats: list, masks: list) -> Adapter:
         """A new adapter trained on the template slices' features and pixel masks (L, H, W) per slice, plus,
@@ -234,13 +364,17 @@ class OneShot:
     # ------------------------------------------------------------------ apply
     def apply(self, volume: Volume, progress: Callable | None = None, cancel: Callable | None = None,
               slices=None) -> Result:
-        """Run the chain on ``volume`` (all slices, or the indices in ``slices``).
+        """Run the chain on ``volume`` (all slices, or the indices in ``slices``), stage by stage.
 
         Slices are taken in the template's plane (``Template.orientation``: for a sagittal template, the
         volume's sagittal slices); the label volume comes back on the volume's own grid.
         ``progress(done, total)`` is called after each slice; ``cancel()`` returning True stops within one
-        slice by raising :class:`Cancelled`. Runs on one PyTorch thread except the model forwards
-        (:mod:`FMOneShotLib.threads`).
+        slice by raising :class:`Cancelled`. The stages, in the order the data flows: :meth:`plan`,
+        :meth:`align` (once per target), then per batch of slices :meth:`encode`, and per slice and label
+        :meth:`localise`, :meth:`prompt`, :meth:`segment`, then :meth:`locate_landmarks`, and last
+        :meth:`clean_up`. Blank slices (one grey value after normalisation: constant, all missing, or
+        wholly outside the window) are left empty and give landmarks confidence 0. Runs on one PyTorch
+        thread except the model forwards (:mod:`FMOneShotLib.threads`).
         """
         with small_work():
             return self._apply(volume, progress, cancel, slices)
@@ -248,46 +382,27 @@ class OneShot:
     def _apply(self, volume: Volume, progress: Callable | None, cancel: Callable | None, slices) -> Result:
         if self.extractor is None:
             self.fit()
-        tpl = self.template
-        names = tpl.label_names
-        L = len(names)
-        axis = volume.slice_axis(tpl.orientation)
-        source, volume = volume, volume.resliced(axis)
-        todo = list(range(volume.n_slices)) if slices is None else [int(z) for z in slices]
-        bad = [z for z in todo if not 0 <= z < volume.n_slices]
-        if bad:
-            raise FMOneShotError(f"Slices {bad} are outside the volume (0 to {volume.n_slices - 1}).",
-                                 "choose slices inside the volume.")
-        labels = np.zeros(volume.array.shape, np.uint16)
-        confidence = np.zeros((volume.n_slices, L))
-        present = np.zeros((volume.n_slices, L), bool)
+        target = self.plan(volume, slices)
+        clock = _Clock()
+        with clock("align"):
+            placement = self.align(target)
+        names, L = self.template.label_names, len(self.template.label_names)
+        shape = target.volume.slice_shape
+        labels = np.zeros(target.volume.array.shape, np.uint16)
+        confidence = np.zeros((target.volume.n_slices, L))
+        present = np.zeros((target.volume.n_slices, L), bool)
         prompts, matches, landmarks = {}, {}, {n: [] for n in self.q_landmarks}
-        timings = {"features": 0.0, "adapter": 0.0, "correspondence": 0.0, "segmenter": 0.0}
-        window = intensity_window(volume, tpl.modality or volume.modality)
-        spacing = volume.pixel_spacing
-        pixel_area = spacing[0] * spacing[1]
-        shape = volume.slice_shape
+        values = np.array([lb.value for lb in self.template.labels])
         batch = max(1, self.extractor.batch_size)
         done, blank_slices = 0, set()
-        for start in range(0, len(todo), batch):
-            chunk = todo[start:start + batch]
-            images = normalize(volume.array[chunk], window)
-            t = time.perf_counter()
-            std_feats = self._features(images, spacing)
-            feats = self.standardizer.for_similarity(std_feats)
-            timings["features"] += time.perf_counter() - t
-            # the landmark adapter runs once per batch at the grid; its maps are upsampled slice by slice
-            lm_grid = None
-            if self.landmark_adapter is not None:
-                t = time.perf_counter()
-                lm_grid = self.landmark_adapter.predict(std_feats)
-                timings["adapter"] += time.perf_counter() - t
-            probs = None
-            if self.adapter is not None:
-                t = time.perf_counter()
-                probs = upsample(self.adapter.predict(std_feats).reshape(-1, *feats.shape[-2:]), shape)
-                probs = probs.reshape(len(chunk), L + 1, *shape).numpy()
-                timings["adapter"] += time.perf_counter() - t
+        for start in range(0, len(target.todo), batch):
+            chunk = target.todo[start:start + batch]
+            images = normalize(target.volume.array[chunk], target.window)
+            with clock("features"):
+                std_feats, feats = self.encode(images, target.volume.pixel_spacing)
+            with clock("adapter"):
+                probs = self.adapter_maps(std_feats, shape)
+                lm_probs = None if self.landmark_adapter is None else self.landmark_adapter.predict(std_feats)
             for b, z in enumerate(chunk):
                 if cancel is not None and cancel():
                     raise Cancelled(f"cancelled at slice {z}")
@@ -301,83 +416,271 @@ class OneShot:
                     if blank:
                         matches[(z, name)] = (np.zeros((0, 2)), np.zeros((0, 2)))
                         continue
-                    t = time.perf_counter()
-                    pos = correspond(self.q_pos[name], feats[b], shape) if len(self.q_pos[name]) else None
-                    neg = correspond(self.q_neg[name], feats[b], shape) if len(self.q_neg[name]) else None
-                    timings["correspondence"] += time.perf_counter() - t
-                    pos_xy = pos.xy if pos is not None else np.zeros((0, 2))
-                    neg_xy = neg.xy if neg is not None else np.zeros((0, 2))
-                    matches[(z, name)] = (pos_xy, neg_xy)
-                    prior = None
-                    if probs is not None:
-                        prior = probs[b, i + 1]
-                        region = self._region(probs[b], i, pixel_area, name)
-                        conf = float(prior[region].mean()) if region.any() else 0.0
-                        if not region.any():
-                            continue
-                        inside = region[np.round(pos_xy[:, 1]).astype(int), np.round(pos_xy[:, 0]).astype(int)] \
-                            if len(pos_xy) else np.zeros(0, bool)
-                        cells = np.argwhere(region)
-                        pick = cells[rng.choice(len(cells), min(self.prompt_points, len(cells)), replace=False)]
-                        pos_xy = np.concatenate([pos_xy[inside], pick[:, ::-1].astype(float)])
-                        if len(neg_xy):
-                            out = ~region[np.round(neg_xy[:, 1]).astype(int), np.round(neg_xy[:, 0]).astype(int)]
-                            neg_xy = neg_xy[out]
-                    else:
-                        conf = float(pos.score.mean()) if pos is not None else 0.0
-                        if conf < self.min_similarity:
-                            continue
-                    t = time.perf_counter()
-                    mask = self.segmenter.segment(images[b], feats[b], pos_xy, neg_xy, prior=prior)
-                    timings["segmenter"] += time.perf_counter() - t
-                    if mask.sum() * pixel_area < self.min_area_fraction * self.reference_area.get(name, 0.0):
+                    with clock("correspondence"):
+                        found = self.localise(name, feats[b], None if probs is None else probs[b], placement, z,
+                                              target)
+                    matches[(z, name)] = found.matches
+                    if not found.present:
                         continue
-                    confidence[z, i] = conf
-                    present[z, i] = True
+                    pos_xy, neg_xy = self.prompt(found, rng)
+                    with clock("segmenter"):
+                        mask = self.segment(images[b], feats[b], pos_xy, neg_xy, found.prior)
+                    if mask.sum() * target.pixel_area < self.min_area_fraction * self.reference_area.get(name, 0.0):
+                        continue
+                    confidence[z, i], present[z, i] = found.confidence, True
                     prompts[(z, name)] = (pos_xy, neg_xy)
-                    scores[i][mask] = prior[mask] if prior is not None else conf
-                if L:
-                    best = scores.argmax(axis=0)
-                    hit = np.isfinite(scores.max(axis=0))
-                    values = np.array([lb.value for lb in tpl.labels])
+                    scores[i][mask] = found.prior[mask] if found.prior is not None else found.confidence
+                if L:  # overlaps between labels go to the more probable label
+                    best, hit = scores.argmax(axis=0), np.isfinite(scores.max(axis=0))
                     labels[z][hit] = values[best[hit]]
                 if self.q_landmarks:
-                    t = time.perf_counter()
-                    names_lm = list(self.q_landmarks)
-                    c = correspond(torch.cat([self.q_landmarks[n] for n in names_lm]), feats[b], shape,
-                                   subpixel=True)  # landmarks do not snap to feature cells
-                    lm_probs = None if lm_grid is None else upsample(lm_grid[b], shape).numpy()
-                    for k, n in enumerate(names_lm):
-                        (x, y), score = c.xy[k], float(c.score[k])
-                        if lm_probs is not None:
-                            # paper B: the centre of the localised region; the correspondence where none is found
-                            region = localised_region(lm_probs, k)
-                            if region.any():
-                                wts = lm_probs[k + 1][region]
-                                ys, xs = np.nonzero(region)
-                                x, y = float((xs * wts).sum() / wts.sum()), float((ys * wts).sum() / wts.sum())
-                                score = float(wts.mean())
-                        score = 0.0 if blank else score
-                        landmarks[n].append(Landmark(n, z, (float(x), float(y)),
-                                                     tuple(volume.index_to_physical([x, y, z]).tolist()), score))
-                    timings["correspondence"] += time.perf_counter() - t
+                    with clock("correspondence"):
+                        for lm in self.locate_landmarks(images[b], feats[b], z, target, placement,
+                                                        None if lm_probs is None else lm_probs[b]):
+                            if blank:
+                                lm.confidence = 0.0
+                            landmarks[lm.name].append(lm)
                 done += 1
                 if progress is not None:
-                    progress(done, len(todo))
-        self._clean_up_3d(labels, present, confidence, sorted(set(todo) - blank_slices))
+                    progress(done, len(target.todo))
+        self.clean_up(labels, present, confidence, sorted(set(target.todo) - blank_slices))
         if self.propagator is not None:  # through every slice of the volume, from the labels' best slices
-            t = time.perf_counter()
-            propagate_volume(self.propagator, lambda k: normalize(volume.array[k], window), labels, present,
-                             confidence, [lb.value for lb in tpl.labels])
-            timings["propagation"] = time.perf_counter() - t
-        out = label_volume(source, Volume.unslice(labels, axis),
-                           name=f"{volume.name}-labels" if volume.name else "labels")
-        return Result(out, names, confidence, present, prompts, matches, landmarks, timings,
-                      label_values=[lb.value for lb in tpl.labels], orientation=volume.orientation_of(2),
-                      slice_axis=axis)
+            with clock("propagation"):
+                propagate_volume(self.propagator, lambda k: normalize(target.volume.array[k], target.window),
+                                 labels, present, confidence, list(values))
+        out = label_volume(target.source, Volume.unslice(labels, target.axis),
+                           name=f"{target.volume.name}-labels" if target.volume.name else "labels")
+        return Result(out, names, confidence, present, prompts, matches, landmarks, clock.seconds,
+                      label_values=list(values), orientation=target.volume.orientation_of(2),
+                      slice_axis=target.axis, alignment=placement.alignment, searched=placement.slices)
 
-    def _clean_up_3d(self, labels: np.ndarray, present: np.ndarray, confidence: np.ndarray, done: list) -> None:
-        """Per label, drop detections in 3D components under ``minor_components`` of the largest, in place.
+    # The stages, in the order the data flows.
+    def plan(self, volume: Volume, slices=None) -> "Target":
+        """Stage 0: the target in the template's plane, the slices to process and its intensity window.
+        Raises :class:`FMOneShotError` for slices outside the volume."""
+        axis = volume.slice_axis(self.template.orientation)
+        resliced = volume.resliced(axis)
+        todo = list(range(resliced.n_slices)) if slices is None else [int(z) for z in slices]
+        bad = [z for z in todo if not 0 <= z < resliced.n_slices]
+        if bad:
+            raise FMOneShotError(f"Slices {bad} are outside the volume (0 to {resliced.n_slices - 1}).",
+                                 "choose slices inside the volume.")
+        window = intensity_window(resliced, self.template.modality or resliced.modality)
+        return Target(volume, resliced, axis, todo, window)
+
+    def align(self, target: "Target") -> "Placement":
+        """Stage 1, once per target: register the template to the target (:func:`align.align`) and place in it
+        every template point (window centres, pixels of the target's slices), each label's region (the
+        spatial prior) and each label's extent (the slices it may lie on).
+
+        In 3D (the template knows its volume, both have ``align.MIN_SIDE`` slices or more) the template volume is registered
+        to the target volume in LPS; otherwise the first template slice to the target slice of the same
+        index, in 2D (each slice's own frame, pixels times spacing). ``align="none"``: the identity, no
+        windows, no prior (paper A's whole-slice search); an extent is still mapped through the geometry."""
+        tpl, source, volume = self.template, target.source, target.volume
+        ref = tpl.volume
+        in_3d = (ref is not None and not ref.is_2d and not source.is_2d and min(ref.array.shape) >= MIN_SIDE
+                 and min(source.array.shape) >= MIN_SIDE)
+        first = tpl.slices[0]
+        if in_3d:
+            fixed, moving = ref, source
+            tpl_frame, tgt_frame = ref.resliced(ref.slice_axis(tpl.orientation)), volume
+        else:
+            k = min(first.index, volume.n_slices - 1)
+            fixed = tpl_frame = Volume(first.image, tuple(first.pixel_spacing) + (1.0,), is_2d=True,
+                                       modality=tpl.modality)
+            moving = tgt_frame = Volume(volume.array[k], tuple(volume.pixel_spacing) + (1.0,), is_2d=True,
+                                        modality=volume.modality)
+        alignment = align_images(fixed, moving, self.align_kind, seed=self.seed)
+
+        def place(points):  # template (x, y, slice index) -> target (x, y) pixels (and z index in 3D)
+            pts = np.asarray(points, float).reshape(-1, 3)
+            if not in_3d:
+                pts = np.c_[pts[:, :2], np.zeros(len(pts))]
+            return alignment.map_index(tpl_frame, tgt_frame, pts)
+
+        windowed = self.align_kind != "none"
+        positive = {n: place(p)[:, :2] for n, p in self.pos_points.items()} if windowed else {}
+        negative = {n: place(p)[:, :2] for n, p in self.neg_points.items()} if windowed else {}
+        lm = place(np.stack([self.lm_points[n] for n in self.q_landmarks]))[:, :2] \
+            if windowed and self.q_landmarks else None
+        prior = {}
+        if windowed and self.prior_margin is not None:
+            for i, name in enumerate(tpl.label_names):
+                pts = np.concatenate([_mask_points(m[i], s.index) for s, m in zip(tpl.slices, self.template_masks)])
+                prior[name] = _rasterise(place(pts)[:, :2], volume.slice_shape, volume.pixel_spacing,
+                                         self.prior_margin) if len(pts) else None
+        slices = {}
+        for name, (a, b) in tpl.extent.items():
+            if ref is not None and not ref.is_2d and not source.is_2d:
+                ident = alignment if in_3d else Alignment("none", 3)
+                frame = ref.resliced(ref.slice_axis(tpl.orientation))
+                centre = self._label_centre(name)
+                z = ident.map_index(frame, volume, [[*centre, a], [*centre, b]])[:, 2]
+            else:  # no template volume: slice indices as they are
+                z = np.array([a, b], float)
+            margin = self.extent_margin / volume.spacing[2]
+            slices[name] = (int(np.floor(z.min() - margin)), int(np.ceil(z.max() + margin)))
+        return Placement(alignment, positive, negative, lm, prior, slices)
+
+    def encode(self, images: np.ndarray, pixel_spacing) -> tuple:
+        """Stage 2: slices (B, H, W) in [0, 1] -> (standardised features, features for similarity), each
+        (B, C, h, w) at the backend's grid (standardised as the template's: :class:`FeatureStandardizer`)."""
+        std_feats = self._features(images, pixel_spacing)
+        return std_feats, self.standardizer.for_similarity(std_feats)
+
+    def adapter_maps(self, std_feats: torch.Tensor, shape) -> np.ndarray | None:
+        """The segmentation adapter's probabilities (B, L + 1, H, W) upsampled to pixels, or None."""
+        if self.adapter is None:
+            return None
+        B, _, h, w = std_feats.shape
+        probs = upsample(self.adapter.predict(std_feats).reshape(-1, h, w), shape)
+        return probs.reshape(B, -1, *shape).numpy()
+
+    def localise(self, name: str, feats: torch.Tensor, probs: np.ndarray | None, placement: "Placement", z: int,
+                 target: "Target") -> "Found":
+        """Stage 3, per slice and label: the correspondences of the label's template points (windowed around
+        their aligned positions unless ``align="none"``), and with an adapter its localised region, gated by
+        the aligned template region (the prior). Outside the label's extent nothing is found.
+        ``feats`` (C, h, w) for similarity; ``probs`` (L + 1, H, W) or None."""
+        shape = target.volume.slice_shape
+        i = self.template.label_names.index(name)
+        pos = self._correspond(self.q_pos[name], feats, shape, placement.positive.get(name), target)
+        neg = self._correspond(self.q_neg[name], feats, shape, placement.negative.get(name), target)
+        found = Found(pos, neg)
+        bounds = placement.slices.get(name)
+        if bounds is not None and not bounds[0] <= z <= bounds[1]:
+            return found
+        if probs is None:
+            found.confidence = float(pos.score.mean()) if len(pos.xy) else 0.0
+            found.present = found.confidence >= self.min_similarity
+            return found
+        gate = placement.prior.get(name)
+        found.prior = probs[i + 1] if gate is None else probs[i + 1] * gate
+        if gate is not None:
+            probs = probs.copy()
+            probs[i + 1] = found.prior
+        region = self._region(probs, i, target.pixel_area, name)
+        found.region = region
+        found.present = bool(region.any())
+        found.confidence = float(found.prior[region].mean()) if found.present else 0.0
+        return found
+
+    def prompt(self, found: "Found", rng: np.random.Generator) -> tuple:
+        """Stage 4: the segmenter's prompts (positive (n, 2), negative (m, 2) pixel x, y). With an adapter's
+        region: the positive correspondences inside it plus ``prompt_points`` random pixels of it (paper B),
+        the negative ones outside it; without one, the correspondences themselves (paper A)."""
+        pos_xy, neg_xy = found.matches
+        region = found.region
+        if region is None:
+            return pos_xy, neg_xy
+        inside = region[np.round(pos_xy[:, 1]).astype(int), np.round(pos_xy[:, 0]).astype(int)] \
+            if len(pos_xy) else np.zeros(0, bool)
+        cells = np.argwhere(region)
+        pick = cells[rng.choice(len(cells), min(self.prompt_points, len(cells)), replace=False)]
+        pos_xy = np.concatenate([pos_xy[inside], pick[:, ::-1].astype(float)])
+        if len(neg_xy):
+            neg_xy = neg_xy[~region[np.round(neg_xy[:, 1]).astype(int), np.round(neg_xy[:, 0]).astype(int)]]
+        return pos_xy, neg_xy
+
+    def segment(self, image: np.ndarray, feats: torch.Tensor, positive: np.ndarray, negative: np.ndarray,
+                prior: np.ndarray | None) -> np.ndarray:
+        """Stage 5: the segmenter's (H, W) bool mask of ``image`` (H, W) in [0, 1] from the prompts."""
+        return self.segmenter.segment(image, feats, positive, negative, prior=prior)
+
+    def locate_landmarks(self, image: np.ndarray, feats: torch.Tensor, z: int, target: "Target",
+                         placement: "Placement", lm_grid: torch.Tensor | None) -> list:
+        """Stage 6, per slice: every template landmark on slice ``z``: its correspondence (windowed around the
+        aligned position, then refined on a full-resolution crop: :meth:`refine_landmarks`), or with a
+        landmark adapter the centre of its localised region (paper B). Returns [:class:`Landmark`]."""
+        shape = image.shape
+        names = list(self.q_landmarks)
+        c = self._correspond(torch.cat([self.q_landmarks[n] for n in names]), feats, shape, placement.landmarks,
+                             target, subpixel=True)  # without alignment, landmarks do not snap to feature cells
+        xy, score = c.xy.copy(), c.score.copy()
+        if placement.landmarks is not None and len(names) >= CONSENSUS_MIN:
+            # The landmarks' consensus corrects the global alignment locally: an affine map fitted to the
+            # found positions (robustly), then each landmark searched again within half the radius of it.
+            template_xy = np.stack([self.lm_points[n][:2] for n in names])
+            centres = _robust_affine(template_xy, xy)
+            c = self._correspond(torch.cat([self.q_landmarks[n] for n in names]), feats, shape, centres, target,
+                                 radius_scale=CONSENSUS_RADIUS)
+            xy, score = c.xy.copy(), c.score.copy()
+        if placement.landmarks is not None and self.refine_side:
+            xy, score = self.refine_landmarks(image, feats, xy, target.volume.pixel_spacing)
+        lm_probs = None if lm_grid is None else upsample(lm_grid, shape).numpy()
+        out = []
+        for k, n in enumerate(names):
+            (x, y), conf = xy[k], float(score[k])
+            if lm_probs is not None:
+                # paper B: the centre of the localised region; the correspondence where none is found
+                region = localised_region(lm_probs, k)
+                if region.any():
+                    wts = lm_probs[k + 1][region]
+                    ys, xs = np.nonzero(region)
+                    x, y = float((xs * wts).sum() / wts.sum()), float((ys * wts).sum() / wts.sum())
+                    conf = float(wts.mean())
+            physical = tuple(target.volume.index_to_physical([x, y, z]).tolist())
+            out.append(Landmark(n, z, (float(x), float(y)), physical, conf))
+        return out
+
+    def refine_landmarks(self, image: np.ndarray, feats: torch.Tensor, xy: np.ndarray, pixel_spacing) -> tuple:
+        """Each landmark searched again on features of a crop of ``image`` (H, W) in [0, 1] around its
+        position ``xy`` (N, 2), computed at a finer grid than the whole slice allows (``refine_side``
+        template pixels a side, at the template's pixel size), within ``REFINE_WINDOW`` of the crop side of
+        its centre. The crop's similarity is added to the whole slice's (``feats`` (C, h, w)), which keeps the
+        context the crop lacks. Returns (xy (N, 2), confidence (N,): the summed similarity, 2 at most)."""
+        names = list(self.q_landmarks)
+        scale = np.asarray(self._lm_spacing) / np.asarray(pixel_spacing, float)  # target pixels per template pixel
+        side = self.refine_side
+        crops, origins = [], []
+        for (x, y) in xy:
+            crop, origin = _crop(image, (x, y), side * scale, side)
+            crops.append(crop)
+            origins.append(origin)
+        with torch.inference_mode():
+            grid = self.crop_standardizer(self.extractor.extract(np.stack(crops), self._lm_spacing))
+            grid = self.crop_standardizer.for_similarity(grid)
+        out_xy, out_score = np.zeros_like(xy), np.zeros(len(xy))
+        centre = np.array([(side - 1) / 2, (side - 1) / 2])
+        coarse = similarity_maps(torch.cat([self.q_landmarks[n] for n in names]), feats).numpy()
+        # crop pixels: never farther than the search radius, nor than REFINE_WINDOW of the crop
+        radius = min(side * REFINE_WINDOW, self.search_radius / float(np.max(self._lm_spacing)))
+        u = np.arange(side, dtype=float)
+        for k, n in enumerate(names):
+            px = np.stack(np.meshgrid(origins[k][0] + u * scale[0], origins[k][1] + u * scale[1]), -1)
+            g = pixel_to_grid(px, image.shape, coarse.shape[1:])
+            bias = ndi.map_coordinates(coarse[k], [g[..., 1], g[..., 0]], order=1, mode="nearest")
+            c = correspond(self.q_crops[n], grid[k], (side, side), centres=centre[None], radius=radius,
+                           bias=torch.from_numpy(bias.astype(np.float32))[None])
+            out_xy[k] = origins[k] + c.xy[0] * scale
+            out_score[k] = c.score[0]
+        return out_xy, out_score
+
+    def _correspond(self, queries: torch.Tensor, feats: torch.Tensor, shape, centres, target: "Target",
+                    radius_scale: float = 1.0, subpixel: bool = False):
+        """Correspondences of ``queries``; windowed (``search_radius`` mm times ``radius_scale``) around
+        ``centres`` when given, else over the whole slice (with ``subpixel``: the continuous argmax)."""
+        if not len(queries):
+            return Correspondence(np.zeros((0, 2)), np.zeros(0))
+        if centres is None:
+            return correspond(queries, feats, shape, subpixel=subpixel)
+        mm = self.search_radius * radius_scale
+        radius = (mm / target.volume.pixel_spacing[0], mm / target.volume.pixel_spacing[1])
+        return correspond(queries, feats, shape, centres=centres, radius=radius)
+
+    def _label_centre(self, name: str) -> tuple:
+        """(x, y) pixel centre of a label on the first template slice that shows it (mask, else clicks)."""
+        i = self.template.label_names.index(name)
+        for s, m in zip(self.template.slices, self.template_masks):
+            if m[i].any():
+                ys, xs = np.nonzero(m[i])
+                return float(xs.mean()), float(ys.mean())
+        s = self.template.slices[0]
+        return (s.image.shape[1] - 1) / 2, (s.image.shape[0] - 1) / 2
+
+    def clean_up(self, labels: np.ndarray, present: np.ndarray, confidence: np.ndarray, done: list) -> None:
+        """Stage 7: per label, drop detections in 3D components under ``minor_components`` of the largest, in place.
         Processed slices at most two apart are neighbours (a skipped slice, such as the template's own, does
         not split a structure); runs farther apart (sampled slices) are cleaned each on its own."""
         if self.minor_components <= 0 or not done:
@@ -406,3 +709,53 @@ def localised_region(probs: np.ndarray, i: int) -> np.ndarray:
     with a probability above 0.5 (paper B's connected-component step); empty when it wins nowhere."""
     win = (probs.argmax(axis=0) == i + 1) & (probs[i + 1] > 0.5)
     return keep_components(win, weights=probs[i + 1]) if win.any() else win
+
+
+def _mask_points(mask: np.ndarray, index: int, most: int = 4000) -> np.ndarray:
+    """Pixels of a (H, W) mask as (x, y, index) rows, thinned evenly to at most ``most`` of them."""
+    ys, xs = np.nonzero(mask)
+    step = max(1, int(np.ceil(len(xs) / most)))
+    return np.c_[xs[::step], ys[::step], np.full(len(xs[::step]), index)].astype(float)
+
+
+def _rasterise(xy: np.ndarray, shape, pixel_spacing, margin_mm: float) -> np.ndarray:
+    """The (H, W) region of the points ``xy`` (N, 2, pixels; a thinned region mapped by the alignment) dilated by
+    ``margin_mm``: pixels within the margin (plus the points' own spacing, to close gaps) of a point."""
+    H, W = shape
+    hit = np.zeros((H, W), bool)
+    ij = np.round(xy[:, ::-1]).astype(int)
+    inside = (ij[:, 0] >= 0) & (ij[:, 0] < H) & (ij[:, 1] >= 0) & (ij[:, 1] < W)
+    hit[ij[inside, 0], ij[inside, 1]] = True
+    if not hit.any():
+        return hit
+    gap = np.sqrt(np.prod(np.ptp(xy, axis=0) + 1) / max(len(xy), 1))  # typical distance between points
+    dist = ndi.distance_transform_edt(~hit, sampling=(pixel_spacing[1], pixel_spacing[0]))
+    return ndi.binary_fill_holes(dist <= margin_mm + gap * max(pixel_spacing))
+
+
+def _crop(image: np.ndarray, centre, size, side: int) -> tuple:
+    """A ``size`` (sx, sy pixels) crop of ``image`` (H, W) centred on ``centre`` (x, y), resampled to
+    ``side`` x ``side`` pixels (edge pixels repeated beyond the border). Returns (crop, origin): crop pixel
+    (u, v) shows image pixel ``origin + (u, v) * size / side``."""
+    sx, sy = (float(size[0]), float(size[1]))
+    # a whole-pixel origin, so that at the template's pixel size the crop's pixels are the image's own
+    origin = np.round([centre[0] - (sx - sx / side) / 2, centre[1] - (sy - sy / side) / 2])
+    xs = np.clip(origin[0] + np.arange(side) * sx / side, 0, image.shape[1] - 1)
+    ys = np.clip(origin[1] + np.arange(side) * sy / side, 0, image.shape[0] - 1)
+    crop = ndi.map_coordinates(image, np.meshgrid(ys, xs, indexing="ij"), order=1, mode="nearest")
+    return crop.astype(np.float32), origin
+
+
+def _robust_affine(src: np.ndarray, dst: np.ndarray, rounds: int = 3) -> np.ndarray:
+    """``src`` (N, 2) mapped by the least-squares affine map to ``dst`` (N, 2), refitted ``rounds`` times
+    without the points whose residual exceeds twice the median (iteratively trimmed least squares)."""
+    A = np.c_[src, np.ones(len(src))]
+    keep = np.ones(len(src), bool)
+    for _ in range(rounds):
+        coef, *_ = np.linalg.lstsq(A[keep], dst[keep], rcond=None)
+        residual = np.linalg.norm(A @ coef - dst, axis=1)
+        new = residual <= 2 * np.median(residual) + 1e-9
+        if new.sum() < 3 or (new == keep).all():
+            break
+        keep = new
+    return A @ coef

@@ -171,6 +171,12 @@ class Template:
     # The plane of the template slices ("axial", "coronal", "sagittal"): target volumes are processed in
     # slices of the same plane. None: the volumes' own slices (the third index axis), whatever their plane.
     orientation: str | None = None
+    # Per label, the first and last slice (indices of the template volume in the template's plane) where the
+    # radiologist says the structure lies; aligned into each target, it bounds the slices searched (align.py).
+    extent: dict = field(default_factory=dict)
+    # The volume the template slices were taken from, when known (not saved: the template file keeps only its
+    # slices). With it, targets are aligned to the template in 3D; without it, slice to slice in 2D.
+    volume: Volume | None = field(default=None, repr=False, compare=False)
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -182,7 +188,7 @@ class Template:
 
         With an ``orientation`` ("axial", "coronal", "sagittal") the slice is ``slice_index`` of that plane
         (``Volume.resliced``) and points are pixels of it; without one, of the volume's own slices."""
-        volume = volume.resliced(volume.slice_axis(orientation))
+        source, volume = volume, volume.resliced(volume.slice_axis(orientation))
         if not 0 <= int(slice_index) < volume.n_slices:
             raise FMOneShotError(f"Slice {slice_index} is outside the volume {volume.name!r} "
                                  f"(slices 0 to {volume.n_slices - 1}).", "choose a slice inside the volume.")
@@ -192,7 +198,8 @@ class Template:
             labels = [Label(n, i + 1) for i, n in enumerate(names)]
         ts = TemplateSlice(volume.array[int(slice_index)], int(slice_index), volume.pixel_spacing,
                            intensity_window(volume), positive, negative, masks, landmarks or {}, volume.name)
-        template = cls(list(labels), [ts], volume.modality, dict(settings or {}), orientation=orientation)
+        template = cls(list(labels), [ts], volume.modality, dict(settings or {}), orientation=orientation,
+                       volume=source)
         template.validate()
         return template
 
@@ -260,6 +267,13 @@ class Template:
                 if m.shape != (H, W):
                     raise FMOneShotError(f"The mask of {name!r} has shape {m.shape}, {where} has {(H, W)}.",
                                          "paint the mask on the template slice itself.")
+        for name, ends in self.extent.items():
+            if name not in names:
+                raise FMOneShotError(f"The extent names an unknown label {name!r}.",
+                                     f"give the extent of one of: {', '.join(names) or '(none)'}.")
+            if len(ends) != 2 or int(ends[0]) > int(ends[1]) or int(ends[0]) < 0:
+                raise FMOneShotError(f"The extent of {name!r} is {list(ends)}.",
+                                     "give the first and last slice, first <= last, e.g. liver:40:75.")
         for name in names:
             n_pos = sum(len(s.positive.get(name, ())) for s in self.slices)
             n_mask = sum(int(s.masks[name].any()) for s in self.slices if name in s.masks)
@@ -331,6 +345,7 @@ class Template:
         doc = {
             "format": FORMAT, "version": VERSION, "modality": self.modality, "settings": self.settings,
             "orientation": self.orientation,
+            "extent": {n: [int(a), int(b)] for n, (a, b) in self.extent.items()},
             "labels": [{"name": lb.name, "value": lb.value, "color": list(lb.color),
                         "terminology": lb.terminology.to_dict()} for lb in self.labels],
             "slices": [{
@@ -390,7 +405,8 @@ class Template:
                                             d.get("positive", {}), d.get("negative", {}), masks,
                                             d.get("landmarks", {}), d.get("source", "")))
             template = cls(labels, slices, doc.get("modality"), doc.get("settings", {}),
-                           orientation=doc.get("orientation"))
+                           orientation=doc.get("orientation"),
+                           extent={n: (int(a), int(b)) for n, (a, b) in (doc.get("extent") or {}).items()})
             if doc.get("adapter"):
                 template.adapter = {k: v for k, v in doc["adapter"].items() if k != "file"}
                 template.adapter_tensors = _read_tensors(path.with_name(doc["adapter"]["file"]))

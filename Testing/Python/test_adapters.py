@@ -198,7 +198,7 @@ def test_clean_up_joins_neighbouring_processed_slices_only():
         labels[15, 0:2, 0:2] = 1  # a stray detection
         present = labels.any(axis=(1, 2))[:, None].copy()
         confidence = present.astype(float)
-        engine._clean_up_3d(labels, present, confidence, done)
+        engine.clean_up(labels, present, confidence, done)
         return labels, present, confidence
 
     labels, present, confidence = run([k for k in range(20) if k != 5])

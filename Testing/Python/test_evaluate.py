@@ -122,7 +122,12 @@ def test_landmark_protocol_with_known_figures(tmp_path):
     pts = json.loads((root / "points/l1.json").read_text())
     pts["plate"] = [pts["plate"][0] + 9, pts["plate"][1] + 12]
     (root / "points/l1.json").write_text(json.dumps(pts))
-    summary, targets = evaluate(root, keep_pictures=True)
+    # The protocol's arithmetic, on paper A's whole-slice search (exact here); the aligned chain within 1 px
+    aligned, _ = evaluate(root)
+    assert aligned["landmarks"]["bar"]["px"] <= 1.0 and aligned["align"]["registrations"] == 2
+    summary, targets = evaluate(root, keep_pictures=True, chain_options={"align": "none"})
+    assert summary["align"] == {"kind": "none", "seconds": 0.0, "registrations": 0, "nmi_before": None,
+                                "nmi_after": None}
     assert tuple(summary) == LANDMARK_KEYS
     assert summary["template"]["case"] == "l0" and summary["template"]["targets"] == 2
     bar, plate = summary["landmarks"]["bar"], summary["landmarks"]["plate"]

@@ -557,6 +557,11 @@ def test_the_panels_choices_run(sample):
     assert augmented.adapter.augment and tpl.adapter["description"]["options"]["augment"] is True
     with pytest.raises(FMOneShotError, match="untick 'Augment the template'"):
         mrml.run_options(adapter="none", augment=True)
+    assert auto.align_kind == "affine" and result.alignment.kind == "affine"  # the default: aligned
+    unaligned = OneShot(tpl, **mrml.run_options("offline", "contrastive", "offline", "cpu", align="none")).fit()
+    assert unaligned.apply(volume, slices=[15]).alignment.kind == "none"
+    with pytest.raises(FMOneShotError, match="Unknown alignment 'elastic'"):
+        mrml.run_options(align="elastic")
 
 
 def test_preview_shows_the_template_masks_and_can_be_corrected_and_reused(sample):

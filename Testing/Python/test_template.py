@@ -124,3 +124,18 @@ def test_a_sagittal_template_keeps_its_plane_through_save_and_apply(tmp_path, sa
     assert dice(got[k], planes[k]) >= 0.8  # the template's own plane is found again
     with pytest.raises(FMOneShotError, match="Unknown slice orientation 'oblique'"):
         Template.from_volume(vol, k, {"liver": pos}, orientation="oblique")
+
+
+def test_extent_is_saved_checked_and_read_from_the_command_line(tmp_path):
+    from FMOneShotLib.cli import _parse_extents
+
+    tpl = make_template()
+    assert tpl.volume is not None and tpl.volume.name == "vol"  # kept in memory for the 3D alignment ...
+    assert _parse_extents(["liver:0:2"], tpl) == {"liver": (0, 2)} and tpl.extent == {"liver": (0, 2)}
+    tpl.save(tmp_path / "t.json")
+    back = Template.load(tmp_path / "t.json")
+    assert back.extent == {"liver": (0, 2)} and back.volume is None  # ... but never saved
+    for text, message in [("liver:5:1", "first <= last"), ("kidney:1:2", "unknown label 'kidney'"),
+                          ("liver:1", "Cannot read the extent")]:
+        with pytest.raises(FMOneShotError, match=message):
+            _parse_extents([text], make_template())
