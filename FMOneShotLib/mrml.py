@@ -94,7 +94,9 @@ def node_from_volume(scene, volume: Volume, name: str | None = None, node=None):
 @dataclass
 class LabelPrompt:
     """One label as the user marked it in Slicer: its name and colour (0-255), a markups node of positive
-    points, one of negative points, and optionally a painted segment (``segmentation`` node + ``segment_id``)."""
+    points, one of negative points, optionally a painted segment (``segmentation`` node + ``segment_id``), and
+    optionally its extent: (first, last) slice indices of the template volume in the template's plane where
+    the structure lies (:attr:`template.Template.extent`)."""
 
     name: str
     color: tuple | None = None
@@ -102,6 +104,7 @@ class LabelPrompt:
     negative: object = None
     segmentation: object = None
     segment_id: str | None = None
+    extent: tuple | None = None
 
 
 def control_points(node) -> list:
@@ -179,6 +182,7 @@ def template_from_markups(volume_node, labels: list, landmarks=None, orientation
             raise FMOneShotError(f"The {what} lies outside the volume {volume.name!r}.",
                                  "place it on the template volume, or delete it.")
     painted = {p.name: _painted(volume_node, p) for p in labels if p.segmentation is not None}
+    extent = {p.name: (int(p.extent[0]), int(p.extent[1])) for p in labels if p.extent is not None}
 
     axes = [volume.slice_axis(orientation)] if orientation else [2, 0, 1]
     if points:
@@ -202,6 +206,13 @@ def template_from_markups(volume_node, labels: list, landmarks=None, orientation
         raise FMOneShotError("Nothing is marked on the template volume.",
                              "place positive points for a label (or paint it), or place named landmarks.")
     cols, rows = IN_PLANE[axis]
+    n_plane = volume.resliced(axis).n_slices
+    for n, (first, last) in extent.items():
+        if not 0 <= first <= last < n_plane:
+            raise FMOneShotError(f"The extent of label {n!r} is slices {first} to {last}, and the template volume "
+                                 f"{volume.name!r} has {volume.orientation_of(axis)} slices 0 to {n_plane - 1}.",
+                                 "give the first and last slice inside the volume (first <= last), or clear the "
+                                 "label's extent.")
 
     def pixels(kind, owner):
         return [[ijk[cols], ijk[rows]] for kd, ow, _, ijk in points if kd == kind and ow == owner]
@@ -219,7 +230,7 @@ def template_from_markups(volume_node, labels: list, landmarks=None, orientation
         masks[n] = plane
     label_list = [Label(p.name, i + 1, p.color) for i, p in enumerate(labels)]
     return Template.from_volume(volume, k, positive, negative, masks, marks, labels=label_list,
-                                settings=settings, orientation=volume.orientation_of(axis))
+                                settings=settings, orientation=volume.orientation_of(axis), extent=extent)
 
 
 # ---------------------------------------------------------------------------------------------------- results
@@ -755,6 +766,7 @@ def apply_to_nodes(template: Template, volume_nodes: list, progress=None, cancel
 LABEL_ATTRIBUTE = "FMOneShot.Label"
 ROLE_ATTRIBUTE = "FMOneShot.Role"  # positive | negative | landmarks
 COLOR_ATTRIBUTE = "FMOneShot.Color"  # "r,g,b" 0-255
+EXTENT_ATTRIBUTE = "FMOneShot.Extent"  # "first,last": template slice indices in the template's plane (optional)
 NEGATIVE_COLOR = (0.25, 0.45, 1.0)  # negative points: blue crosses, whatever the label's colour
 
 
@@ -807,6 +819,40 @@ def remove_label(scene, name: str) -> None:
                 _remove(scene, node)
 
 
+def set_label_extent(scene, name: str, extent=None) -> None:
+    """Stores label ``name``'s extent, ``(first, last)`` slice indices of the template volume in the template's
+    plane (:attr:`template.Template.extent`), on both of its point lists (so it is saved with the scene);
+    ``None`` clears it. FMOneShotError for an unknown label or ends that are not ``0 <= first <= last`` (the
+    upper bound is checked against the volume by :func:`template_from_markups`). Imports nothing Slicer does
+    not ship."""
+    nodes = [node for role in ("positive", "negative") for node in _tagged(scene, role)
+             if node.GetAttribute(LABEL_ATTRIBUTE) == name]
+    if not nodes:
+        raise FMOneShotError(f"There is no label {name!r}.", "add the label first, or choose one of: "
+                             + (", ".join(p.name for p in label_prompts(scene)) or "(none)") + ".")
+    value = None
+    if extent is not None:
+        first, last = (int(e) for e in extent)
+        if not 0 <= first <= last:
+            raise FMOneShotError(f"The extent of label {name!r} is slices {first} to {last}.",
+                                 "give the first and last slice, 0 <= first <= last.")
+        value = f"{first},{last}"
+    for node in nodes:
+        node.SetAttribute(EXTENT_ATTRIBUTE, value)  # None removes the attribute (vtkMRMLNode::SetAttribute)
+
+
+def _extent(node) -> tuple | None:
+    text = node.GetAttribute(EXTENT_ATTRIBUTE)
+    if not text:
+        return None
+    try:
+        first, last = (int(e) for e in text.split(","))
+    except ValueError:
+        raise FMOneShotError(f"The point list {node.GetName()!r} has the unreadable extent {text!r}.",
+                             "set the label's first and last slice again in the FMOneShot panel.") from None
+    return first, last
+
+
 def label_prompts(scene, painted=None) -> list:
     """The labels in the scene, in the order they were added, as :class:`LabelPrompt`; with a segmentation
     node ``painted``, the segment named like a label is that label's painted mask."""
@@ -817,6 +863,7 @@ def label_prompts(scene, painted=None) -> list:
             color = tuple(int(c) for c in (node.GetAttribute(COLOR_ATTRIBUTE) or "").split(",") if c) or None
             prompt = prompts.setdefault(name, LabelPrompt(name, color))
             setattr(prompt, role, node)
+            prompt.extent = prompt.extent or _extent(node)
     out = sorted(prompts.values(), key=lambda p: scene.GetNodes().IsItemPresent(p.positive or p.negative))
     if painted is not None:
         segmentation = painted.GetSegmentation()

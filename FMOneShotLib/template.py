@@ -183,11 +183,12 @@ class Template:
     def from_volume(cls, volume: Volume, slice_index: int, positive: dict | None = None,
                     negative: dict | None = None, masks: dict | None = None, landmarks: dict | None = None,
                     labels: list | None = None, settings: dict | None = None,
-                    orientation: str | None = None) -> "Template":
+                    orientation: str | None = None, extent: dict | None = None) -> "Template":
         """A template from one slice of ``volume``; labels default to the names used, numbered 1, 2, ...
 
         With an ``orientation`` ("axial", "coronal", "sagittal") the slice is ``slice_index`` of that plane
-        (``Volume.resliced``) and points are pixels of it; without one, of the volume's own slices."""
+        (``Volume.resliced``) and points are pixels of it; without one, of the volume's own slices.
+        ``extent``: {label: (first, last)} slice indices of that plane (:attr:`extent`)."""
         source, volume = volume, volume.resliced(volume.slice_axis(orientation))
         if not 0 <= int(slice_index) < volume.n_slices:
             raise FMOneShotError(f"Slice {slice_index} is outside the volume {volume.name!r} "
@@ -199,7 +200,7 @@ class Template:
         ts = TemplateSlice(volume.array[int(slice_index)], int(slice_index), volume.pixel_spacing,
                            intensity_window(volume), positive, negative, masks, landmarks or {}, volume.name)
         template = cls(list(labels), [ts], volume.modality, dict(settings or {}), orientation=orientation,
-                       volume=source)
+                       extent={n: (int(a), int(b)) for n, (a, b) in (extent or {}).items()}, volume=source)
         template.validate()
         return template
 

@@ -495,6 +495,43 @@ def test_labels_live_in_the_scene_as_tagged_point_lists():
     assert [p.name for p in mrml.label_prompts(scene)] == ["spleen", "my structure"]
 
 
+def test_a_labels_extent_lives_on_its_point_lists_and_reaches_the_template(tmp_path):
+    """issue 15: the panel's first / last slice of a label is stored on the label's point lists, is saved and
+    read back with the scene, and becomes Template.extent (slice indices of the template's plane)."""
+    vol = Volume(textured((6, 10, 12)), (1.0, 1.0, 2.0), name="ct")
+    scene, node = scene_with(vol)
+    pos, neg = mrml.add_label(scene, "liver", (200, 10, 10))
+    mrml.add_label(scene, "spleen")
+    pos.AddControlPoint(*mrml.index_to_ras(vol, (3, 4, 2)).tolist())
+    mrml.label_prompts(scene)[1].positive.AddControlPoint(*mrml.index_to_ras(vol, (8, 6, 2)).tolist())
+    assert mrml.template_from_scene(node).extent == {}  # no extent set: the whole target is searched
+    mrml.set_label_extent(scene, "liver", (1, 4))
+    assert pos.GetAttribute(mrml.EXTENT_ATTRIBUTE) == neg.GetAttribute(mrml.EXTENT_ATTRIBUTE) == "1,4"
+    # saved with the scene and read back
+    scene.SetURL(str(tmp_path / "scene.mrml"))
+    assert scene.Commit()
+    loaded = slicer.vtkMRMLScene()
+    loaded.SetURL(str(tmp_path / "scene.mrml"))
+    assert loaded.Connect()
+    assert [(p.name, p.extent) for p in mrml.label_prompts(loaded)] == [("liver", (1, 4)), ("spleen", None)]
+    tpl = mrml.template_from_scene(node)
+    assert tpl.extent == {"liver": (1, 4)}
+    # bad extents are refused before anything runs, naming the fix; the stored extent is left as it was
+    with pytest.raises(FMOneShotError, match=r"slices 4 to 1.*first <= last"):
+        mrml.set_label_extent(scene, "liver", (4, 1))
+    with pytest.raises(FMOneShotError, match="There is no label 'kidney'"):
+        mrml.set_label_extent(scene, "kidney", (0, 1))
+    assert pos.GetAttribute(mrml.EXTENT_ATTRIBUTE) == "1,4"
+    mrml.set_label_extent(scene, "spleen", (2, 6))  # the volume has axial slices 0 to 5
+    with pytest.raises(FMOneShotError, match=r"'spleen' is slices 2 to 6.*axial slices 0 to 5"):
+        mrml.template_from_scene(node)
+    mrml.set_label_extent(scene, "spleen", (0, 5))
+    assert mrml.template_from_scene(node).extent == {"liver": (1, 4), "spleen": (0, 5)}
+    mrml.set_label_extent(scene, "liver", None)  # cleared
+    assert pos.GetAttribute(mrml.EXTENT_ATTRIBUTE) is None
+    assert mrml.template_from_scene(node).extent == {"spleen": (0, 5)}
+
+
 def test_apply_to_all_skips_what_is_not_a_grey_value_volume_and_says_why():
     """RGB, DWI, tensor and label volumes are all vtkMRMLScalarVolumeNode subclasses: they are skipped and
     named instead of stopping the batch."""
