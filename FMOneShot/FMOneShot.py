@@ -80,6 +80,7 @@ BACKENDS = ["auto", "offline", "d2s14", "d2b14", "d2l14", "d2g14", "d1s8", "d1s1
 ADAPTERS = ["auto", "none", "basic", "classification", "contrastive"]  # FMOneShotLib.adapters.ADAPTERS
 SEGMENTERS = ["auto", "sam2", "sam", "offline", "none"]  # FMOneShotLib.segmenters.SEGMENTERS, and auto
 DEVICES = ["auto", "cpu", "cuda"]  # FMOneShotLib.mrml.DEVICES
+ALIGNMENTS = ["affine", "rigid", "similarity", "bspline", "none"]  # FMOneShotLib.align.KINDS, DEFAULT_KIND first
 EXPORT_FORMATS = [".nrrd", ".nii.gz", ".seg.nrrd", ".seg.dcm"]  # FMOneShotLib.mrml.EXPORT_FORMATS
 DICOM_SEG_EXPORT = ".seg.dcm"  # FMOneShotLib.mrml.DICOM_SEG_EXPORT: only for volumes loaded from DICOM
 
@@ -99,6 +100,7 @@ class FMOneShotParameterNode:
     augment: bool = False
     segmenter: Annotated[str, Choice(SEGMENTERS)] = "auto"
     device: Annotated[str, Choice(DEVICES)] = "auto"
+    align: Annotated[str, Choice(ALIGNMENTS)] = "affine"
     applyToAll: bool = False
     perSliceLandmarks: bool = False
     exportFormat: Annotated[str, Choice(EXPORT_FORMATS)] = ".nrrd"
@@ -134,8 +136,9 @@ class FMOneShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = FMOneShotLogic()
 
-        self.ui.labelsTableWidget.setColumnCount(3)
-        self.ui.labelsTableWidget.setHorizontalHeaderLabels(["Label", "Positive", "Negative"])
+        self.ui.labelsTableWidget.setColumnCount(5)
+        self.ui.labelsTableWidget.setHorizontalHeaderLabels(["Label", "Positive", "Negative", "First slice",
+                                                             "Last slice"])
         self.ui.labelsTableWidget.horizontalHeader().setStretchLastSection(True)
         self.ui.labelColorPickerButton.color = qt.QColor(221, 130, 101)  # before the connection: not a choice
         self.ui.weightsComboBox.addItems(self.logic.checkpointNames())
@@ -236,10 +239,36 @@ class FMOneShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 place.deleteButton().show()
                 place.setCurrentNode(node)
                 table.setCellWidget(row, column, place)
+            # the extent: first and last slice where the structure lies ("any" at -1: no extent)
+            first, last = qt.QSpinBox(), qt.QSpinBox()
+            for column, box, end in ((3, first, 0), (4, last, 1)):
+                box.minimum, box.maximum = -1, 99999
+                box.specialValueText = "any"
+                box.toolTip = ("The first and last slice (index in the template plane, as the Data Probe shows "
+                               "it) where this structure lies; outside them nothing is searched. any: every slice.")
+                box.value = prompt.extent[end] if prompt.extent else -1  # before connecting: not a change
+                table.setCellWidget(row, column, box)
+            for box in (first, last):
+                box.connect("valueChanged(int)", lambda value, name=prompt.name, first=first, last=last:
+                            self.onLabelExtentChanged(name, first.value, last.value))
         landmarks = self.logic.landmarksNode()
         self.ui.landmarksPlaceWidget.enabled = landmarks is not None
         if landmarks is not None:
             self.ui.landmarksPlaceWidget.setCurrentNode(landmarks)
+
+    def onLabelExtentChanged(self, name, first, last):
+        """The first / last slice spin boxes of label ``name`` changed: both set (not "any", -1) and in order is
+        the label's extent, stored on its point lists; otherwise the label has none (the status line says why
+        when the ends are in the wrong order)."""
+        if self._running:
+            return
+        extent = (first, last) if first >= 0 and last >= 0 else None
+        if extent is not None and first > last:
+            self.ui.statusLabel.text = (f"Label '{name}': the first slice ({first}) is after the last ({last}); "
+                                        "it has no extent until they are in order.")
+            extent = None
+        with slicer.util.tryWithErrorDisplay(f"Could not set the extent of '{name}'.", waitCursor=False):
+            self.logic.setLabelExtent(name, extent)
 
     def onLabelColorChosen(self, color=None):
         """The user picked a colour: the next label added gets it (instead of its conventional colour)."""
@@ -572,6 +601,11 @@ class FMOneShotLogic(ScriptedLoadableModuleLogic):
 
         return mrml.new_label_color(slicer.mrmlScene, name)
 
+    def setLabelExtent(self, name, extent):
+        from FMOneShotLib import mrml
+
+        mrml.set_label_extent(slicer.mrmlScene, name, extent)
+
     def removeLabel(self, name):
         from FMOneShotLib import mrml
 
@@ -618,7 +652,7 @@ class FMOneShotLogic(ScriptedLoadableModuleLogic):
         from FMOneShotLib import mrml
 
         return mrml.run_options(parameters.backend, parameters.adapter, parameters.segmenter, parameters.device,
-                                parameters.augment)
+                                parameters.augment, align=parameters.align)
 
     def backendStatus(self, backend):
         from FMOneShotLib.weights import resolve_backend  # no torch: the panel opens before PyTorch is loaded

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .align import DEFAULT_KIND
 from .dicomseg import algorithm_parameters
 from .errors import FMOneShotError
 from .files import atomic_paths, refuse_existing, refuse_inputs
@@ -662,7 +663,7 @@ DEVICES = ("auto", "cpu", "cuda")  # "auto": the GPU when there is one
 
 
 def run_options(backend: str = "auto", adapter: str = "auto", segmenter: str = "auto", device: str = "auto",
-                augment: bool = False, align: str = "affine") -> dict:
+                augment: bool = False, align: str = DEFAULT_KIND) -> dict:
     """The panel's choices as :class:`pipeline.OneShot` keyword arguments (device goes to the models;
     ``align``: one of :data:`align.KINDS`, the template registered to each target first)."""
     from .align import check_kind

@@ -268,6 +268,18 @@ widget.enter()
 widget.logic.addLabel("liver", (200, 10, 10))
 widget.refreshLabels()
 report["labels"] = [p.name for p in widget.logic.labels()]
+# the first / last slice spin boxes of a label: in order, its extent on its point lists; "any" (-1) or out of
+# order, none (the status line says why)
+extents = {}
+for first, last in ((3, 7), (-1, 7), (5, 5), (8, 2)):
+    widget.ui.statusLabel.text = ""
+    widget.onLabelExtentChanged("liver", first, last)
+    extents[f"{first},{last}"] = {"stored": widget.logic.labels()[0].extent,
+                                  "status": str(widget.ui.statusLabel.text)}
+report["extents"] = extents
+widget._parameterNode.align = "rigid"
+report["options"] = {k: v for k, v in widget.logic.options(widget._parameterNode).items() if k == "align"}
+widget._parameterNode.align = "affine"
 # "Add label" passes the colour button's colour only when the user picked one (the button's colorChanged
 # signal); the button then shows the label's colour, set without counting as a pick
 button = widget.ui.labelColorPickerButton
@@ -441,7 +453,7 @@ def panel():
 
 def library_choices() -> dict:
     """Per combo-box field, the values the library accepts (its own tables)."""
-    from FMOneShotLib import mrml
+    from FMOneShotLib import align, mrml
     from FMOneShotLib.adapters import ADAPTERS
     from FMOneShotLib.features import available_backends
     from FMOneShotLib.image import ORIENTATIONS
@@ -449,7 +461,7 @@ def library_choices() -> dict:
 
     return {"orientation": ["auto", *ORIENTATIONS], "backend": ["auto", *available_backends()],
             "adapter": ["auto", "none", *ADAPTERS], "segmenter": ["auto", *SEGMENTERS],
-            "device": list(mrml.DEVICES), "exportFormat": list(mrml.EXPORT_FORMATS)}
+            "device": list(mrml.DEVICES), "exportFormat": list(mrml.EXPORT_FORMATS), "align": list(align.KINDS)}
 
 
 def test_every_combo_bound_str_field_has_the_librarys_choices(ui, panel):
@@ -469,6 +481,9 @@ def test_every_combo_bound_str_field_has_the_librarys_choices(ui, panel):
         assert sorted(info["choices"]) == sorted(library[field]), (field, info["choices"], library[field])
         assert info["default"] == info["choices"][0], field  # what a fresh panel shows first is the default
     assert fields["backend"]["choices"][:2] == ["auto", "offline"]  # the defaults a user meets first
+    from FMOneShotLib.align import DEFAULT_KIND
+
+    assert fields["align"]["default"] == DEFAULT_KIND  # the panel aligns as the command line does
     # and no combo box carries items of its own in the .ui (the binding replaces them)
     assert not [name for name in combos.values() if w[name].findall("item")]
 
@@ -504,6 +519,16 @@ def test_the_panel_opens_from_a_clone_without_pytorch(panel):
     assert Path(panel["icon"]).resolve() == (REPO / "Resources" / "Icons" / "FMOneShot.png").resolve()
     assert panel["labels"] == ["liver"]
     assert panel["setup_attempts"] == [], f"the panel imported what Slicer does not ship: {panel['setup_attempts']}"
+
+
+def test_the_alignment_and_a_labels_extent_reach_the_library(panel):
+    """issue 15: the Alignment combo's choice goes to OneShot through mrml.run_options; a label's first / last
+    slice spin boxes store its extent on its point lists when both are set and in order, else clear it."""
+    assert panel["options"] == {"align": "rigid"}
+    extents = panel["extents"]
+    assert extents["3,7"] == {"stored": [3, 7], "status": ""}
+    assert extents["-1,7"]["stored"] is None and extents["5,5"]["stored"] == [5, 5]
+    assert extents["8,2"]["stored"] is None and "first slice (8) is after the last (2)" in extents["8,2"]["status"]
 
 
 def test_add_label_passes_a_colour_only_when_the_user_picked_one(panel):
