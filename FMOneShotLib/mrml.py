@@ -10,7 +10,7 @@
 
 ``slicer`` and ``vtk`` are imported only inside the functions, so the library imports without them; the label
 functions the panel calls when it opens (:func:`label_prompts`, :func:`add_label` with a colour,
-:func:`remove_label`, :func:`landmarks_node`, :func:`volume_targets`) need only numpy and SimpleITK, which
+:func:`remove_label`, :func:`set_label_extent`, :func:`landmarks_node`, :func:`volume_targets`) need only numpy and SimpleITK, which
 Slicer ships, so they work before the other dependencies are installed. These
 functions use MRML and VTK calls alone (no ``slicer.app``), so they run in the application and in tests with
 the PyPI package slicer-core. The Slicer module (FMOneShot/FMOneShot.py) only adds the panel around them.
@@ -839,7 +839,10 @@ def set_label_extent(scene, name: str, extent=None) -> None:
                                  "give the first and last slice, 0 <= first <= last.")
         value = f"{first},{last}"
     for node in nodes:
-        node.SetAttribute(EXTENT_ATTRIBUTE, value)  # None removes the attribute (vtkMRMLNode::SetAttribute)
+        if value is None:
+            node.RemoveAttribute(EXTENT_ATTRIBUTE)
+        else:
+            node.SetAttribute(EXTENT_ATTRIBUTE, value)
 
 
 def _extent(node) -> tuple | None:
