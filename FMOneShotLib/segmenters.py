@@ -81,7 +81,52 @@ class RegionSegmenter(Segmenter):
         return keep_components(np.asarray(prior) > 0.5, seeds=positive)
 
 
-class SamSegmenter(Segmenter):
+class _PointPromptedSegmenter(Segmenter):
+    """What SAM and SAM 2 share: a slice encoded once (the expensive image encoder, timed and counted), only
+    when a label is prompted on it, and reused for every label prompted on the same slice; point prompts
+    (x, y) in pixels, label 1 positive, 0 negative; multimask output only for a single point (ambiguous), then
+    the mask with the best predicted IoU. Subclasses set ``predictor`` (``predict(point_coords, point_labels,
+    multimask_output)`` as SamPredictor / SAM2ImagePredictor), ``device``, ``precision`` and implement
+    ``_set_image``."""
+
+    predictor = None
+    _key = None
+    encodings = 0  # slices encoded (the expensive step)
+    forward_seconds = 0.0
+
+    def _set_image(self, image: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _encode(self, image: np.ndarray) -> None:
+        key = slice_key(image)
+        if key == self._key:
+            return
+        t = time.perf_counter()
+        with torch.inference_mode(), model_forward(), models.autocast(self.device, self.precision):
+            self._set_image(image)
+        self.forward_seconds += time.perf_counter() - t
+        self.encodings += 1
+        self._key = key
+
+    def forget_encoding(self) -> None:
+        """The next slice is encoded even if it is the one encoded last."""
+        self._key = None
+
+    def segment(self, image, features, positive, negative, prior=None):
+        positive = np.asarray(positive, float).reshape(-1, 2)
+        negative = np.asarray(negative, float).reshape(-1, 2)
+        if len(positive) == 0:
+            return np.zeros(image.shape, bool)
+        self._encode(image)
+        coords = np.concatenate([positive, negative])
+        labels = np.concatenate([np.ones(len(positive)), np.zeros(len(negative))])
+        with torch.inference_mode():
+            masks, scores, _ = self.predictor.predict(point_coords=coords, point_labels=labels,
+                                                      multimask_output=len(coords) == 1)
+        return masks[int(np.argmax(scores))].astype(bool)
+
+
+class SamSegmenter(_PointPromptedSegmenter):
     """Segment Anything: point prompts (label 1 positive, 0 negative) -> one mask.
 
     A single point is ambiguous (a part, the object, the whole): SAM's three multimask tokens answer it and
@@ -103,39 +148,10 @@ class SamSegmenter(Segmenter):
         self.precision = models.resolve_precision(precision, self.device)
         sam = models.sam(model, weights, overrides).to(self.device)
         self.predictor = SamPredictor(sam)
-        self._key = None
-        self.encodings = 0  # slices encoded (the expensive step)
-        self.forward_seconds = 0.0
 
-    def _encode(self, image: np.ndarray) -> None:
-        key = (image.shape, hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).digest())
-        if key == self._key:
-            return
-        rgb = np.repeat((np.clip(image, 0, 1) * 255).round().astype(np.uint8)[..., None], 3, axis=2)
-        t = time.perf_counter()
-        with torch.inference_mode(), model_forward(), models.autocast(self.device, self.precision):
-            self.predictor.set_image(rgb)
+    def _set_image(self, image: np.ndarray) -> None:
+        self.predictor.set_image(to_rgb8(image))
         self.predictor.features = self.predictor.features.float()
-        self.forward_seconds += time.perf_counter() - t
-        self.encodings += 1
-        self._key = key
-
-    def forget_encoding(self) -> None:
-        """The next slice is encoded even if it is the one encoded last."""
-        self._key = None
-
-    def segment(self, image, features, positive, negative, prior=None):
-        positive = np.asarray(positive, float).reshape(-1, 2)
-        negative = np.asarray(negative, float).reshape(-1, 2)
-        if len(positive) == 0:
-            return np.zeros(image.shape, bool)
-        self._encode(image)
-        coords = np.concatenate([positive, negative])
-        labels = np.concatenate([np.ones(len(positive)), np.zeros(len(negative))])
-        with torch.inference_mode():
-            masks, scores, _ = self.predictor.predict(point_coords=coords, point_labels=labels,
-                                                      multimask_output=len(coords) == 1)
-        return masks[int(np.argmax(scores))].astype(bool)
 
 
 def slice_key(image: np.ndarray) -> tuple:
@@ -168,7 +184,7 @@ def to_rgb8(image: np.ndarray) -> np.ndarray:
     return np.repeat((np.clip(image, 0, 1) * 255).round().astype(np.uint8)[..., None], 3, axis=2)
 
 
-class Sam2Segmenter(Segmenter):
+class Sam2Segmenter(_PointPromptedSegmenter):
     """SAM 2 (Ravi et al. 2024, "SAM 2: Segment Anything in Images and Videos"): ``SAM2ImagePredictor`` of
     the ``sam2`` package, whose Hiera image encoders are several times lighter than SAM's ViTs.
 
@@ -191,40 +207,12 @@ class Sam2Segmenter(Segmenter):
         self.device = models.resolve_device(device)
         self.precision = models.resolve_precision(precision, self.device)
         self.predictor = SAM2ImagePredictor(models.sam2(model, weights, overrides).to(self.device))
-        self._key = None
-        self.encodings = 0  # slices encoded (the expensive step)
-        self.forward_seconds = 0.0
 
-    def _encode(self, image: np.ndarray) -> None:
-        key = slice_key(image)
-        if key == self._key:
-            return
-        t = time.perf_counter()
-        with torch.inference_mode(), models.autocast(self.device, self.precision):
-            self.predictor.set_image(to_rgb8(image))
+    def _set_image(self, image: np.ndarray) -> None:
+        self.predictor.set_image(to_rgb8(image))
         features = self.predictor._features  # bf16 under autocast; the prompt decoder runs in float32
         self.predictor._features = {"image_embed": features["image_embed"].float(),
                                     "high_res_feats": [f.float() for f in features["high_res_feats"]]}
-        self.forward_seconds += time.perf_counter() - t
-        self.encodings += 1
-        self._key = key
-
-    def forget_encoding(self) -> None:
-        """The next slice is encoded even if it is the one encoded last."""
-        self._key = None
-
-    def segment(self, image, features, positive, negative, prior=None):
-        positive = np.asarray(positive, float).reshape(-1, 2)
-        negative = np.asarray(negative, float).reshape(-1, 2)
-        if len(positive) == 0:
-            return np.zeros(image.shape, bool)
-        self._encode(image)
-        coords = np.concatenate([positive, negative])
-        labels = np.concatenate([np.ones(len(positive)), np.zeros(len(negative))])
-        with torch.inference_mode():
-            masks, scores, _ = self.predictor.predict(point_coords=coords, point_labels=labels,
-                                                      multimask_output=len(coords) == 1)
-        return masks[int(np.argmax(scores))].astype(bool)
 
     def propagator(self, **options):
         """A :class:`propagate.Propagator` on SAM 2's video predictor with this segmenter's model and weights."""
