@@ -80,7 +80,7 @@ BACKENDS = ["auto", "offline", "d2s14", "d2b14", "d2l14", "d2g14", "d1s8", "d1s1
 ADAPTERS = ["auto", "none", "basic", "classification", "contrastive"]  # FMOneShotLib.adapters.ADAPTERS
 SEGMENTERS = ["auto", "sam2", "sam", "offline", "none"]  # FMOneShotLib.segmenters.SEGMENTERS, and auto
 DEVICES = ["auto", "cpu", "cuda"]  # FMOneShotLib.mrml.DEVICES
-ALIGNMENTS = ["affine", "rigid", "similarity", "bspline", "none"]  # FMOneShotLib.align.KINDS, DEFAULT_KIND first
+ALIGNMENTS = ["auto", "none", "rigid", "similarity", "affine", "bspline"]  # FMOneShotLib.align.KINDS, DEFAULT_KIND first
 EXPORT_FORMATS = [".nrrd", ".nii.gz", ".seg.nrrd", ".seg.dcm"]  # FMOneShotLib.mrml.EXPORT_FORMATS
 DICOM_SEG_EXPORT = ".seg.dcm"  # FMOneShotLib.mrml.DICOM_SEG_EXPORT: only for volumes loaded from DICOM
 
@@ -100,7 +100,7 @@ class FMOneShotParameterNode:
     augment: bool = False
     segmenter: Annotated[str, Choice(SEGMENTERS)] = "auto"
     device: Annotated[str, Choice(DEVICES)] = "auto"
-    align: Annotated[str, Choice(ALIGNMENTS)] = "affine"
+    align: Annotated[str, Choice(ALIGNMENTS)] = "auto"
     applyToAll: bool = False
     perSliceLandmarks: bool = False
     exportFormat: Annotated[str, Choice(EXPORT_FORMATS)] = ".nrrd"

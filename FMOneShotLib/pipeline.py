@@ -37,7 +37,7 @@ import torch
 from scipy import ndimage as ndi
 
 from .adapters import Adapter, adapter_from_state, create_adapter, mask_to_grid, template_views
-from .align import DEFAULT_KIND, EXTENT_MARGIN, MIN_SIDE, PRIOR_MARGIN, SEARCH_RADIUS, Alignment, check_kind
+from .align import DEFAULT_KIND, EXTENT_MARGIN, MIN_SIDE, PRIOR_MARGIN, SEARCH_RADIUS, Alignment, check_kind, resolve_kind
 from .align import align as align_images
 from .correspond import Correspondence, FeatureStandardizer, correspond, similarity_maps, upsample
 from .errors import FMOneShotError
@@ -475,8 +475,9 @@ class OneShot:
 
         In 3D (the template knows its volume, both have ``align.MIN_SIDE`` slices or more) the template volume is registered
         to the target volume in LPS; otherwise the first template slice to the target slice of the same
-        index, in 2D (each slice's own frame, pixels times spacing). ``align="none"``: the identity, no
-        windows, no prior (paper A's whole-slice search); an extent is still mapped through the geometry."""
+        index, in 2D (each slice's own frame, pixels times spacing). ``align="none"``, or a registration that
+        kept the identity (nothing beat the unregistered images): no windows, no prior (paper A's whole-slice
+        search); an extent is still mapped through the geometry."""
         tpl, source, volume = self.template, target.source, target.volume
         ref = tpl.volume
         in_3d = (ref is not None and not ref.is_2d and not source.is_2d and min(ref.array.shape) >= MIN_SIDE
@@ -491,7 +492,8 @@ class OneShot:
                                        modality=tpl.modality)
             moving = tgt_frame = Volume(volume.array[k], tuple(volume.pixel_spacing) + (1.0,), is_2d=True,
                                         modality=volume.modality)
-        alignment = align_images(fixed, moving, self.align_kind, seed=self.seed)
+        kind = resolve_kind(self.align_kind, source.is_2d)  # auto: by the target, whatever frame is registered
+        alignment = align_images(fixed, moving, kind, seed=self.seed)
 
         def place(points):  # template (x, y, slice index) -> target (x, y) pixels (and z index in 3D)
             pts = np.asarray(points, float).reshape(-1, 3)
@@ -499,7 +501,10 @@ class OneShot:
                 pts = np.c_[pts[:, :2], np.zeros(len(pts))]
             return alignment.map_index(tpl_frame, tgt_frame, pts)
 
-        windowed = self.align_kind != "none"
+        # Where no registration beat leaving the images as they are (kept "identity": a failed optimisation, or
+        # a target posed quite differently, e.g. an oblique series), the template's physical positions say
+        # nothing about the target's: search whole slices (paper A), as with align="none".
+        windowed = kind != "none" and alignment.kept != "identity"
         positive = {n: place(p)[:, :2] for n, p in self.pos_points.items()} if windowed else {}
         negative = {n: place(p)[:, :2] for n, p in self.neg_points.items()} if windowed else {}
         lm = place(np.stack([self.lm_points[n] for n in self.q_landmarks]))[:, :2] \

@@ -594,7 +594,8 @@ def test_the_panels_choices_run(sample):
     assert augmented.adapter.augment and tpl.adapter["description"]["options"]["augment"] is True
     with pytest.raises(FMOneShotError, match="untick 'Augment the template'"):
         mrml.run_options(adapter="none", augment=True)
-    assert auto.align_kind == "affine" and result.alignment.kind == "affine"  # the default: aligned
+    # the default: auto, which leaves a volume unregistered (an image is aligned affinely: test_align)
+    assert auto.align_kind == "auto" and result.alignment.kind == "none"
     unaligned = OneShot(tpl, **mrml.run_options("offline", "contrastive", "offline", "cpu", align="none")).fit()
     assert unaligned.apply(volume, slices=[15]).alignment.kind == "none"
     with pytest.raises(FMOneShotError, match="Unknown alignment 'elastic'"):
