@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from .. import models
 from ..errors import FMOneShotError
+from ..threads import model_forward
 from .base import FeatureExtractor, log_bin, register
 
 DEFAULT_TIMESTEP = 261
@@ -147,7 +148,7 @@ class StableDiffusionFeatures(FeatureExtractor):
     def extract(self, slices: np.ndarray, pixel_spacing=(1.0, 1.0)) -> torch.Tensor:
         x = self.preprocess(slices)
         out = []
-        with torch.inference_mode(), models.autocast(self.device, self.precision):
+        with torch.inference_mode(), model_forward(), models.autocast(self.device, self.precision):
             for start in range(0, len(x), self.batch_size):
                 f = self.forward(x[start:start + self.batch_size])
                 if self.log_bin_levels:
