@@ -112,3 +112,22 @@ def log_bin(features: torch.Tensor, levels: int = 2) -> torch.Tensor:
                 ix = (xs + dx).clamp(0, w - 1)
                 out.append(pooled[:, :, iy][:, :, :, ix])
     return torch.cat(out, dim=1)
+
+
+def forward_in_batches(extractor, slices: np.ndarray) -> torch.Tensor:
+    """What every foundation-model backend's ``extract`` does: ``extractor.preprocess(slices)`` (B, H, W) ->
+    its model input, then ``extractor.forward`` on ``extractor.batch_size`` inputs at a time on its device,
+    under inference mode, the model-forward thread policy (:mod:`FMOneShotLib.threads`) and its autocast
+    precision; each batch log-binned when ``log_bin_levels`` is set. Returns (B, C, h, w) float32 on the CPU."""
+    from .. import models
+    from ..threads import model_forward
+
+    x = extractor.preprocess(slices)
+    out = []
+    with torch.inference_mode(), model_forward(), models.autocast(extractor.device, extractor.precision):
+        for start in range(0, len(x), extractor.batch_size):
+            f = extractor.forward(x[start:start + extractor.batch_size].to(extractor.device))
+            if extractor.log_bin_levels:
+                f = log_bin(f, extractor.log_bin_levels)
+            out.append(f.float().cpu())
+    return torch.cat(out)

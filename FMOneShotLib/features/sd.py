@@ -27,8 +27,7 @@ import torch.nn.functional as F
 
 from .. import models
 from ..errors import FMOneShotError
-from ..threads import model_forward
-from .base import FeatureExtractor, log_bin, register
+from .base import FeatureExtractor, forward_in_batches, register
 
 DEFAULT_TIMESTEP = 261
 DEFAULT_UP_BLOCK = 1
@@ -146,15 +145,7 @@ class StableDiffusionFeatures(FeatureExtractor):
         return features.reshape(B, E, *features.shape[1:]).mean(dim=1)
 
     def extract(self, slices: np.ndarray, pixel_spacing=(1.0, 1.0)) -> torch.Tensor:
-        x = self.preprocess(slices)
-        out = []
-        with torch.inference_mode(), model_forward(), models.autocast(self.device, self.precision):
-            for start in range(0, len(x), self.batch_size):
-                f = self.forward(x[start:start + self.batch_size])
-                if self.log_bin_levels:
-                    f = log_bin(f, self.log_bin_levels)
-                out.append(f.float().cpu())
-        return torch.cat(out)
+        return forward_in_batches(self, slices)
 
     def settings(self) -> dict:
         s = {"backend": self.name, "weights": self.weights, "timestep": self.timestep, "up_block": self.up_block,

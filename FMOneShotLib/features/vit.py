@@ -34,7 +34,7 @@ from .. import models
 from ..errors import FMOneShotError
 from ..threads import model_forward
 from ..weights import TIMM_BACKENDS  # paper names; each is a registry entry (weights.py) naming its timm model
-from .base import FeatureExtractor, log_bin, register
+from .base import FeatureExtractor, forward_in_batches, log_bin, register
 
 DEFAULT_INPUT_SIZE = 448
 POS_INTERPOLATIONS = ("dino", "timm")
@@ -162,15 +162,7 @@ class TimmViTFeatures(FeatureExtractor):
         return tokens.float().reshape(B, h, w, -1).permute(0, 3, 1, 2)
 
     def extract(self, slices: np.ndarray, pixel_spacing=(1.0, 1.0)) -> torch.Tensor:
-        x = self.preprocess(slices)
-        out = []
-        with torch.inference_mode(), model_forward(), models.autocast(self.device, self.precision):
-            for start in range(0, len(x), self.batch_size):
-                f = self.forward(x[start:start + self.batch_size].to(self.device))
-                if self.log_bin_levels:
-                    f = log_bin(f, self.log_bin_levels)
-                out.append(f.float().cpu())
-        return torch.cat(out)
+        return forward_in_batches(self, slices)
 
     def settings(self) -> dict:
         s = {"backend": self.name, "weights": self.weights, "block": self.block, "stride": self.stride,
