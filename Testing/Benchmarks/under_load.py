@@ -8,6 +8,7 @@ machine "idle" is not idle.
 
     python3 Testing/Benchmarks/under_load.py                  # the demo, 3 rounds
     python3 Testing/Benchmarks/under_load.py --rounds 1 -- python3 -m pytest -q -x Testing/Python/test_cli.py
+    CI=true python3 Testing/Benchmarks/under_load.py --rounds 1 --no-warm-up -- python3 -m pytest -q   # the suite
 
 Where Linux's autogroup scheduling is on (most desktop distributions), CPU time is shared fairly between
 sessions first, then between the processes of a session. Busy processes started in their own session (the
@@ -76,6 +77,8 @@ def main(argv=None) -> int:
                    help="busy-looping processes while loaded (default: one per core, %(default)s)")
     p.add_argument("--same-session", action="store_true",
                    help="start the busy processes in this session rather than in their own (see below)")
+    p.add_argument("--no-warm-up", action="store_true",
+                   help="skip the uncounted first run that warms the file cache (for long commands: the test suite)")
     p.add_argument("--target", type=float, default=2.0, help="the ratio to stay under (default: %(default)s)")
     p.add_argument("command", nargs=argparse.REMAINDER,
                    help="command to time after --, run in the repository root (default: the demo)")
@@ -92,7 +95,8 @@ def main(argv=None) -> int:
         print(f"loaded: {args.busy} busy-looping processes beside it, in "
               f"{'the same session' if args.same_session else 'a session of their own'}; Linux's autogroup "
               f"scheduling is {autogroup()}")
-        timed(command, env)  # warm the file cache; not counted
+        if not args.no_warm_up:
+            timed(command, env)  # warm the file cache; not counted
         times = {False: [], True: []}
         for r in range(args.rounds):
             for loaded in (False, True):
