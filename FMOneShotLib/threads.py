@@ -7,6 +7,11 @@ The policy: **small-tensor work runs on one thread; foundation-model forwards us
   correspondences, the offline refiner. Each operation is too small to gain from a second thread, and
   PyTorch's OpenMP workers spin-wait between them: where another process keeps the cores busy, the workers
   wait for each other's time slices and the work gets 5-20x slower while using more CPU.
+- The align stage's SimpleITK registration (ITK's own thread pool, not PyTorch's) counts as small work too:
+  it samples a few thousand to a hundred thousand voxels per iteration. One thread also makes its result
+  independent of the machine (ITK sums the metric per thread, so a CHAOS pair's NMI moved in the fourth digit
+  between 1 and 2 threads). Measured with two other engineers' jobs on the 2 cores (load average 4.5): a
+  CHAOS MR pair took 4.2-6.4 s on one thread, 4.9-6.8 s on two; a cephalogram pair 1.6-1.7 s and 1.9-2.0 s.
 - Model forwards (the ViT and SAM encoders) are large matrix products, where a parallel region is long
   enough that more threads help on free cores and hurt little on busy ones.
 
@@ -74,9 +79,25 @@ def torch_threads(threads: int):
             torch.set_num_threads(before)
 
 
+@contextlib.contextmanager
+def itk_threads(threads: int):
+    """Run the block with SimpleITK's global default thread count (what a filter or registration created in
+    it uses) set to ``threads``; restore it afterwards."""
+    import SimpleITK as sitk
+
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    try:
+        yield threads
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
+
+
+@contextlib.contextmanager
 def small_work():
-    """Context for small-tensor work: :data:`SMALL_WORK_THREADS` threads."""
-    return torch_threads(SMALL_WORK_THREADS)
+    """Context for small work: :data:`SMALL_WORK_THREADS` threads for PyTorch and for SimpleITK."""
+    with torch_threads(SMALL_WORK_THREADS), itk_threads(SMALL_WORK_THREADS):
+        yield SMALL_WORK_THREADS
 
 
 def model_forward():

@@ -7,6 +7,13 @@ from pathlib import Path
 
 import pytest
 
+# The suite's models are the real architectures made small, and its images are small: every forward here is
+# small work in the sense of FMOneShotLib.threads, which one thread serves best. On two threads, PyTorch's and
+# OpenMP's workers spin against any other process on the machine (issue 20: the suite took 49 minutes instead
+# of 4 on a loaded 2-core machine). Set before PyTorch is imported, so that the CLI tests' subprocesses inherit it;
+# a value the caller set is kept.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parents[2]
 SHARED_DATA = Path(os.environ.get("FMONESHOT_SHARED_DATA", REPO.parent / "shared" / "data"))
 SAMPLE = REPO / "Testing" / "Data" / "totalseg-ct-small"

@@ -45,6 +45,42 @@ def test_contexts_set_and_restore(three_threads):
         threads.set_model_threads(0)
 
 
+def test_small_work_runs_simpleitk_on_one_thread_and_restores_the_callers():
+    import SimpleITK as sitk
+
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(3)
+    try:
+        with threads.small_work():
+            assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 1
+            assert sitk.ImageRegistrationMethod().GetNumberOfThreads() == 1  # what the align stage creates
+        assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 3
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
+
+
+def test_the_align_stage_registers_on_one_itk_thread(monkeypatch):
+    import SimpleITK as sitk
+
+    from FMOneShotLib import pipeline
+
+    seen = []
+    register = pipeline.align_images
+
+    def spy(*a, **k):
+        seen.append(sitk.ProcessObject.GetGlobalDefaultNumberOfThreads())
+        return register(*a, **k)
+
+    monkeypatch.setattr(pipeline, "align_images", spy)
+    case = load_dataset(SAMPLE).cases[0]
+    vol, ref = case.read_image(), case.read_mask()
+    z = int(np.argmax((ref == 5).sum(axis=(1, 2))))
+    pos, neg = sample_prompts(ref[z] == 5, 3, 3, 0)
+    tpl = Template.from_volume(vol, z, {"liver": pos}, {"liver": neg})
+    OneShot(tpl, segmenter="offline", adapter="none", align="affine").fit().apply(vol, slices=[z])
+    assert seen == [1]
+
+
 def test_the_chain_trains_on_one_thread_and_runs_forwards_on_the_callers(three_threads, monkeypatch):
     seen = {"train": set(), "forward": set()}
     train = adapters.train_adam
