@@ -29,6 +29,9 @@ REQUIREMENTS = {
     "packaging>=20": "packaging",  # reads the versions below (Slicer ships it)
     "highdicom>=0.22": "highdicom",
     "jsonschema>=4.18": "jsonschema",
+    # dicomseg.cielab: sRGB -> CIE L*a*b* for a segment's colour (highdicom's own conversion, CIELabColor.from_rgb,
+    # needs highdicom >= 0.23, which needs Python 3.10: Slicer 5.8 gets 0.22)
+    "scikit-image>=0.21": "skimage",
 }
 TORCH = ("torch", "torchvision")
 # Built by Slicer itself and never replaced by pip's wheel inside Slicer: Slicer's SimpleITK carries an image IO of

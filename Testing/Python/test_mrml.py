@@ -575,6 +575,34 @@ def test_the_runtime_requirements_are_pyprojects():
     assert requirements.package("segment-anything>=1.0") == "segment-anything"
 
 
+def test_every_package_the_library_imports_is_installed_in_slicer():
+    """Each top-level package that FMOneShotLib and the module import is one Slicer gets: the standard library,
+    Slicer's own (slicer, vtk, qt, the PyTorch extension), a requirement (which the panel installs), a package
+    a requirement installs with it, or an optional extra whose absence the library reports itself. A package
+    missing here fails only in Slicer, after the dependency check passed (dicomseg's skimage did, for DICOM
+    SEG export)."""
+    import ast
+    import sys
+
+    from FMOneShotLib import requirements
+
+    repo = Path(__file__).resolve().parents[2]
+    slicers_own = {"slicer", "vtk", "qt", "PyTorchUtils", "FMOneShotLib"}
+    with_a_requirement = {"pydicom": "highdicom", "PIL": "highdicom, torchvision"}
+    extras = {"sam2", "diffusers", "transformers", "distributed", "dask"}  # pyproject's optional dependencies
+    allowed = (set(sys.stdlib_module_names) | slicers_own | set(with_a_requirement) | extras
+               | set(requirements.REQUIREMENTS.values()))
+    imported = {}
+    for path in sorted((repo / "FMOneShotLib").rglob("*.py")) + [repo / "FMOneShot" / "FMOneShot.py"]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            for name in names:
+                imported.setdefault(name.split(".")[0], path.relative_to(repo).as_posix())
+    assert {name: where for name, where in imported.items() if name not in allowed} == {}
+    assert imported["skimage"] == "FMOneShotLib/dicomseg.py"  # the scan sees function-level imports
+
+
 def test_the_panels_choices_run(sample):
     """Each backend/segmenter/device choice of the panel becomes OneShot options that build and run."""
     from FMOneShotLib.pipeline import OneShot
