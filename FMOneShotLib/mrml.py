@@ -66,10 +66,32 @@ def volume_from_node(node) -> Volume:
     direction = LPS_TO_RAS @ ras  # columns: index axes in LPS
     origin = LPS_TO_RAS @ np.asarray(node.GetOrigin(), float)
     # the modality as a file read gives it: the DICOM tag Slicer keeps, else CT when values look like HU
-    modality = (node.GetAttribute("DICOM.Modality") or "").upper() or None
+    modality = dicom_modality(node)
     if modality not in MODALITIES:
         modality = guess_modality(array)
     return Volume(array, node.GetSpacing(), tuple(origin), direction, name=node.GetName(), modality=modality)
+
+
+def dicom_modality(node) -> str | None:
+    """The DICOM Modality (0008,0060) of the series a volume node was loaded from, upper case, or None.
+
+    Slicer's DICOM plugins keep it on the node's subject hierarchy item, not on the node: DICOMLib's
+    ``DICOMPlugin.addSeriesInSubjectHierarchy`` sets the item attribute
+    ``vtkMRMLSubjectHierarchyConstants.GetDICOMSeriesModalityAttributeName()`` ("DICOM.Modality"). A node
+    attribute of that name (some extensions and scripts set one) is read when the item has none. The subject
+    hierarchy node is looked up, never created."""
+    value = ""
+    scene = node.GetScene()
+    for hierarchy in _nodes_by_class(scene, "vtkMRMLSubjectHierarchyNode")[:1] if scene is not None else []:
+        item = hierarchy.GetItemByDataNode(node)
+        if item:
+            value = hierarchy.GetItemAttribute(item, DICOM_MODALITY_ATTRIBUTE) or ""
+    value = value or node.GetAttribute(DICOM_MODALITY_ATTRIBUTE) or ""
+    return value.strip().upper() or None
+
+
+# vtkMRMLSubjectHierarchyConstants::GetDICOMSeriesModalityAttributeName() (Libs/MRML/Core)
+DICOM_MODALITY_ATTRIBUTE = "DICOM.Modality"
 
 
 def node_from_volume(scene, volume: Volume, name: str | None = None, node=None):

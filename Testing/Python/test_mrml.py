@@ -51,6 +51,25 @@ def test_volume_node_round_trip_keeps_voxels_and_geometry(tmp_path):
     assert np.allclose(read_volume(path).index_to_physical([3, 4, 5]), lps, atol=1e-4)
 
 
+def test_the_modality_of_a_volume_loaded_from_dicom_is_read_where_slicer_keeps_it():
+    """Slicer's DICOM plugins put the series' Modality on the volume's subject hierarchy item
+    (DICOMPlugin.addSeriesInSubjectHierarchy), not on the node: a CT without air (no value below -500) is CT
+    from there, as the command line reads it from the files; without the item, the values decide."""
+    soft_tissue = Volume(np.full((4, 6, 6), 40, np.int16), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), np.eye(3))
+    scene = slicer.vtkMRMLScene()
+    node = mrml.node_from_volume(scene, soft_tissue)
+    assert mrml.volume_from_node(node).modality is None
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSubjectHierarchyNode") == 0  # looked up, never created
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    item = hierarchy.CreateItem(hierarchy.GetSceneItemID(), node)
+    hierarchy.SetItemAttribute(item, slicer.vtkMRMLSubjectHierarchyConstants.GetDICOMSeriesModalityAttributeName(),
+                               "CT")
+    assert mrml.volume_from_node(node).modality == "CT"
+    other = mrml.node_from_volume(scene, soft_tissue)
+    other.SetAttribute(mrml.DICOM_MODALITY_ATTRIBUTE, "mr")  # a node attribute (set by some scripts)
+    assert mrml.volume_from_node(other).modality == "MR"
+
+
 def test_volume_from_node_refuses_what_is_not_a_scalar_volume():
     scene = slicer.vtkMRMLScene()
     seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
