@@ -694,7 +694,11 @@ class FMOneShotLogic(ScriptedLoadableModuleLogic):
         """``OneShot(template, **options)`` fitted (models loaded, template features, adapter trained) in a
         worker thread, while this thread keeps the panel responsive: ``poll()`` (which processes Qt events) is
         called every 50 ms until the fit ends. The fit itself cannot be interrupted: a Cancel pressed during it
-        takes effect when it ends. The fit touches no MRML node and no Qt object."""
+        takes effect when it ends. The fit touches no MRML node and no Qt object. A backend or segmenter whose
+        optional package is missing (sd, sam2) is refused first (``mrml.check_extras``)."""
+        from FMOneShotLib import mrml
+
+        mrml.check_extras(options["backend"], options["segmenter"])  # sd, sam2: their packages, before any work
         from FMOneShotLib.pipeline import OneShot
 
         oneshot = OneShot(template, **options)

@@ -702,6 +702,36 @@ def run_options(backend: str = "auto", adapter: str = "auto", segmenter: str = "
             "segmenter_options": {"device": device} if segmenter in ("auto", "sam", "sam2") else {}}
 
 
+def check_extras(backend: str, segmenter: str, python: tuple | None = None) -> None:
+    """FMOneShotError, before any work, when the chosen ``backend`` or ``segmenter`` needs an optional package
+    (:data:`requirements.EXTRAS`: the sd backend diffusers and transformers, the sam2 segmenter the sam2
+    package) that this Python lacks, or cannot run on this Python (``python``: ``sys.version_info``; sam2
+    needs 3.10, so not Slicer 5.8). The panel does not install these itself (sam2 is an sdist that pip would
+    build against a second PyTorch unless told otherwise): the fix names the command for Slicer's Python
+    console. "auto" never needs them (it picks SAM 2 only where the sam2 package is installed)."""
+    import sys
+
+    from . import requirements
+
+    python = tuple(python or sys.version_info)[:2]
+    for name in [n for n in dict.fromkeys((backend, segmenter)) if n in requirements.EXTRAS]:
+        what = f"the segmenter {name}" if name == segmenter else f"the backend {name}"
+        oldest = requirements.EXTRA_PYTHON.get(name)
+        if oldest is not None and python < oldest:
+            raise FMOneShotError(f"{what[0].upper()}{what[1:]} needs Python {'.'.join(map(str, oldest))} or later, "
+                                 f"and this Slicer runs Python {'.'.join(map(str, python))}.",
+                                 "use Slicer 5.10 or later for it, or choose another (auto, or sam).")
+        unmet = requirements.unmet(requirements.EXTRAS[name])
+        if unmet:
+            reqs = " ".join(requirements.EXTRAS[name])
+            command = (f"import os; os.environ['SAM2_BUILD_CUDA'] = '0'; slicer.util.pip_install("
+                       f"'--no-build-isolation {reqs}')" if name == "sam2" else f"slicer.util.pip_install('{reqs}')")
+            raise FMOneShotError(f"{what[0].upper()}{what[1:]} needs "
+                                 + ", ".join(f"{r} (installed: {h})" if h else r for r, h in unmet) + ".",
+                                 f"install it in Slicer's Python console ({command}) and restart Slicer, or "
+                                 "choose another.")
+
+
 def check_targets(volume_nodes: list) -> list:
     """The target volume nodes (None dropped), each checked to be a grey-value volume with image data, before
     any work starts: FMOneShotError naming the first that is not, or when there is none."""

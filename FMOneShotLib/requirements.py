@@ -33,14 +33,20 @@ REQUIREMENTS = {
     # needs highdicom >= 0.23, which needs Python 3.10: Slicer 5.8 gets 0.22)
     "scikit-image>=0.21": "skimage",
 }
+# pyproject's optional dependencies that a backend or segmenter of the same name needs: name -> {requirement:
+# module}, and the oldest Python each runs on (the sam2 package requires 3.10: Slicer 5.10 or later).
+EXTRAS = {"sam2": {"sam2>=1.0": "sam2"},
+          "sd": {"diffusers>=0.27": "diffusers", "transformers>=4.38": "transformers"}}
+EXTRA_PYTHON = {"sam2": (3, 10)}
 TORCH = ("torch", "torchvision")
 # Built by Slicer itself and never replaced by pip's wheel inside Slicer: Slicer's SimpleITK carries an image IO of
 # its own (SlicerTotalSegmentator's setupPythonRequirements skips it for that reason).
 SLICER_OWN = ("SimpleITK",)
 
 
-def unmet() -> list:
-    """``[(requirement, installed version or None)]`` for each requirement, in REQUIREMENTS order, whose module
+def unmet(requirements: dict | None = None) -> list:
+    """``[(requirement, installed version or None)]`` for each requirement, in REQUIREMENTS order (or of the
+    ``{requirement: module}`` given, such as an entry of :data:`EXTRAS`), whose module
     cannot be imported here or whose installed distribution is older than the requirement allows (an old
     torch or timm left by another Slicer extension). A module without distribution metadata (a build on
     ``sys.path``) is taken as it is. Uses ``importlib.metadata`` and ``packaging`` (PEP 440 specifiers).
@@ -50,7 +56,7 @@ def unmet() -> list:
     not reported missing because a listing cached before the install looks unchanged."""
     importlib.invalidate_caches()
     out = []
-    for req, module in REQUIREMENTS.items():
+    for req, module in (REQUIREMENTS if requirements is None else requirements).items():
         if importlib.util.find_spec(module) is None:
             out.append((req, None))
             continue

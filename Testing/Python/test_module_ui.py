@@ -280,6 +280,16 @@ report["extents"] = extents
 widget._parameterNode.align = "rigid"
 report["options"] = {k: v for k, v in widget.logic.options(widget._parameterNode).items() if k == "align"}
 widget._parameterNode.align = "affine"
+# a segmenter whose package this Python cannot run (sam2 on Slicer 5.8's Python 3.9) is refused before the fit
+import FMOneShotLib.requirements
+FMOneShotLib.requirements.EXTRA_PYTHON["sam2"] = (99, 0)
+widget._parameterNode.segmenter = "sam2"
+try:
+    widget.logic.fitted(None, widget.logic.options(widget._parameterNode))
+except FMOneShotLib.errors.FMOneShotError as exc:
+    report["sam2_refused"] = {"problem": exc.problem, "pipeline_imported": "FMOneShotLib.pipeline" in sys.modules}
+widget._parameterNode.segmenter = "auto"
+FMOneShotLib.requirements.EXTRA_PYTHON["sam2"] = (3, 10)
 # "Add label" passes the colour button's colour only when the user picked one (the button's colorChanged
 # signal); the button then shows the label's colour, set without counting as a pick
 button = widget.ui.labelColorPickerButton
@@ -519,6 +529,13 @@ def test_the_panel_opens_from_a_clone_without_pytorch(panel):
     assert Path(panel["icon"]).resolve() == (REPO / "Resources" / "Icons" / "FMOneShot.png").resolve()
     assert panel["labels"] == ["liver"]
     assert panel["setup_attempts"] == [], f"the panel imported what Slicer does not ship: {panel['setup_attempts']}"
+
+
+def test_a_segmenter_this_python_cannot_run_is_refused_before_the_fit(panel):
+    """The sam2 choice on a Python the sam2 package does not support (Slicer 5.8) stops with that reason before
+    the pipeline (PyTorch) is even imported."""
+    assert panel["sam2_refused"]["problem"].startswith("The segmenter sam2 needs Python 99.0 or later")
+    assert panel["sam2_refused"]["pipeline_imported"] is False
 
 
 def test_the_alignment_and_a_labels_extent_reach_the_library(panel):

@@ -592,6 +592,36 @@ def test_the_runtime_requirements_are_pyprojects():
     assert list(requirements.REQUIREMENTS) == doc["project"]["dependencies"]
     assert requirements.missing() == []  # this environment has them all
     assert requirements.package("segment-anything>=1.0") == "segment-anything"
+    extras = doc["project"]["optional-dependencies"]
+    assert {name: list(reqs) for name, reqs in requirements.EXTRAS.items()} == {n: extras[n] for n in ("sam2", "sd")}
+
+
+def test_a_choice_that_needs_an_optional_package_is_refused_before_any_work_with_slicers_command(monkeypatch):
+    """The panel lists the sd backend and the sam2 segmenter, whose packages are pyproject extras it does not
+    install: the choice is refused before the models load, with the command for Slicer's Python console; sam2
+    on Slicer 5.8's Python 3.9 (the sam2 package needs 3.10) with the Slicer version to use."""
+    import importlib.util
+
+    from FMOneShotLib import requirements
+
+    for backend, segmenter in (("auto", "auto"), ("offline", "sam"), ("d2s14", "offline"), ("sd", "sam2")):
+        mrml.check_extras(backend, segmenter, python=(3, 12))  # all installed here
+    with pytest.raises(FMOneShotError, match=r"segmenter sam2 needs Python 3\.10 or later.*Python 3\.9") as err:
+        mrml.check_extras("auto", "sam2", python=(3, 9))
+    assert "Slicer 5.10" in err.value.fix
+    mrml.check_extras("sd", "auto", python=(3, 9))  # diffusers and transformers run on 3.9
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(requirements.importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("diffusers", "sam2") else real(name, *a))
+    with pytest.raises(FMOneShotError, match=r"backend sd needs diffusers>=0\.27\.") as err:
+        mrml.check_extras("sd", "offline", python=(3, 12))
+    assert "slicer.util.pip_install('diffusers>=0.27 transformers>=4.38')" in err.value.fix
+    with pytest.raises(FMOneShotError, match=r"segmenter sam2 needs sam2>=1\.0\.") as err:
+        mrml.check_extras("offline", "sam2", python=(3, 12))
+    assert ("os.environ['SAM2_BUILD_CUDA'] = '0'; slicer.util.pip_install('--no-build-isolation sam2>=1.0')"
+            in err.value.fix)
+    mrml.check_extras("auto", "auto", python=(3, 12))  # auto never needs them
 
 
 def test_every_package_the_library_imports_is_installed_in_slicer():
