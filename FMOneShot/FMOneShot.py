@@ -676,17 +676,36 @@ class FMOneShotLogic(ScriptedLoadableModuleLogic):
         return [parameters.targetVolume] if parameters.targetVolume else []
 
     def apply(self, parameters, progress=None, cancel=None):
-        """Apply to the target volume (or all): the list of NodeResult, or None when cancelled (nothing added)."""
+        """Apply to the target volume (or all): the list of NodeResult, or None when cancelled (nothing added).
+
+        The fit and each volume's computation (its alignment, every slice) run in a worker thread
+        (``runWhileResponsive``) while this thread calls, every 50 ms, ``progress(volume_index, n_volumes, done,
+        total, name)`` with the latest step and ``cancel()`` (both may touch Qt and process events). The worker
+        only records its steps and reads whether ``cancel()`` said True: it touches no Qt object and no MRML node
+        (the volumes are converted, and the result nodes made, in this thread)."""
         from FMOneShotLib import mrml
         from FMOneShotLib.pipeline import Cancelled
 
         template = self.template(parameters)
         options = self.options(parameters)
         nodes = mrml.check_targets(self.targets(parameters))  # bad targets refused before the models load
+        state = {"step": None, "cancelled": False}
+
+        def poll():  # this thread
+            step, state["step"] = state["step"], None
+            if step is not None and progress is not None:
+                progress(*step)
+            if cancel is not None and cancel():
+                state["cancelled"] = True
+
+        def record(*step):  # the worker
+            state["step"] = step
+
         try:
-            oneshot = self.fitted(template, options, poll=cancel)
-            return mrml.apply_to_nodes(template, nodes, progress=progress, cancel=cancel, oneshot=oneshot,
-                                       per_slice_landmarks=parameters.perSliceLandmarks)
+            oneshot = self.fitted(template, options, poll=poll)
+            return mrml.apply_to_nodes(template, nodes, progress=record, cancel=lambda: state["cancelled"],
+                                       oneshot=oneshot, per_slice_landmarks=parameters.perSliceLandmarks,
+                                       run=lambda work: runWhileResponsive(work, poll))
         except Cancelled:
             return None
 

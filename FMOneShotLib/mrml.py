@@ -754,7 +754,7 @@ def _check_still_in_scene(scene, nodes: list) -> None:
 
 
 def apply_to_nodes(template: Template, volume_nodes: list, progress=None, cancel=None,
-                   per_slice_landmarks: bool = False, oneshot=None, **options) -> list:
+                   per_slice_landmarks: bool = False, oneshot=None, run=None, **options) -> list:
     """Apply ``template`` to every volume node; then, and only then, add the results to the scene.
 
     Per volume: a segmentation node "VOLUME segmentation" (one segment per label, with its name and colour),
@@ -762,7 +762,13 @@ def apply_to_nodes(template: Template, volume_nodes: list, progress=None, cancel
     "VOLUME FMOneShot confidence" with the per-slice decisions. ``progress(volume_index, n_volumes,
     slices_done, n_slices, volume_name)``; ``cancel()`` returning True raises ``pipeline.Cancelled`` within
     one slice, and since nodes are added only after the last volume, a cancelled (or failed) run leaves the
-    scene as it was. ``options`` go to :class:`pipeline.OneShot` (or pass a fitted ``oneshot``)."""
+    scene as it was. ``options`` go to :class:`pipeline.OneShot` (or pass a fitted ``oneshot``).
+
+    ``run(work)``, when given, runs ``work()`` (one volume's computation: its alignment and every slice, which
+    touches no MRML node, the volume having been converted before) and returns its value; the panel passes one
+    that runs it in a worker thread while the main thread keeps Slicer responsive (``progress`` and ``cancel``
+    are then called from that thread, ``cancel`` also once from the calling thread before the first volume).
+    The nodes are read and made in the calling thread."""
     from .pipeline import OneShot
 
     nodes = check_targets(volume_nodes)
@@ -781,7 +787,10 @@ def apply_to_nodes(template: Template, volume_nodes: list, progress=None, cancel
         def step(done, total, v=v, name=node.GetName()):
             if progress is not None:
                 progress(v, len(nodes), done, total, name)
-        out.append(NodeResult(node, oneshot.apply(volume_from_node(node), progress=step, cancel=cancel)))
+
+        def work(volume=volume_from_node(node), step=step):
+            return oneshot.apply(volume, progress=step, cancel=cancel)
+        out.append(NodeResult(node, run(work) if run is not None else work()))
     _check_still_in_scene(scene, nodes)
     made = []
     try:

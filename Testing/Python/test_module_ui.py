@@ -347,6 +347,51 @@ widget.onApply()
 report["during_apply"] = during
 report["after_apply"] = {name: getattr(widget.ui, name).enabled for name in widget.WORK_WIDGETS}
 report["after_apply_cancel"] = widget.ui.cancelButton.enabled
+# The real Logic.apply: each volume's computation runs in a worker thread, which only records its step and
+# reads Cancel; the step is shown, and Cancel read, in the main thread (the library's pipeline and
+# apply_to_nodes are stood in for: PyTorch is not importable here)
+import FMOneShotLib.mrml as fm_mrml
+
+
+class Cancelled(Exception):
+    pass
+
+
+stand_in_pipeline = types.ModuleType("FMOneShotLib.pipeline")
+stand_in_pipeline.Cancelled = Cancelled
+sys.modules["FMOneShotLib.pipeline"] = stand_in_pipeline
+shown, worker_saw = [], {}
+
+
+def on_progress(*step):
+    shown.append([list(step), threading.current_thread() is threading.main_thread()])
+    widget._cancelRequested = True  # the user presses Cancel once the step shows
+
+
+def apply_to_nodes(template, nodes, progress=None, cancel=None, oneshot=None, per_slice_landmarks=False, run=None):
+    def work():
+        progress(0, 1, 1, 4, "CT")
+        for _ in range(500):  # up to 5 s: the main thread's poll shows the step and reads Cancel
+            if cancel():
+                worker_saw["in_main_thread"] = threading.current_thread() is threading.main_thread()
+                raise Cancelled("cancelled at slice 1")
+            time.sleep(0.01)
+        return ["not cancelled"]
+    return run(work)
+
+
+real_apply_to_nodes, real_check_targets = fm_mrml.apply_to_nodes, fm_mrml.check_targets
+fm_mrml.apply_to_nodes, fm_mrml.check_targets = apply_to_nodes, lambda nodes: list(nodes)
+apply_logic = FMOneShot.FMOneShotLogic()
+apply_logic.template = lambda parameters: "template"
+apply_logic.fitted = lambda template, options, poll=None: "engine"
+widget.onProgress, widget._cancelRequested = on_progress, False
+report["threaded_apply"] = {"result": apply_logic.apply(widget._parameterNode, progress=widget.onProgress,
+                                                        cancel=widget.isCancelled),
+                            "shown": shown, "worker_saw_cancel": worker_saw}
+fm_mrml.apply_to_nodes, fm_mrml.check_targets = real_apply_to_nodes, real_check_targets
+del sys.modules["FMOneShotLib.pipeline"], widget.onProgress
+widget._cancelRequested = False
 report["cache_env_after"] = os.environ.get("FMONESHOT_CACHE")
 report["ui"] = loaded_ui
 report["library"] = sys.modules["FMOneShotLib"].__file__
@@ -627,6 +672,17 @@ def test_while_work_runs_only_cancel_is_enabled_and_nested_clicks_do_nothing(ui,
                    "saveTemplateButton", "loadTemplateButton", "exportButton", "downloadWeightsButton",
                    "importWeightsButton", "applyButton", "templateVolumeSelector", "paintedSegmentationSelector"):
         assert button in inside, button
+
+
+def test_apply_computes_in_a_worker_and_shows_progress_and_reads_cancel_in_the_main_thread(panel):
+    """Logic.apply hands each volume's computation to a worker thread: the step the worker records is shown by
+    the main thread (the widget's onProgress touches Qt), Cancel pressed there reaches the worker at its next
+    check, and the run ends as cancelled (None: nothing added)."""
+    run = panel["threaded_apply"]
+    assert run["result"] is None
+    assert run["shown"] and run["shown"][0] == [[0, 1, 1, 4, "CT"], True]
+    assert all(in_main for _, in_main in run["shown"])
+    assert run["worker_saw_cancel"] == {"in_main_thread": False}
 
 
 def test_long_work_runs_while_the_panel_keeps_processing_events(panel):

@@ -472,6 +472,53 @@ def test_a_volume_removed_while_the_run_works_stops_it_with_nothing_added(sample
     assert node_names(scene) == before
 
 
+def test_each_volume_can_be_computed_in_a_worker_thread_with_every_node_touched_in_the_calling_one(sample,
+                                                                                                   monkeypatch):
+    """The panel runs each volume's computation (alignment, slices) in a worker thread (``run``) so that Slicer
+    stays responsive: the volumes are converted in the calling thread, only the library's apply and the
+    progress run in the worker, and the results are those of a direct run."""
+    import threading
+
+    from FMOneShotLib.pipeline import OneShot
+
+    scene, nodes, volume, reference = sample_scene(sample, 2)
+    tpl = mrml.template_from_markups(nodes[0], [mrml.LabelPrompt("liver", None,
+                                                                 *clicks(scene, volume, reference, 15, LIVER,
+                                                                         "liver"))])
+    engine = OneShot(tpl).fit()
+    direct = mrml.apply_to_nodes(tpl, nodes, oneshot=engine)
+    seen = {"convert": [], "apply": [], "progress": [], "cancel": []}  # the thread of each call
+    convert, apply = mrml.volume_from_node, engine.apply
+
+    def record(kind, call):
+        def wrapped(*args, **kwargs):
+            seen[kind].append(threading.get_ident())
+            return call(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(mrml, "volume_from_node", record("convert", convert))
+    monkeypatch.setattr(engine, "apply", record("apply", apply))
+
+    def run(work):  # as the panel's runWhileResponsive, without Qt
+        out = {}
+        worker = threading.Thread(target=lambda: out.update(value=work()))
+        worker.start()
+        worker.join()
+        return out["value"]
+
+    threaded = mrml.apply_to_nodes(tpl, nodes, oneshot=engine, run=run,
+                                   progress=record("progress", lambda *step: None),
+                                   cancel=record("cancel", lambda: False))
+    main = threading.get_ident()
+    assert set(seen["convert"]) == {main} and len(seen["convert"]) == 2
+    assert len(seen["apply"]) == 2 and seen["progress"] and seen["cancel"]
+    assert seen["cancel"][0] == main  # asked once before the first volume, then per slice in the worker
+    assert main not in seen["apply"] + seen["progress"] + seen["cancel"][1:]
+    for a, b in zip(direct, threaded):
+        assert b.segmentation.GetScene() is scene and b.volume is a.volume
+        assert np.mean(a.result.labels.array == b.result.labels.array) > 0.999
+
+
 def test_labels_live_in_the_scene_as_tagged_point_lists():
     vol = Volume(textured((6, 10, 12)), (1.0, 1.0, 2.0), name="ct")
     scene, node = scene_with(vol)
