@@ -182,7 +182,8 @@ def match_patch(template: np.ndarray, template_xy, target: np.ndarray, start_xy,
     sampled in the template's pose, scale and shear and the patches compare like with like. The patch has
     ``2 half + 1`` samples a side, ``step`` template pixels apart; candidates lie on the same lattice within
     the disc of ``radius`` samples around the start, and the one kept maximises
-    ``NCC - penalty * (d / radius)^2`` (as :func:`correspond` does in its windows). Samples beyond an image's
+    ``NCC - penalty * (d / radius)^2`` (as :func:`correspond` does in its windows), refined to a fraction of a
+    sample by a parabola through the NCC peak and its neighbours along each axis. Samples beyond an image's
     edge repeat its edge. Returns (xy (2,) target pixels, NCC there in [-1, 1]); a flat patch or region
     (nothing to correlate) returns the start with NCC 0.
     """
@@ -202,7 +203,13 @@ def match_patch(template: np.ndarray, template_xy, target: np.ndarray, start_xy,
     d2 = (k[None, :] ** 2 + k[:, None] ** 2) / max(radius, 1) ** 2
     score = np.where(d2 <= 1, ncc - penalty * d2, -np.inf)
     i, j = np.unravel_index(int(np.argmax(score)), score.shape)
-    offset = np.array([j - radius, i - radius], float) * step
+    offset = np.array([j - radius, i - radius], float)
+    # sub-sample: the vertex of the parabola through the NCC peak and its neighbours along each axis
+    if 0 < j < 2 * radius:
+        offset[0] += float(_peak_offset(ncc[i, j - 1], ncc[i, j], ncc[i, j + 1]))
+    if 0 < i < 2 * radius:
+        offset[1] += float(_peak_offset(ncc[i - 1, j], ncc[i, j], ncc[i + 1, j]))
+    offset *= step
     return start + np.asarray(jacobian, float) @ offset, float(ncc[i, j])
 
 
