@@ -16,8 +16,10 @@
   4. ``prompt``: ten random pixels of the region join the corresponding positive points (paper B);
   5. ``segment``: the segmenter turns the prompts into a mask; overlaps go to the more probable label;
   6. ``locate_landmarks``: each template landmark's windowed correspondence, refined on features of a crop
-     around it at a finer grid than the whole slice allows; with an adapter chosen explicitly, the centre of
-     the adapter's localised region of each landmark (paper B) instead;
+     around it at a finer grid than the whole slice allows, and last its intensity patch matched by
+     normalised cross-correlation, coarse to fine (``match_landmark_patches``, the same for every backend);
+     with an adapter chosen explicitly, the centre of the adapter's localised region of each landmark
+     (paper B) instead;
   7. ``clean_up``, after the last slice, per label: detections in connected components (over the processed
      slices) smaller than ``minor_components`` of the largest are dropped, and those slices count as empty.
 
@@ -495,9 +497,12 @@ class OneShot:
 
         In 3D (the template knows its volume, both have ``align.MIN_SIDE`` slices or more) the template volume is registered
         to the target volume in LPS; otherwise the first template slice to the target slice of the same
-        index, in 2D (each slice's own frame, pixels times spacing). ``align="none"``, or a registration that
-        kept the identity (nothing beat the unregistered images): no windows, no prior (paper A's whole-slice
-        search); an extent is still mapped through the geometry."""
+        index, in 2D (each slice's own frame, pixels times spacing). ``align="none"``, or a volume registration
+        that kept the identity (nothing beat the unregistered volumes): no windows, no prior (paper A's
+        whole-slice search); an extent is still mapped through the geometry. A 2D registration that kept the
+        identity places everything where the identity puts it. ``Placement.landmark_frames`` holds each
+        landmark's local linear map (template pixel offsets -> target pixel offsets, finite differences of
+        ``FRAME_STEP`` template pixels), the pose :meth:`match_landmark_patches` samples the target in."""
         tpl, source, volume = self.template, target.source, target.volume
         ref = tpl.volume
         in_3d = (ref is not None and not ref.is_2d and not source.is_2d and min(ref.array.shape) >= MIN_SIDE
