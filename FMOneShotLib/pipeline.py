@@ -706,16 +706,31 @@ class OneShot:
         starting from ``xy`` (N, 2) pixels, the target sampled in the pose ``frames`` (N, 2, 2) gives (the
         alignment's local linear map: template pixel offsets -> target pixel offsets). Each level smooths both
         images by half its step (a Gaussian pyramid level). It uses intensities only, so it is the same for
-        every feature backend. Returns the new (N, 2) pixel positions."""
+        every feature backend. With ``CONSENSUS_MIN`` landmarks or more, each is matched a second time from
+        where the robust affine map of all the first answers puts it (the landmarks' shape corrects a patch
+        that locked onto a look-alike), and the answer of higher final NCC is kept. Returns the new (N, 2)
+        pixel positions."""
         names = list(self.q_landmarks)
-        out = np.asarray(xy, float).copy()
         scale = float(np.mean(np.sqrt(np.abs(np.linalg.det(frames)))))  # target pixels per template pixel
+        levels = []
         for step in self.patch_steps:
             smooth = 0.5 * step if step > 1 else 0.0
-            target = ndi.gaussian_filter(image, smooth * scale) if smooth else image
-            for k, n in enumerate(names):
-                out[k] = match_patch(self._smoothed(n, smooth), self._lm_patches[n][1], target, out[k], frames[k],
-                                     PATCH_HALF, PATCH_RADIUS, step)[0]
+            levels.append((step, smooth, ndi.gaussian_filter(image, smooth * scale) if smooth else image))
+
+        def matched(start):
+            out, ncc = np.asarray(start, float).copy(), np.zeros(len(names))
+            for step, smooth, target in levels:
+                for k, n in enumerate(names):
+                    out[k], ncc[k] = match_patch(self._smoothed(n, smooth), self._lm_patches[n][1], target, out[k],
+                                                 frames[k], PATCH_HALF, PATCH_RADIUS, step)
+            return out, ncc
+
+        out, ncc = matched(xy)
+        if len(names) >= CONSENSUS_MIN:
+            template_xy = np.stack([self.lm_points[n][:2] for n in names])
+            again, ncc2 = matched(_robust_affine(template_xy, out))
+            better = ncc2 > ncc
+            out[better] = again[better]
         return out
 
     def _smoothed(self, name: str, sigma: float) -> np.ndarray:

@@ -41,6 +41,11 @@ def chaos():
 
 
 @pytest.fixture
+def ceph():
+    return require_shared("ceph-xray")
+
+
+@pytest.fixture
 def sample():
     return SAMPLE
 
