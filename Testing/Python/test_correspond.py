@@ -87,7 +87,8 @@ def textured(shape=(200, 200), seed=0):
 
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:shape[0], 0:shape[1]].astype(float)
-    body = (((xx - 100) / 85) ** 2 + ((yy - 100) / 80) ** 2 <= 1).astype(float)
+    body = (((xx - shape[1] / 2) / (0.425 * shape[1])) ** 2 + ((yy - shape[0] / 2) / (0.4 * shape[0])) ** 2
+            <= 1).astype(float)
     return (0.5 * body + 2.0 * ndi.gaussian_filter(rng.random(shape), 3.0) * body).astype(np.float32)
 
 
@@ -133,3 +134,29 @@ def test_patch_matching_recovers_a_landmark_that_the_feature_chain_misses():
     new = OneShot(tpl, segmenter="offline").fit().apply(tgt).best_landmarks()["a"]
     assert np.linalg.norm(np.array(old.xy) - truth) > 2.0
     assert np.linalg.norm(np.array(new.xy) - truth) <= 1.0
+
+
+def test_patch_consensus_brings_back_a_landmark_that_locked_onto_a_look_alike(monkeypatch):
+    """Five landmarks; one starts 140 px off, on a slightly blurred copy of its own patch (a look-alike), beyond
+    the 90 px the pyramid can move it. Alone it stays far off; the second pass, from where the other four's
+    affine consensus puts it, finds the true place, whose NCC is higher, within 1 px."""
+    import FMOneShotLib.pipeline as pipeline
+    from scipy import ndimage as ndi
+
+    template = textured((320, 320), seed=1)
+    points = {"a": [100.0, 110.0], "b": [220.0, 110.0], "c": [160.0, 200.0], "d": [100.0, 230.0],
+              "e": [220.0, 230.0]}
+    target = template.copy()
+    decoy = (160, 60)  # (x, y): where the look-alike of "c"'s patch is pasted, 140 px above it
+    patch = ndi.gaussian_filter(template, 1.0)[200 - 20:200 + 21, 160 - 20:160 + 21]
+    target[decoy[1] - 20:decoy[1] + 21, decoy[0] - 20:decoy[0] + 21] = patch
+    tpl = Template.from_volume(Volume(template * 1000, modality="XR"), 0, landmarks=points)
+    engine = OneShot(tpl, segmenter="offline").fit()
+    truth = np.array(list(points.values()))
+    starts = truth + np.array([[2.0, -3.0], [-2.0, 2.0], [0.0, -140.0], [3.0, 1.0], [-1.0, -2.0]])
+    frames = np.repeat(np.eye(2)[None], 5, axis=0)
+    found = engine.match_landmark_patches(target, starts, frames)
+    assert np.linalg.norm(found - truth, axis=1).max() <= 1.0
+    monkeypatch.setattr(pipeline, "CONSENSUS_MIN", 6)  # one pass only: "c" stays far off
+    alone = engine.match_landmark_patches(target, starts, frames)
+    assert np.linalg.norm(alone[2] - truth[2]) > 20.0
