@@ -130,7 +130,7 @@ def test_progress_and_cancel_within_one_slice(sample):
 
 def test_cephalometric_landmarks_across_subjects(ceph):
     """Issue 15's acceptance, as ``fmoneshot eval`` runs it: the first case's 19 landmarks found on the 7 other
-    cephalograms, offline backend, default alignment. Measured on the EPYC: mean NED 0.0216, 28% within 10 px
+    cephalograms, offline backend, default alignment. Measured on the EPYC: mean NED 0.0187, 28% within 10 px
     (docs/results.md). The bounds are the issue's own; a regression that drops a target's windows (as one did,
     NED 0.081) fails them."""
     summary = evaluate(ceph)[0]
