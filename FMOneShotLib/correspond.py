@@ -168,3 +168,53 @@ def _subpixel_correspond(queries: torch.Tensor, features: torch.Tensor, image_sh
     y = (i + dy + 0.5) * H / h - 0.5
     xy = np.stack([np.clip(x, 0, W - 1), np.clip(y, 0, H - 1)], axis=1)
     return Correspondence(xy, centre.astype(float))
+
+
+def match_patch(template: np.ndarray, template_xy, target: np.ndarray, start_xy, jacobian, half: int, radius: int,
+                step: float = 1.0, penalty: float = DISTANCE_PENALTY) -> tuple:
+    """Where the intensity patch around a template point lies in a target image: normalised cross-correlation
+    (``skimage.feature.match_template``, Lewis 1995) of a template patch with the target resampled in the
+    template's frame, searched within ``radius`` samples of a starting position.
+
+    ``template`` and ``target`` are (H, W) float images (already smoothed for ``step``: the caller's pyramid
+    level); ``template_xy`` and ``start_xy`` pixel (x, y) in each (x = column). ``jacobian`` (2, 2) maps template
+    pixel offsets to target pixel offsets (the local linear part of the alignment), so that the target is
+    sampled in the template's pose, scale and shear and the patches compare like with like. The patch has
+    ``2 half + 1`` samples a side, ``step`` template pixels apart; candidates lie on the same lattice within
+    the disc of ``radius`` samples around the start, and the one kept maximises
+    ``NCC - penalty * (d / radius)^2`` (as :func:`correspond` does in its windows), refined to a fraction of a
+    sample by a parabola through the NCC peak and its neighbours along each axis. Samples beyond an image's
+    edge repeat its edge. Returns (xy (2,) target pixels, NCC there in [-1, 1]); a flat patch or region
+    (nothing to correlate) returns the start with NCC 0.
+    """
+    from skimage.feature import match_template
+
+    n = half + radius
+    u = np.arange(-n, n + 1) * float(step)
+    offsets = np.stack(np.meshgrid(u, u), -1)  # (2n + 1, 2n + 1, 2) template pixel offsets (x, y)
+    start = np.asarray(start_xy, float)
+    region = _sample(target, start + offsets @ np.asarray(jacobian, float).T)
+    inner = offsets[radius:radius + 2 * half + 1, radius:radius + 2 * half + 1]
+    patch = _sample(template, np.asarray(template_xy, float) + inner)
+    if patch.std() < 1e-6 or region.std() < 1e-6:
+        return start, 0.0
+    ncc = match_template(region, patch)  # (2 radius + 1)^2: candidate offsets (dy, dx) + radius
+    k = np.arange(-radius, radius + 1)
+    d2 = (k[None, :] ** 2 + k[:, None] ** 2) / max(radius, 1) ** 2
+    score = np.where(d2 <= 1, ncc - penalty * d2, -np.inf)
+    i, j = np.unravel_index(int(np.argmax(score)), score.shape)
+    offset = np.array([j - radius, i - radius], float)
+    # sub-sample: the vertex of the parabola through the NCC peak and its neighbours along each axis
+    if 0 < j < 2 * radius:
+        offset[0] += float(_peak_offset(ncc[i, j - 1], ncc[i, j], ncc[i, j + 1]))
+    if 0 < i < 2 * radius:
+        offset[1] += float(_peak_offset(ncc[i - 1, j], ncc[i, j], ncc[i + 1, j]))
+    offset *= step
+    return start + np.asarray(jacobian, float) @ offset, float(ncc[i, j])
+
+
+def _sample(image: np.ndarray, xy: np.ndarray) -> np.ndarray:
+    """Bilinear samples of ``image`` (H, W) at pixel positions ``xy`` (..., 2), edge pixels repeated beyond it."""
+    from scipy import ndimage as ndi
+
+    return ndi.map_coordinates(image, [xy[..., 1], xy[..., 0]], order=1, mode="nearest")

@@ -16,8 +16,10 @@
   4. ``prompt``: ten random pixels of the region join the corresponding positive points (paper B);
   5. ``segment``: the segmenter turns the prompts into a mask; overlaps go to the more probable label;
   6. ``locate_landmarks``: each template landmark's windowed correspondence, refined on features of a crop
-     around it at a finer grid than the whole slice allows; with an adapter chosen explicitly, the centre of
-     the adapter's localised region of each landmark (paper B) instead;
+     around it at a finer grid than the whole slice allows, and last its intensity patch matched by
+     normalised cross-correlation, coarse to fine (``match_landmark_patches``, the same for every backend);
+     with an adapter chosen explicitly, the centre of the adapter's localised region of each landmark
+     (paper B) instead;
   7. ``clean_up``, after the last slice, per label: detections in connected components (over the processed
      slices) smaller than ``minor_components`` of the largest are dropped, and those slices count as empty.
 
@@ -39,7 +41,7 @@ from scipy import ndimage as ndi
 from .adapters import Adapter, adapter_from_state, create_adapter, mask_to_grid, template_views
 from .align import DEFAULT_KIND, EXTENT_MARGIN, MIN_SIDE, PRIOR_MARGIN, SEARCH_RADIUS, Alignment, check_kind, resolve_kind
 from .align import align as align_images
-from .correspond import Correspondence, FeatureStandardizer, correspond, similarity_maps, upsample
+from .correspond import Correspondence, FeatureStandardizer, correspond, match_patch, similarity_maps, upsample
 from .errors import FMOneShotError
 from .features import create_extractor, pixel_to_grid, sample_features
 from .image import BLANK_SPREAD, Volume, intensity_window, label_volume, normalize
@@ -128,6 +130,9 @@ class Placement:
     landmarks: np.ndarray | None = None
     prior: dict = field(default_factory=dict)
     slices: dict = field(default_factory=dict)
+    # (K, 2, 2): per landmark, the alignment's local linear map of template pixel offsets to target pixel
+    # offsets (finite differences at the landmark), or None: the pose the patch match samples the target in
+    landmark_frames: np.ndarray | None = None
 
 
 @dataclass
@@ -168,6 +173,14 @@ CONSENSUS_MIN = 4  # landmarks needed to fit their consensus affine map (3 deter
 CONSENSUS_RADIUS = 0.3  # the second search's radius, as a fraction of search_radius
 REFINE_SIDE = 160  # template pixels a side of the crop a landmark is refined on (the offline grid's limit)
 REFINE_WINDOW = 0.06  # the refined position lies within this fraction of the crop side of the coarse one
+# The landmarks' last step, intensity patches matched by normalised cross-correlation over a Gaussian pyramid,
+# coarse to fine: template pixels between samples at each level, and at every level a patch of 2 PATCH_HALF + 1
+# samples a side searched within PATCH_RADIUS samples (so 48 template pixels at the coarsest level, where the
+# patch spans 264). docs/results.md has the schedules tried.
+PATCH_STEPS = (8, 4, 2, 1)
+PATCH_HALF = 16
+PATCH_RADIUS = 6
+FRAME_STEP = 10.0  # template pixels: the finite-difference step of the alignment's local linear map
 
 
 class OneShot:
@@ -180,7 +193,7 @@ class OneShot:
                  segmenter_options: dict | None = None, minor_components: float = 0.25,
                  align: str = DEFAULT_KIND, search_radius: float = SEARCH_RADIUS, prior_margin: float | None = PRIOR_MARGIN,
                  extent_margin: float = EXTENT_MARGIN, refine_side: int = REFINE_SIDE,
-                 propagate: bool = False):
+                 patch_steps=PATCH_STEPS, propagate: bool = False):
         self.template = template.validate()
         self.align_kind = check_kind(align)
         for what, value in (("search radius", search_radius), ("extent margin", extent_margin),
@@ -193,6 +206,7 @@ class OneShot:
         self.prior_margin = prior_margin  # mm the aligned template region is dilated by (None: no prior)
         self.extent_margin = float(extent_margin)  # mm added at both ends of an aligned extent
         self.refine_side = int(refine_side)  # template pixels a side of a landmark's refinement crop (0: none)
+        self.patch_steps = tuple(int(s) for s in (patch_steps or ()))  # (): no patch matching
         self.backend = backend
         self.backend_options = dict(backend_options or {})
         self.adapter_name = adapter
@@ -268,6 +282,14 @@ class OneShot:
                           for n in self.q_landmarks}
         if self.q_landmarks and self.align_kind != "none" and self.refine_side:
             self._fit_crops()
+        # per landmark: its first template slice in [0, 1] and the landmark's pixel (x, y) on it
+        self._lm_patches, self._smooth_cache = {}, {}
+        shown = {}
+        for n in self.q_landmarks:
+            s = next(s for s in tpl.slices if n in s.landmarks)
+            if s.index not in shown:
+                shown[s.index] = normalize(s.image, s.window).astype(np.float32)
+            self._lm_patches[n] = (shown[s.index], np.asarray(s.landmarks[n], float))
 
         # Reference area of each label (mm^2) for the presence decision, from masks or the template clicks.
         # "auto" trains the classification adapter on the painted masks, or on the segmenter's masks from
@@ -475,9 +497,12 @@ class OneShot:
 
         In 3D (the template knows its volume, both have ``align.MIN_SIDE`` slices or more) the template volume is registered
         to the target volume in LPS; otherwise the first template slice to the target slice of the same
-        index, in 2D (each slice's own frame, pixels times spacing). ``align="none"``, or a registration that
-        kept the identity (nothing beat the unregistered images): no windows, no prior (paper A's whole-slice
-        search); an extent is still mapped through the geometry."""
+        index, in 2D (each slice's own frame, pixels times spacing). ``align="none"``, or a volume registration
+        that kept the identity (nothing beat the unregistered volumes): no windows, no prior (paper A's
+        whole-slice search); an extent is still mapped through the geometry. A 2D registration that kept the
+        identity places everything where the identity puts it. ``Placement.landmark_frames`` holds each
+        landmark's local linear map (template pixel offsets -> target pixel offsets, finite differences of
+        ``FRAME_STEP`` template pixels), the pose :meth:`match_landmark_patches` samples the target in."""
         tpl, source, volume = self.template, target.source, target.volume
         ref = tpl.volume
         in_3d = (ref is not None and not ref.is_2d and not source.is_2d and min(ref.array.shape) >= MIN_SIDE
@@ -501,10 +526,14 @@ class OneShot:
                 pts = np.c_[pts[:, :2], np.zeros(len(pts))]
             return alignment.map_index(tpl_frame, tgt_frame, pts)
 
-        # Where no registration beat leaving the images as they are (kept "identity": a failed optimisation, or
-        # a target posed quite differently, e.g. an oblique series), the template's physical positions say
-        # nothing about the target's: search whole slices (paper A), as with align="none".
-        windowed = kind != "none" and alignment.kept != "identity"
+        # Where no registration beat leaving volumes as they are (kept "identity": a failed optimisation, or a
+        # target posed quite differently, e.g. an oblique series), the template's physical positions say
+        # nothing about the target's: search whole slices (paper A), as with align="none". Two 2D images that
+        # nothing brings closer than the identity are in register as far as mutual information can tell (one
+        # detector frame, as cephalograms): their windows lie where the identity puts them. (On ceph-xray a
+        # registration that tied with the identity, NMI 1.1744 against 1.1762, sent ceph-006's landmarks to
+        # whole-image searches: mean error 514 px instead of about 30 px.)
+        windowed = kind != "none" and (alignment.kept != "identity" or alignment.dimension == 2)
         positive = {n: place(p)[:, :2] for n, p in self.pos_points.items()} if windowed else {}
         negative = {n: place(p)[:, :2] for n, p in self.neg_points.items()} if windowed else {}
         lm = place(np.stack([self.lm_points[n] for n in self.q_landmarks]))[:, :2] \
@@ -526,7 +555,12 @@ class OneShot:
                 z = np.array([a, b], float)
             margin = self.extent_margin / volume.spacing[2]
             slices[name] = (int(np.floor(z.min() - margin)), int(np.ceil(z.max() + margin)))
-        return Placement(alignment, positive, negative, lm, prior, slices)
+        frames = None
+        if lm is not None:
+            at = np.stack([self.lm_points[n] for n in self.q_landmarks])
+            d = FRAME_STEP
+            frames = np.stack([(place(at + [d, 0, 0])[:, :2] - lm) / d, (place(at + [0, d, 0])[:, :2] - lm) / d], -1)
+        return Placement(alignment, positive, negative, lm, prior, slices, frames)
 
     def encode(self, images: np.ndarray, pixel_spacing) -> tuple:
         """Stage 2: slices (B, H, W) in [0, 1] -> (standardised features, features for similarity), each
@@ -613,6 +647,8 @@ class OneShot:
             xy, score = c.xy.copy(), c.score.copy()
         if placement.landmarks is not None and self.refine_side:
             xy, score = self.refine_landmarks(image, feats, xy, target.volume.pixel_spacing)
+        if placement.landmark_frames is not None and self.patch_steps:
+            xy = self.match_landmark_patches(image, xy, placement.landmark_frames)
         lm_probs = None if lm_grid is None else upsample(lm_grid, shape).numpy()
         out = []
         for k, n in enumerate(names):
@@ -661,6 +697,49 @@ class OneShot:
             out_xy[k] = origins[k] + c.xy[0] * scale
             out_score[k] = c.score[0]
         return out_xy, out_score
+
+    def match_landmark_patches(self, image: np.ndarray, xy: np.ndarray, frames: np.ndarray) -> np.ndarray:
+        """The landmarks' last step, the same for every backend: each landmark's intensity patch on its template
+        slice matched in ``image`` (H, W) in [0, 1] by normalised cross-correlation
+        (:func:`correspond.match_patch`), coarse to fine over ``patch_steps`` (template pixels between samples;
+        at each level a patch of ``2 PATCH_HALF + 1`` samples searched within ``PATCH_RADIUS`` samples),
+        starting from ``xy`` (N, 2) pixels, the target sampled in the pose ``frames`` (N, 2, 2) gives (the
+        alignment's local linear map: template pixel offsets -> target pixel offsets). Each level smooths both
+        images by half its step (a Gaussian pyramid level). It uses intensities only, so it is the same for
+        every feature backend. With ``CONSENSUS_MIN`` landmarks or more, each is matched a second time from
+        where the robust affine map of all the first answers puts it (the landmarks' shape corrects a patch
+        that locked onto a look-alike), and the answer of higher final NCC is kept. Returns the new (N, 2)
+        pixel positions."""
+        names = list(self.q_landmarks)
+        scale = float(np.mean(np.sqrt(np.abs(np.linalg.det(frames)))))  # target pixels per template pixel
+        levels = []
+        for step in self.patch_steps:
+            smooth = 0.5 * step if step > 1 else 0.0
+            levels.append((step, smooth, ndi.gaussian_filter(image, smooth * scale) if smooth else image))
+
+        def matched(start):
+            out, ncc = np.asarray(start, float).copy(), np.zeros(len(names))
+            for step, smooth, target in levels:
+                for k, n in enumerate(names):
+                    out[k], ncc[k] = match_patch(self._smoothed(n, smooth), self._lm_patches[n][1], target, out[k],
+                                                 frames[k], PATCH_HALF, PATCH_RADIUS, step)
+            return out, ncc
+
+        out, ncc = matched(xy)
+        if len(names) >= CONSENSUS_MIN:
+            template_xy = np.stack([self.lm_points[n][:2] for n in names])
+            again, ncc2 = matched(_robust_affine(template_xy, out))
+            better = ncc2 > ncc
+            out[better] = again[better]
+        return out
+
+    def _smoothed(self, name: str, sigma: float) -> np.ndarray:
+        """The landmark's template slice in [0, 1], smoothed by ``sigma`` pixels (cached per slice and sigma)."""
+        image = self._lm_patches[name][0]
+        key = (id(image), sigma)
+        if key not in self._smooth_cache:
+            self._smooth_cache[key] = ndi.gaussian_filter(image, sigma) if sigma else image
+        return self._smooth_cache[key]
 
     def _correspond(self, queries: torch.Tensor, feats: torch.Tensor, shape, centres, target: "Target",
                     radius_scale: float = 1.0, subpixel: bool = False):

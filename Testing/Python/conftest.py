@@ -48,6 +48,11 @@ def chaos():
 
 
 @pytest.fixture
+def ceph():
+    return require_shared("ceph-xray")
+
+
+@pytest.fixture
 def sample():
     return SAMPLE
 

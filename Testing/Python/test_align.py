@@ -159,6 +159,9 @@ def test_stages_each_on_their_own():
     truth = m_where(np.array([[-15, -8], [18, 5]]))
     assert np.abs(placement.landmarks - truth).max() <= 1.5
     assert np.abs(placement.positive["spot"] - truth[:1]).max() <= 1.5
+    # and the local pose the landmarks' patches are matched in: the known scale and rotation
+    known = 1.05 * np.array([[np.cos(0.1), -np.sin(0.1)], [np.sin(0.1), np.cos(0.1)]])
+    assert placement.landmark_frames.shape == (2, 2, 2) and np.abs(placement.landmark_frames - known).max() <= 0.03
     assert placement.prior["spot"][int(truth[0, 1]), int(truth[0, 0])] and not placement.prior["spot"][5, 90]
     # encode: the backend's grid, standardised
     images = (moving[None] - 0.0) / 1.4
