@@ -506,7 +506,8 @@ class OneShot:
                                        modality=tpl.modality)
             moving = tgt_frame = Volume(volume.array[k], tuple(volume.pixel_spacing) + (1.0,), is_2d=True,
                                         modality=volume.modality)
-        kind = resolve_kind(self.align_kind, source.is_2d)  # auto: by the target, whatever frame is registered
+        # auto: by the target, whatever frame is registered, and by whether an extent is to be placed in 3D
+        kind = resolve_kind(self.align_kind, source.is_2d, extent=bool(tpl.extent) and in_3d)
         alignment = align_images(fixed, moving, kind, seed=self.seed)
 
         def place(points):  # template (x, y, slice index) -> target (x, y) pixels (and z index in 3D)
