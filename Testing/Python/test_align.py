@@ -5,7 +5,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from FMOneShotLib.align import EXTENT_TOLERANCE, Alignment, align
+from FMOneShotLib.align import EXTENT_TOLERANCE, Alignment, align, resolve_kind
 from FMOneShotLib.correspond import correspond
 from FMOneShotLib.errors import FMOneShotError
 from FMOneShotLib.features import create_extractor, sample_features
@@ -88,6 +88,9 @@ def test_align_refuses_mixed_dimensions_and_unknown_kinds():
     with pytest.raises(FMOneShotError, match="Unknown alignment"):
         textured = Volume(np.random.default_rng(0).random((8, 16, 16)).astype(np.float32))  # blank is refused
         OneShot(Template.from_volume(textured, 3, {"x": [[4, 4]]}), align="elastic")
+    # auto: affine for 2D images and for volumes whose template carries an extent, none for other volumes
+    assert [resolve_kind("auto", *a) for a in ((True,), (False,), (False, True))] == ["affine", "none", "affine"]
+    assert resolve_kind("rigid", False, True) == "rigid"
     none = align(flat, flat, "none")
     assert none.transform is None and np.array_equal(none.map_points([[1.0, 2.0, 3.0]]), [[1.0, 2.0, 3.0]])
 
