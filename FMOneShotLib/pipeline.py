@@ -538,6 +538,8 @@ class OneShot:
                 frame = ref.resliced(ref.slice_axis(tpl.orientation))
                 centre = self._label_centre(name)
                 z = ident.map_index(frame, volume, [[*centre, a], [*centre, b]])[:, 2]
+                if uncertainty is None and not self.extent_tolerance:
+                    uncertainty = 0.0  # a hard bound: nothing to scale
                 if uncertainty is None:
                     quality = ident.quality if ident.kind != "none" else agreement(ref, source)
                     uncertainty = extent_uncertainty(Alignment(ident.kind, 3, quality=quality))
