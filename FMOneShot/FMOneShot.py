@@ -245,7 +245,8 @@ class FMOneShotWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 box.minimum, box.maximum = -1, 99999
                 box.specialValueText = "any"
                 box.toolTip = ("The first and last slice (index in the template plane, as the Data Probe shows "
-                               "it) where this structure lies; outside them nothing is searched. any: every slice.")
+                               "it) where this structure lies; beyond them, mapped into the target, the structure is kept only "
+                               "where it continues as confidently as inside. any: every slice.")
                 box.value = prompt.extent[end] if prompt.extent else -1  # before connecting: not a change
                 table.setCellWidget(row, column, box)
             for box in (first, last):

@@ -21,7 +21,7 @@ from .errors import FMOneShotError, FMOneShotWarning
 from .files import atomic_paths, check_folder, refuse_existing, refuse_inputs
 from .align import DEFAULT_KIND as DEFAULT_ALIGN
 from .align import KINDS as ALIGN_KINDS
-from .align import PRIOR_MARGIN, SEARCH_RADIUS
+from .align import EXTENT_TOLERANCE, PRIOR_MARGIN, SEARCH_RADIUS
 from .image import LABEL_EXTENSIONS
 from .models import SAM2_TYPES
 from .weights import BACKENDS, resolve_backend
@@ -216,12 +216,14 @@ def _inputs(args) -> list:
 
 
 def _chain_options(args) -> dict:
-    """--align, --search-radius, --prior-margin as :class:`pipeline.OneShot` keyword arguments."""
+    """--align, --search-radius, --prior-margin, --extent-tolerance as :class:`pipeline.OneShot` keyword arguments."""
     options = {"align": args.align}
     if args.search_radius is not None:
         options["search_radius"] = args.search_radius
     if args.prior_margin is not None:
         options["prior_margin"] = args.prior_margin
+    if getattr(args, "extent_tolerance", None) is not None:
+        options["extent_tolerance"] = args.extent_tolerance
     return options
 
 
@@ -719,6 +721,10 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--prior-margin", type=float, metavar="MM",
                        help=f"the adapter looks only within this margin of the aligned template region "
                             f"(default {PRIOR_MARGIN:g} mm)")
+        g.add_argument("--extent-tolerance", type=float, metavar="MM",
+                       help=f"how far beyond a label's aligned extent its own confident findings may carry it, "
+                            f"scaled by the registration's uncertainty (default {EXTENT_TOLERANCE:g} mm; 0: the "
+                            f"aligned extent is a hard bound)")
 
     def template_args(sp):
         sp.add_argument("--template", help="a template saved by FMOneShot (.json)")

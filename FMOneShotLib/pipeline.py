@@ -12,7 +12,7 @@
      segmenter draws from the template's clicks), its probability map gated by the aligned template region
      dilated by ``prior_margin`` mm, whose largest confident region decides whether the structure is on the
      slice at all; without one, the mean similarity of the positive correspondences decides; on slices
-     outside the label's aligned extent, nothing is found;
+     beyond the label's aligned extent widened by its tolerance, nothing is found;
   4. ``prompt``: ten random pixels of the region join the corresponding positive points (paper B);
   5. ``segment``: the segmenter turns the prompts into a mask; overlaps go to the more probable label;
   6. ``locate_landmarks``: each template landmark's windowed correspondence, refined on features of a crop
@@ -20,7 +20,10 @@
      normalised cross-correlation, coarse to fine (``match_landmark_patches``, the same for every backend);
      with an adapter chosen explicitly, the centre of the adapter's localised region of each landmark
      (paper B) instead;
-  7. ``clean_up``, after the last slice, per label: detections in connected components (over the processed
+  7. ``bound``, after the last slice, per label with an extent: found slices beyond the aligned extent are kept
+     only where they continue the label found inside it, slice after slice, each as confident as the label
+     is inside (the extent is a soft bound, :meth:`OneShot.bound`);
+  8. ``clean_up``, after the last slice, per label: detections in connected components (over the processed
      slices) smaller than ``minor_components`` of the largest are dropped, and those slices count as empty.
 
 A trained adapter is stored in the template (``template.adapter``), so saving the template after ``fit`` keeps
@@ -39,7 +42,8 @@ import torch
 from scipy import ndimage as ndi
 
 from .adapters import Adapter, adapter_from_state, create_adapter, mask_to_grid, template_views
-from .align import DEFAULT_KIND, EXTENT_MARGIN, MIN_SIDE, PRIOR_MARGIN, SEARCH_RADIUS, Alignment, check_kind, resolve_kind
+from .align import (DEFAULT_KIND, EXTENT_CONFIDENCE, EXTENT_MARGIN, EXTENT_TOLERANCE, MIN_SIDE, PRIOR_MARGIN,
+                    SEARCH_RADIUS, Alignment, agreement, check_kind, extent_uncertainty, resolve_kind)
 from .align import align as align_images
 from .correspond import Correspondence, FeatureStandardizer, correspond, match_patch, similarity_maps, upsample
 from .errors import FMOneShotError
@@ -91,7 +95,7 @@ class Result:
     slice_axis: int = 2
 
     # The align stage's registration of the template to this target, and per label with an extent the range
-    # of slices (as above) it was searched on.
+    # of slices (as above) it was searched on: its aligned extent widened by the tolerance (Placement.band).
     alignment: Alignment | None = None
     searched: dict = field(default_factory=dict)
 
@@ -122,7 +126,8 @@ class Placement:
     """The template placed in one target by the align stage: ``positive`` / ``negative`` label name -> (N, 2)
     aligned pixel (x, y) of each template point (the windows' centres; empty with ``align="none"``),
     ``landmarks`` (K, 2) or None, ``prior`` label -> (H, W) bool aligned template region or None, ``slices``
-    label -> (first, last) slice the label may lie on (labels with an extent only)."""
+    label -> (first, last) target slice its extent maps to, and ``band`` label -> (first, last) slices searched:
+    ``slices`` widened by the tolerance (labels with an extent only; :meth:`OneShot.bound`)."""
 
     alignment: Alignment
     positive: dict = field(default_factory=dict)
@@ -133,6 +138,7 @@ class Placement:
     # (K, 2, 2): per landmark, the alignment's local linear map of template pixel offsets to target pixel
     # offsets (finite differences at the landmark), or None: the pose the patch match samples the target in
     landmark_frames: np.ndarray | None = None
+    band: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -193,10 +199,11 @@ class OneShot:
                  segmenter_options: dict | None = None, minor_components: float = 0.25,
                  align: str = DEFAULT_KIND, search_radius: float = SEARCH_RADIUS, prior_margin: float | None = PRIOR_MARGIN,
                  extent_margin: float = EXTENT_MARGIN, refine_side: int = REFINE_SIDE,
-                 patch_steps=PATCH_STEPS, propagate: bool = False):
+                 patch_steps=PATCH_STEPS, propagate: bool = False, extent_tolerance: float = EXTENT_TOLERANCE):
         self.template = template.validate()
         self.align_kind = check_kind(align)
         for what, value in (("search radius", search_radius), ("extent margin", extent_margin),
+                            ("extent tolerance", extent_tolerance),
                             ("prior margin", 0.0 if prior_margin is None else prior_margin)):
             if not value >= 0:
                 raise FMOneShotError(f"The {what} is {value} mm.", f"give a {what} of 0 mm or more.")
@@ -205,6 +212,8 @@ class OneShot:
         self.search_radius = float(search_radius)  # mm around each aligned template point
         self.prior_margin = prior_margin  # mm the aligned template region is dilated by (None: no prior)
         self.extent_margin = float(extent_margin)  # mm added at both ends of an aligned extent
+        # mm beyond an aligned extent's ends that the label's own evidence may carry it, at full uncertainty
+        self.extent_tolerance = float(extent_tolerance)
         self.refine_side = int(refine_side)  # template pixels a side of a landmark's refinement crop (0: none)
         self.patch_steps = tuple(int(s) for s in (patch_steps or ()))  # (): no patch matching
         self.backend = backend
@@ -394,7 +403,7 @@ class OneShot:
         slice by raising :class:`Cancelled`. The stages, in the order the data flows: :meth:`plan`,
         :meth:`align` (once per target), then per batch of slices :meth:`encode`, and per slice and label
         :meth:`localise`, :meth:`prompt`, :meth:`segment`, then :meth:`locate_landmarks`, and last
-        :meth:`clean_up`. Blank slices (one grey value after normalisation: constant, all missing, or
+        :meth:`bound` and :meth:`clean_up`. Blank slices (one grey value after normalisation: constant, all missing, or
         wholly outside the window) are left empty and give landmarks confidence 0. Runs on one PyTorch
         thread except the model forwards (:mod:`FMOneShotLib.threads`).
         """
@@ -465,7 +474,9 @@ class OneShot:
                 done += 1
                 if progress is not None:
                     progress(done, len(target.todo))
-        self.clean_up(labels, present, confidence, sorted(set(target.todo) - blank_slices))
+        processed = sorted(set(target.todo) - blank_slices)
+        self.bound(labels, present, confidence, placement, processed)
+        self.clean_up(labels, present, confidence, processed)
         if self.propagator is not None:  # through every slice of the volume, from the labels' best slices
             with clock("propagation"):
                 propagate_volume(self.propagator, lambda k: normalize(target.volume.array[k], target.window),
@@ -474,7 +485,7 @@ class OneShot:
                            name=f"{target.volume.name}-labels" if target.volume.name else "labels")
         return Result(out, names, confidence, present, prompts, matches, landmarks, clock.seconds,
                       label_values=list(values), orientation=target.volume.orientation_of(2),
-                      slice_axis=target.axis, alignment=placement.alignment, searched=placement.slices)
+                      slice_axis=target.axis, alignment=placement.alignment, searched=placement.band)
 
     # The stages, in the order the data flows.
     def plan(self, volume: Volume, slices=None) -> "Target":
@@ -502,7 +513,11 @@ class OneShot:
         whole-slice search); an extent is still mapped through the geometry. A 2D registration that kept the
         identity places everything where the identity puts it. ``Placement.landmark_frames`` holds each
         landmark's local linear map (template pixel offsets -> target pixel offsets, finite differences of
-        ``FRAME_STEP`` template pixels), the pose :meth:`match_landmark_patches` samples the target in."""
+        ``FRAME_STEP`` template pixels), the pose :meth:`match_landmark_patches` samples the target in. Each
+        extent's band (the slices searched) adds ``extent_tolerance`` mm scaled by the mapping's uncertainty
+        (:func:`align.extent_uncertainty`: 0 where template and target agree exactly) at both ends; with
+        ``align="none"`` that uncertainty is taken from the volumes' agreement as their geometries place them
+        (:func:`align.agreement`)."""
         tpl, source, volume = self.template, target.source, target.volume
         ref = tpl.volume
         in_3d = (ref is not None and not ref.is_2d and not source.is_2d and min(ref.array.shape) >= MIN_SIDE
@@ -517,7 +532,8 @@ class OneShot:
                                        modality=tpl.modality)
             moving = tgt_frame = Volume(volume.array[k], tuple(volume.pixel_spacing) + (1.0,), is_2d=True,
                                         modality=volume.modality)
-        kind = resolve_kind(self.align_kind, source.is_2d)  # auto: by the target, whatever frame is registered
+        # auto: by the target, whatever frame is registered, and by whether an extent is to be placed in 3D
+        kind = resolve_kind(self.align_kind, source.is_2d, extent=bool(tpl.extent) and in_3d)
         alignment = align_images(fixed, moving, kind, seed=self.seed)
 
         def place(points):  # template (x, y, slice index) -> target (x, y) pixels (and z index in 3D)
@@ -544,23 +560,32 @@ class OneShot:
                 pts = np.concatenate([_mask_points(m[i], s.index) for s, m in zip(tpl.slices, self.template_masks)])
                 prior[name] = _rasterise(place(pts)[:, :2], volume.slice_shape, volume.pixel_spacing,
                                          self.prior_margin) if len(pts) else None
-        slices = {}
+        slices, band = {}, {}
+        uncertainty = None
         for name, (a, b) in tpl.extent.items():
             if ref is not None and not ref.is_2d and not source.is_2d:
                 ident = alignment if in_3d else Alignment("none", 3)
                 frame = ref.resliced(ref.slice_axis(tpl.orientation))
                 centre = self._label_centre(name)
                 z = ident.map_index(frame, volume, [[*centre, a], [*centre, b]])[:, 2]
-            else:  # no template volume: slice indices as they are
+                if uncertainty is None and not self.extent_tolerance:
+                    uncertainty = 0.0  # a hard bound: nothing to scale
+                if uncertainty is None:
+                    quality = ident.quality if ident.kind != "none" else agreement(ref, source)
+                    uncertainty = extent_uncertainty(Alignment(ident.kind, 3, quality=quality))
+            else:  # no template volume: slice indices as they are, their correspondence unknown
                 z = np.array([a, b], float)
+                uncertainty = 1.0
             margin = self.extent_margin / volume.spacing[2]
             slices[name] = (int(np.floor(z.min() - margin)), int(np.ceil(z.max() + margin)))
+            slack = int(np.ceil(self.extent_tolerance * uncertainty / volume.spacing[2] - 1e-9))
+            band[name] = (slices[name][0] - slack, slices[name][1] + slack)
         frames = None
         if lm is not None:
             at = np.stack([self.lm_points[n] for n in self.q_landmarks])
             d = FRAME_STEP
             frames = np.stack([(place(at + [d, 0, 0])[:, :2] - lm) / d, (place(at + [0, d, 0])[:, :2] - lm) / d], -1)
-        return Placement(alignment, positive, negative, lm, prior, slices, frames)
+        return Placement(alignment, positive, negative, lm, prior, slices, landmark_frames=frames, band=band)
 
     def encode(self, images: np.ndarray, pixel_spacing) -> tuple:
         """Stage 2: slices (B, H, W) in [0, 1] -> (standardised features, features for similarity), each
@@ -580,14 +605,15 @@ class OneShot:
                  target: "Target") -> "Found":
         """Stage 3, per slice and label: the correspondences of the label's template points (windowed around
         their aligned positions unless ``align="none"``), and with an adapter its localised region, gated by
-        the aligned template region (the prior). Outside the label's extent nothing is found.
+        the aligned template region (the prior). Beyond the label's band (its aligned extent widened by the
+        tolerance: :class:`Placement`) nothing is found.
         ``feats`` (C, h, w) for similarity; ``probs`` (L + 1, H, W) or None."""
         shape = target.volume.slice_shape
         i = self.template.label_names.index(name)
         pos = self._correspond(self.q_pos[name], feats, shape, placement.positive.get(name), target)
         neg = self._correspond(self.q_neg[name], feats, shape, placement.negative.get(name), target)
         found = Found(pos, neg)
-        bounds = placement.slices.get(name)
+        bounds = placement.band.get(name)
         if bounds is not None and not bounds[0] <= z <= bounds[1]:
             return found
         if probs is None:
@@ -763,8 +789,46 @@ class OneShot:
         s = self.template.slices[0]
         return (s.image.shape[1] - 1) / 2, (s.image.shape[0] - 1) / 2
 
+    def bound(self, labels: np.ndarray, present: np.ndarray, confidence: np.ndarray, placement: "Placement",
+              done: list) -> None:
+        """Stage 7: each label's aligned extent as a soft bound, in place. ``labels`` (n_slices, H, W) label
+        values, ``present`` / ``confidence`` (n_slices, n_labels), ``done`` the processed slices in order.
+
+        An extent mapped by a registration alone misses the structure's true ends (across CHAOS subjects by up
+        to 9 slices), and the label found on every slice of the band would bring back the neighbouring organs
+        beyond them. So the two are combined: inside the aligned extent (``placement.slices``) the findings stay
+        as they are; outside it (within ``placement.band``) a slice keeps the label only while, walking outwards
+        from the extent over the processed slices, every slice has it with a confidence of at least
+        :data:`align.EXTENT_CONFIDENCE` times the upper quartile of its confidences inside the extent; a walk
+        starts only where the extent's end slice has the label. The first slice without it, or less confident,
+        ends the walk; every slice beyond loses the label. A label not
+        found inside its extent is dropped from the whole band."""
+        done = [z for z in done if present.shape[0] > z >= 0]
+        for i, lb in enumerate(self.template.labels):
+            ends = placement.slices.get(lb.name)
+            if ends is None or not done:
+                continue
+            first, last = ends
+            inside = [z for z in done if first <= z <= last and present[z, i]]
+            keep = set(inside)
+            if inside:
+                floor = EXTENT_CONFIDENCE * float(np.percentile(confidence[inside, i], 75))
+                below = [z for z in done if z <= last]  # the walks start where the label is found inside
+                above = [z for z in done if z >= first]
+                walks = ([z for z in done if z > last] if below and below[-1] in keep else [],
+                         [z for z in reversed(done) if z < first] if above and above[0] in keep else [])
+                for walk in walks:
+                    for z in walk:
+                        if not (present[z, i] and confidence[z, i] >= floor):
+                            break
+                        keep.add(z)
+            for z in done:
+                if present[z, i] and z not in keep:
+                    labels[z][labels[z] == lb.value] = 0
+                    present[z, i], confidence[z, i] = False, 0.0
+
     def clean_up(self, labels: np.ndarray, present: np.ndarray, confidence: np.ndarray, done: list) -> None:
-        """Stage 7: per label, drop detections in 3D components under ``minor_components`` of the largest, in place.
+        """Stage 8: per label, drop detections in 3D components under ``minor_components`` of the largest, in place.
         Processed slices at most two apart are neighbours (a skipped slice, such as the template's own, does
         not split a structure); runs farther apart (sampled slices) are cleaned each on its own."""
         if self.minor_components <= 0 or not done:

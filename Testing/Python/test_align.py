@@ -5,11 +5,12 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from FMOneShotLib.align import Alignment, align
+from FMOneShotLib.align import EXTENT_TOLERANCE, Alignment, align, resolve_kind
 from FMOneShotLib.correspond import correspond
 from FMOneShotLib.errors import FMOneShotError
 from FMOneShotLib.features import create_extractor, sample_features
 from FMOneShotLib.image import Volume
+from FMOneShotLib.metrics import dice
 from FMOneShotLib.pipeline import OneShot
 from FMOneShotLib.template import Template
 
@@ -87,6 +88,9 @@ def test_align_refuses_mixed_dimensions_and_unknown_kinds():
     with pytest.raises(FMOneShotError, match="Unknown alignment"):
         textured = Volume(np.random.default_rng(0).random((8, 16, 16)).astype(np.float32))  # blank is refused
         OneShot(Template.from_volume(textured, 3, {"x": [[4, 4]]}), align="elastic")
+    # auto: affine for 2D images and for volumes whose template carries an extent, none for other volumes
+    assert [resolve_kind("auto", *a) for a in ((True,), (False,), (False, True))] == ["affine", "none", "affine"]
+    assert resolve_kind("rigid", False, True) == "rigid"
     none = align(flat, flat, "none")
     assert none.transform is None and np.array_equal(none.map_points([[1.0, 2.0, 3.0]]), [[1.0, 2.0, 3.0]])
 
@@ -216,3 +220,66 @@ def test_a_foundation_model_backend_goes_through_the_same_stage():
     assert (np.hypot(*(found - placement.landmarks).T) <= 6.0 + 1e-6).all()
     assert result.alignment.kind == "affine" and result.timings["align"] > 0
     assert engine.extractor.name == "d2s14"
+
+
+def test_an_extent_is_a_soft_bound_that_the_labels_own_evidence_moves():
+    """The bound stage on its own: the extent mapped to slices 6-10 while the organ lies on 3-10 and a
+    neighbouring structure, found less confidently, continues it on 11-12; a stray finding lies on 15. The
+    organ's slices beyond the mapped end come back (as confident as inside), the neighbour and the stray go."""
+    from FMOneShotLib.pipeline import Placement
+
+    tpl = Template.from_volume(Volume(np.random.default_rng(0).random((20, 8, 8)).astype(np.float32)), 8,
+                               {"organ": [[4, 4]]})
+    engine = OneShot(tpl, segmenter="offline", adapter="none")
+    n = 20
+    labels = np.zeros((n, 8, 8), np.uint16)
+    present = np.zeros((n, 1), bool)
+    confidence = np.zeros((n, 1))
+    for z, conf in [*[(z, 0.9) for z in range(3, 11)], (11, 0.6), (12, 0.65), (15, 0.95)]:
+        labels[z, 2:6, 2:6] = 1
+        present[z, 0], confidence[z, 0] = True, conf
+    confidence[3, 0] = 0.8  # the organ's first slice, a little less sure: still above 0.85 x 0.9
+    placement = Placement(Alignment("affine", 3), slices={"organ": (6, 10)}, band={"organ": (0, 16)})
+    engine.bound(labels, present, confidence, placement, list(range(n)))
+    assert np.flatnonzero(present[:, 0]).tolist() == list(range(3, 11))
+    assert np.array_equal(labels.any(axis=(1, 2)), present[:, 0]) and confidence[11:, 0].max() == 0
+    # a gap next to the extent's end stops the walk: nothing beyond it comes back
+    present[:] = False
+    present[[7, 8, 9, 12, 13], 0] = True
+    confidence[[7, 8, 9, 12, 13], 0] = 0.9
+    engine.bound(labels, present, confidence, placement, list(range(n)))
+    assert np.flatnonzero(present[:, 0]).tolist() == [7, 8, 9]
+    # not found inside its extent: found nowhere
+    present[:] = False
+    present[[2, 3, 12], 0] = True
+    engine.bound(labels, present, confidence, placement, list(range(n)))
+    assert not present.any()
+
+
+def test_a_wrongly_mapped_extent_is_restored_by_what_the_adapter_finds():
+    """A volume whose geometry places it 4 slices (12 mm) off: the organ's extent, mapped through the geometry
+    (no registration), misses the organ's first 4 slices. Trusted alone (tolerance 0) it cuts them; as a soft
+    bound the adapter's confident findings on them restore them, and the slices beyond the organ stay empty."""
+    rng = np.random.default_rng(3)
+    zz, yy, xx = np.mgrid[0:30, 0:48, 0:48].astype(float)
+    body = 0.3 * (((xx - 24) / 20) ** 2 + ((yy - 24) / 18) ** 2 <= 1)
+    organ = (((xx - 18) / 7) ** 2 + ((yy - 20) / 6) ** 2 <= 1) & (zz >= 8) & (zz <= 19)
+    image = (body + 0.5 * organ + rng.normal(0, 0.02, body.shape)).astype(np.float32) * 1000
+    tvol = Volume(image, spacing=(2.0, 2.0, 3.0), modality="MR")
+    tpl = Template.from_volume(tvol, 14, {"organ": [[18, 20]]}, masks={"organ": organ[14]})
+    tpl.extent = {"organ": (8, 19)}
+    # the same body, but the target's geometry says it starts 12 mm higher: the extent maps to slices 12-23
+    target = Volume(image, spacing=(2.0, 2.0, 3.0), origin=(0.0, 0.0, -12.0), modality="MR")
+    figures = {}
+    for tolerance in (0.0, EXTENT_TOLERANCE):
+        engine = OneShot(tpl, align="none", segmenter="offline", extent_tolerance=tolerance).fit()
+        result = engine.apply(target)
+        first, last = result.searched["organ"]
+        assert (first, last) == (12, 23) if tolerance == 0 else first <= 8, (tolerance, first, last)
+        found = result.present[:, 0]
+        figures[tolerance] = (np.flatnonzero(found).tolist(),
+                              np.mean([dice(result.mask("organ")[k], organ[k]) for k in range(8, 20)]))
+    print("found slices, Dice on the organ's slices (tolerance 0 / default):", figures)
+    assert min(figures[0.0][0]) >= 12  # the hard bound cuts 8-11
+    assert set(range(8, 20)) <= set(figures[EXTENT_TOLERANCE][0]) <= set(range(7, 21)), figures
+    assert figures[EXTENT_TOLERANCE][1] >= figures[0.0][1] + 0.2, figures
