@@ -42,8 +42,8 @@ import torch
 from scipy import ndimage as ndi
 
 from .adapters import Adapter, adapter_from_state, create_adapter, mask_to_grid, template_views
-from .align import (DEFAULT_KIND, EXTENT_CONFIDENCE, EXTENT_MARGIN, EXTENT_TOLERANCE, MIN_SIDE, PRIOR_MARGIN,
-                    SEARCH_RADIUS, Alignment, agreement, check_kind, extent_uncertainty, resolve_kind)
+from .align import (DEFAULT_KIND, EXTENT_CONFIDENCE, EXTENT_MARGIN, EXTENT_TOLERANCE, MIN_SIDE, PRIOR_FALLOFF,
+                    PRIOR_MARGIN, SEARCH_RADIUS, Alignment, agreement, check_kind, extent_uncertainty, resolve_kind)
 from .align import align as align_images
 from .correspond import Correspondence, FeatureStandardizer, correspond, match_patch, similarity_maps, upsample
 from .errors import FMOneShotError
@@ -125,7 +125,8 @@ class Target:
 class Placement:
     """The template placed in one target by the align stage: ``positive`` / ``negative`` label name -> (N, 2)
     aligned pixel (x, y) of each template point (the windows' centres; empty with ``align="none"``),
-    ``landmarks`` (K, 2) or None, ``prior`` label -> (H, W) bool aligned template region or None, ``slices``
+    ``landmarks`` (K, 2) or None, ``prior`` label -> (H, W) float32 weight in [0, 1] of the aligned template region
+    (1 inside it, falling off beyond: :func:`_rasterise`) or None, ``slices``
     label -> (first, last) target slice its extent maps to, and ``band`` label -> (first, last) slices searched:
     ``slices`` widened by the tolerance (labels with an extent only; :meth:`OneShot.bound`)."""
 
@@ -199,11 +200,12 @@ class OneShot:
                  segmenter_options: dict | None = None, minor_components: float = 0.25,
                  align: str = DEFAULT_KIND, search_radius: float = SEARCH_RADIUS, prior_margin: float | None = PRIOR_MARGIN,
                  extent_margin: float = EXTENT_MARGIN, refine_side: int = REFINE_SIDE,
-                 patch_steps=PATCH_STEPS, propagate: bool = False, extent_tolerance: float = EXTENT_TOLERANCE):
+                 patch_steps=PATCH_STEPS, propagate: bool = False, extent_tolerance: float = EXTENT_TOLERANCE,
+                 prior_falloff: float = PRIOR_FALLOFF):
         self.template = template.validate()
         self.align_kind = check_kind(align)
         for what, value in (("search radius", search_radius), ("extent margin", extent_margin),
-                            ("extent tolerance", extent_tolerance),
+                            ("extent tolerance", extent_tolerance), ("prior falloff", prior_falloff),
                             ("prior margin", 0.0 if prior_margin is None else prior_margin)):
             if not value >= 0:
                 raise FMOneShotError(f"The {what} is {value} mm.", f"give a {what} of 0 mm or more.")
@@ -211,6 +213,8 @@ class OneShot:
             raise FMOneShotError(f"The search radius is {search_radius} mm.", "give a search radius above 0 mm.")
         self.search_radius = float(search_radius)  # mm around each aligned template point
         self.prior_margin = prior_margin  # mm the aligned template region is dilated by (None: no prior)
+        # mm over which the prior's weight falls off beyond that margin at full uncertainty (0: a hard gate)
+        self.prior_falloff = float(prior_falloff)
         self.extent_margin = float(extent_margin)  # mm added at both ends of an aligned extent
         # mm beyond an aligned extent's ends that the label's own evidence may carry it, at full uncertainty
         self.extent_tolerance = float(extent_tolerance)
@@ -556,10 +560,13 @@ class OneShot:
             if windowed and self.q_landmarks else None
         prior = {}
         if windowed and self.prior_margin is not None:
+            # beyond the margin the prior's weight falls off over prior_falloff mm times the mapping's uncertainty:
+            # a hard gate for the same volume, or with prior_falloff 0 (the default; docs/results.md)
+            falloff = self.prior_falloff * extent_uncertainty(alignment)
             for i, name in enumerate(tpl.label_names):
                 pts = np.concatenate([_mask_points(m[i], s.index) for s, m in zip(tpl.slices, self.template_masks)])
                 prior[name] = _rasterise(place(pts)[:, :2], volume.slice_shape, volume.pixel_spacing,
-                                         self.prior_margin) if len(pts) else None
+                                         self.prior_margin, falloff) if len(pts) else None
         slices, band = {}, {}
         uncertainty = None
         for name, (a, b) in tpl.extent.items():
@@ -866,19 +873,28 @@ def _mask_points(mask: np.ndarray, index: int, most: int = 4000) -> np.ndarray:
     return np.c_[xs[::step], ys[::step], np.full(len(xs[::step]), index)].astype(float)
 
 
-def _rasterise(xy: np.ndarray, shape, pixel_spacing, margin_mm: float) -> np.ndarray:
-    """The (H, W) region of the points ``xy`` (N, 2, pixels; a thinned region mapped by the alignment) dilated by
-    ``margin_mm``: pixels within the margin (plus the points' own spacing, to close gaps) of a point."""
+def _rasterise(xy: np.ndarray, shape, pixel_spacing, margin_mm: float, falloff_mm: float = 0.0) -> np.ndarray:
+    """The (H, W) float32 weight in [0, 1] of the region of the points ``xy`` (N, 2, pixels; a thinned region
+    mapped by the alignment) dilated by ``margin_mm``: 1 on pixels within the margin (plus the points' own
+    spacing, to close gaps) of a point and in the holes that region encloses; beyond it, ``d`` mm further out
+    (Euclidean distance transform in mm, ``scipy.ndimage.distance_transform_edt`` with ``pixel_spacing``
+    (x, y) mm), ``exp(-(d / falloff_mm)^2)``, or 0 with ``falloff_mm`` 0 (a hard 0/1 gate). All 0 when no
+    point falls on the slice."""
     H, W = shape
     hit = np.zeros((H, W), bool)
     ij = np.round(xy[:, ::-1]).astype(int)
     inside = (ij[:, 0] >= 0) & (ij[:, 0] < H) & (ij[:, 1] >= 0) & (ij[:, 1] < W)
     hit[ij[inside, 0], ij[inside, 1]] = True
     if not hit.any():
-        return hit
+        return np.zeros((H, W), np.float32)
     gap = np.sqrt(np.prod(np.ptp(xy, axis=0) + 1) / max(len(xy), 1))  # typical distance between points
     dist = ndi.distance_transform_edt(~hit, sampling=(pixel_spacing[1], pixel_spacing[0]))
-    return ndi.binary_fill_holes(dist <= margin_mm + gap * max(pixel_spacing))
+    reach = margin_mm + gap * max(pixel_spacing)
+    region = ndi.binary_fill_holes(dist <= reach)
+    if not falloff_mm > 0:
+        return region.astype(np.float32)
+    weight = np.exp(-(np.maximum(dist - reach, 0.0) / falloff_mm) ** 2)
+    return np.where(region, 1.0, weight).astype(np.float32)
 
 
 def _crop(image: np.ndarray, centre, size, side: int) -> tuple:

@@ -5,13 +5,13 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from FMOneShotLib.align import EXTENT_TOLERANCE, Alignment, align, resolve_kind
+from FMOneShotLib.align import EXTENT_TOLERANCE, Alignment, align, extent_uncertainty, resolve_kind
 from FMOneShotLib.correspond import correspond
 from FMOneShotLib.errors import FMOneShotError
 from FMOneShotLib.features import create_extractor, sample_features
 from FMOneShotLib.image import Volume
 from FMOneShotLib.metrics import dice
-from FMOneShotLib.pipeline import OneShot
+from FMOneShotLib.pipeline import OneShot, Placement, _rasterise
 from FMOneShotLib.template import Template
 
 
@@ -166,7 +166,7 @@ def test_stages_each_on_their_own():
     # and the local pose the landmarks' patches are matched in: the known scale and rotation
     known = 1.05 * np.array([[np.cos(0.1), -np.sin(0.1)], [np.sin(0.1), np.cos(0.1)]])
     assert placement.landmark_frames.shape == (2, 2, 2) and np.abs(placement.landmark_frames - known).max() <= 0.03
-    assert placement.prior["spot"][int(truth[0, 1]), int(truth[0, 0])] and not placement.prior["spot"][5, 90]
+    assert placement.prior["spot"][int(truth[0, 1]), int(truth[0, 0])] == 1 and placement.prior["spot"][5, 90] < 0.5
     # encode: the backend's grid, standardised
     images = (moving[None] - 0.0) / 1.4
     std_feats, feats = engine.encode(images, (1.0, 1.0))
@@ -175,7 +175,7 @@ def test_stages_each_on_their_own():
     probs = engine.adapter_maps(std_feats, target.volume.slice_shape)
     found = engine.localise("spot", feats[0], probs[0], placement, 0, target)
     assert found.present and found.region[int(truth[0, 1]), int(truth[0, 0])]
-    assert not (found.region & ~placement.prior["spot"]).any()  # gated by the prior
+    assert not (found.region & (placement.prior["spot"] < 0.5)).any()  # gated by the prior
     # prompt: positive prompts inside the region, negative ones outside
     pos, neg = engine.prompt(found, np.random.default_rng(0))
     assert len(pos) and found.region[np.round(pos[:, 1]).astype(int), np.round(pos[:, 0]).astype(int)].all()
@@ -194,6 +194,39 @@ def test_stages_each_on_their_own():
     present = labels.any(axis=(1, 2))[:, None].copy()
     engine.clean_up(labels, present, present.astype(float), [0, 1, 2, 3, 4])
     assert not labels[4].any() and labels[0:3].any() and present[:, 0].tolist() == [True, True, True, False, False]
+
+
+def test_the_prior_softens_with_the_registrations_uncertainty():
+    """A structure found just outside a misplaced aligned region is kept when the mapping is uncertain (across
+    subjects) and dropped when it is not (the same volume: a hard gate); a far look-alike is dropped either way."""
+    image, where = phantom((96, 96), (48, 48))
+    vol = Volume(image * 1000, modality="MR")
+    tpl = Template.from_volume(vol, 0, {"spot": where(np.array([[0, 0]]))}, {"spot": [[5.0, 5.0]]},
+                               {"spot": image > 0.85})
+    engine = OneShot(tpl, segmenter="offline", prior_falloff=40.0).fit()
+    target = engine.plan(vol)
+    # the same volume: NMI 2, uncertainty 0, a 0/1 prior as before
+    same = engine.align(target)
+    assert extent_uncertainty(same.alignment) == 0.0 and set(np.unique(same.prior["spot"])) == {0.0, 1.0}
+    # a misplaced template region (a 10 x 10 mm square at x, y 10-19 mm), dilated by 5 mm; the adapter sees the
+    # structure 12 mm beyond that and a look-alike 60 mm beyond it, both with probability 0.9
+    ys, xs = np.mgrid[10:20, 10:20]
+    region_pts = np.c_[xs.ravel(), ys.ravel()].astype(float)
+    probs = np.zeros((2, 96, 96), np.float32)
+    probs[0] = 0.9
+    for y0, x0 in ((36, 10), (10, 84)):  # 12 mm below the dilated region; 60 mm right of it
+        probs[1, y0:y0 + 10, x0:x0 + 10], probs[0, y0:y0 + 10, x0:x0 + 10] = 0.9, 0.1
+    feats = engine.encode(image[None], (1.0, 1.0))[1][0]
+    kept = {}
+    for uncertainty in (0.0, 0.9):
+        weight = _rasterise(region_pts, (96, 96), (1.0, 1.0), 5.0, engine.prior_falloff * uncertainty)
+        assert weight[15, 15] == 1.0 and weight[40, 15] <= 1.0
+        placement = Placement(same.alignment, prior={"spot": weight})
+        found = engine.localise("spot", feats, probs, placement, 0, target)
+        kept[uncertainty] = found.region if found.present else np.zeros((96, 96), bool)
+        assert not kept[uncertainty][10:20, 84:94].any()  # the far look-alike: dropped
+    assert not kept[0.0][36:46, 10:20].any()  # certain mapping: the structure outside the region is gated off
+    assert kept[0.9][36:46, 10:20].mean() >= 0.9  # uncertain mapping: the confident structure survives
 
 
 def test_a_foundation_model_backend_goes_through_the_same_stage():
