@@ -696,7 +696,8 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--ensemble", type=int, help="sd: noise draws averaged (default 8)")
         g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
         g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
-                       help="auto: bf16 on CUDA and on CPUs with AMX, else fp32")
+                       help="auto: bf16 on CUDA and on CPUs with bf16 in hardware (AMX or AVX-512 BF16), "
+                            "else fp32")
         g.add_argument("--sam-model", default="vit_b", choices=["vit_b", "vit_l", "vit_h"],
                        help="SAM model of the sam segmenter and backend (default %(default)s)")
         if segmenter:

@@ -1,10 +1,12 @@
 """fp32 against bf16 autocast for the forwards of the bench (d2s14 features, SAM 2 Hiera-T, SAM ViT-B) on this CPU.
 
-Same inputs (slices of the bench volume), same batch, same threads; each forward timed ``--repeats`` times
-after one warm-up, the median kept. Agreement of bf16 with fp32: cosine similarity of the feature vectors
-(per cell, then the mean and the 1st percentile), and for d2s14 the share of the template's positive points
-whose whole-slice correspondence (argmax of cosine similarity) lands on the same cell; for SAM 2 / SAM the
-IoU of the masks that the same prompts give. Random weights (the cost of pretrained ones).
+Same inputs (slices of the bench volume), same batch, same threads; each forward warmed up once, then timed
+``--repeats`` times, fp32 and bf16 in turn, the median kept (wall clock and the process's CPU time: on a
+shared machine the CPU time at ``--threads 1`` is the steadier measure of the work). Agreement of bf16 with
+fp32: cosine similarity of the feature vectors (per cell, then the mean and the 1st percentile), and for
+d2s14 the share of the template's positive points whose whole-slice correspondence (argmax of cosine
+similarity) lands on the same cell; for SAM 2 / SAM the IoU of the masks that the same prompts give. Random
+weights (the cost of pretrained ones; the agreement of pretrained features is not measured here).
 
     PYTHONPATH=$PWD python3 Testing/Benchmarks/precision_cpu.py [--models d2s14,sam2,sam] [--threads 2]
 """
@@ -20,15 +22,23 @@ import numpy as np
 import torch
 
 
-def timed(fn, repeats):
-    fn()  # warm-up (oneDNN primitives, allocations)
-    times = []
-    out = None
+def timed(fns: dict, repeats: int) -> dict:
+    """Each of ``fns`` (name -> callable) once to warm up, then ``repeats`` rounds of all of them in turn (so
+    that a load from other processes that comes and goes falls on all of them alike). Per name: the median
+    wall-clock and CPU seconds (the process's, all threads), and the last output."""
+    for fn in fns.values():
+        fn()  # warm-up (oneDNN primitives, allocations)
+    wall = {k: [] for k in fns}
+    cpu = {k: [] for k in fns}
+    out = {}
     for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), times, out
+        for k, fn in fns.items():
+            t, c = time.perf_counter(), time.process_time()
+            out[k] = fn()
+            wall[k].append(time.perf_counter() - t)
+            cpu[k].append(time.process_time() - c)
+    return {k: {"wall_s": round(statistics.median(wall[k]), 3), "cpu_s": round(statistics.median(cpu[k]), 3),
+                "wall_times": [round(x, 3) for x in wall[k]], "output": out[k]} for k in fns}
 
 
 def cosine_stats(a, b):
@@ -67,21 +77,16 @@ def main():
             from FMOneShotLib.features import create_extractor
             from FMOneShotLib.features.base import sample_features
 
-            out = {}
-            feats = {}
-            for precision in ("fp32", "bf16"):
-                ex = create_extractor("d2s14", weights="random", precision=precision, batch_size=args.batch)
-                med, times, f = timed(lambda: ex.extract(images), args.repeats)
-                out[precision] = {"median_s": round(med, 3), "per_slice_s": round(med / len(images), 3),
-                                  "times": [round(t, 3) for t in times]}
-                feats[precision] = f
-            a, b = feats["fp32"], feats["bf16"]
+            extractors = {p: create_extractor("d2s14", weights="random", precision=p, batch_size=args.batch)
+                          for p in ("fp32", "bf16")}
+            res = timed({p: (lambda e=e: e.extract(images)) for p, e in extractors.items()}, args.repeats)
+            a, b = res["fp32"].pop("output"), res["bf16"].pop("output")
+            out = {p: {**r, "wall_per_slice_s": round(r["wall_s"] / len(images), 3)} for p, r in res.items()}
             out["cosine"] = cosine_stats(a, b)
             # whole-slice correspondences of the positive points of the middle slice, on every slice
             q32 = sample_features(a[len(images) // 2], pos, images.shape[1:])
             q16 = sample_features(b[len(images) // 2], pos, images.shape[1:])
-            same = 0
-            total = 0
+            same = total = 0
             for k in range(len(images)):
                 s32 = torch.einsum("nc,chw->nhw", torch.nn.functional.normalize(q32, dim=1),
                                    torch.nn.functional.normalize(a[k], dim=0)).flatten(1).argmax(1)
@@ -95,25 +100,18 @@ def main():
             from FMOneShotLib.segmenters import create_segmenter
 
             kind = {"sam2": {"model": "tiny"}, "sam": {"model": "vit_b"}}[name]
-            out, masks, feats = {}, {}, {}
-            for precision in ("fp32", "bf16"):
-                seg = create_segmenter(name, weights="random", precision=precision, **kind)
-                image = images[len(images) // 2]
+            image = images[len(images) // 2]
+            segs = {p: create_segmenter(name, weights="random", precision=p, **kind) for p in ("fp32", "bf16")}
 
-                def encode():
-                    seg.forget_encoding()
-                    seg._encode(image)
-                    if name == "sam2":
-                        return seg.predictor._features["image_embed"].clone()
-                    return seg.predictor.features.clone()
+            def encode(seg):
+                seg.forget_encoding()
+                seg._encode(image)
+                return (seg.predictor._features["image_embed"] if name == "sam2" else seg.predictor.features).clone()
 
-                med, times, f = timed(encode, args.repeats)
-                t = time.perf_counter()
-                m = seg.segment(image, None, pos, neg)
-                predict = time.perf_counter() - t
-                out[precision] = {"encode_median_s": round(med, 3), "times": [round(x, 3) for x in times],
-                                  "predict_s": round(predict, 3)}
-                masks[precision], feats[precision] = m, f
+            res = timed({p: (lambda s=s: encode(s)) for p, s in segs.items()}, args.repeats)
+            feats = {p: res[p].pop("output") for p in res}
+            masks = {p: segs[p].segment(image, None, pos, neg) for p in segs}
+            out = dict(res)
             out["cosine"] = cosine_stats(feats["fp32"], feats["bf16"])
             inter = (masks["fp32"] & masks["bf16"]).sum()
             union = (masks["fp32"] | masks["bf16"]).sum()
