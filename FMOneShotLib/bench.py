@@ -14,6 +14,12 @@ find: the segmenter runs on exactly the slices that contain the structure in the
 calls elsewhere return nothing; the reference slices the chain skipped are segmented after it, with its
 correspondences as prompts, inside the timed total). That is the cost of pretrained weights that find the
 structure where it is. The JSON records the rule and the slices.
+
+Beside the seconds per stage the JSON records the process's CPU time over the chain and the machine's 1-minute
+load average before and after it (``load_average``): on a machine shared with other work only figures read
+beside the load mean something. ``fit_seconds`` splits the fit into building the segmenter (OneShot's
+constructor) and the rest (the backend built, the template's features, the adapter trained);
+``segmenter_seconds`` splits SAM's / SAM 2's time into the image encoder and the prompt decoder.
 """
 
 from __future__ import annotations
