@@ -161,7 +161,7 @@ def _run_bench(slices, size, backend, segmenter, adapter, backend_options, naive
         t_fit = time.perf_counter()
         engine.fit()
         # "fit" counts the segmenter's model being built (OneShot's constructor) and the template's features,
-        # the backend's model and the adapter's training (OneShot.fit); "build" is the constructor's share
+        # the backend's model and the adapter's training (OneShot.fit); "segmenter_build" is the constructor's share
         build_seconds, fit_seconds = t_fit - t, time.perf_counter() - t
         window = intensity_window(volume, template.modality or volume.modality)  # as the chain normalises
         reference = [int(k) for k in np.flatnonzero(on)]

@@ -7,8 +7,8 @@ The policy: **small-tensor work runs on one thread; foundation-model forwards us
   correspondences, the offline refiner. Each operation is too small to gain from a second thread, and
   PyTorch's OpenMP workers spin-wait between them: where another process keeps the cores busy, the workers
   wait for each other's time slices and the work gets 5-20x slower while using more CPU.
-- Model forwards (the ViT and SAM encoders) are large matrix products, where a parallel region is long
-  enough that more threads help on free cores and hurt little on busy ones.
+- Model forwards (the ViT and SAM encoders, SAM's and SAM 2's mask decoders) are large matrix products,
+  where a parallel region is long enough that more threads help on free cores and hurt little on busy ones.
 
 Measured on the 2-core development machine (AMD EPYC, shared with other work; docs/results.md, "Threads"):
 the demo (offline backend) took 7.6 s on one thread and 43.8 s on two with the machine's background load,
