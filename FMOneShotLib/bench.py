@@ -14,6 +14,12 @@ find: the segmenter runs on exactly the slices that contain the structure in the
 calls elsewhere return nothing; the reference slices the chain skipped are segmented after it, with its
 correspondences as prompts, inside the timed total). That is the cost of pretrained weights that find the
 structure where it is. The JSON records the rule and the slices.
+
+Beside the seconds per stage the JSON records the process's CPU time over the chain and the machine's 1-minute
+load average before and after it (``load_average``): on a machine shared with other work only figures read
+beside the load mean something. ``fit_seconds`` splits the fit into building the segmenter (OneShot's
+constructor) and the rest (the backend built, the template's features, the adapter trained);
+``segmenter_seconds`` splits SAM's / SAM 2's time into the image encoder and the prompt decoder.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ try:
     import resource  # the peak memory (POSIX only)
 except ImportError:  # Windows: the library imports, the figure is nan
     resource = None
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -54,6 +61,14 @@ def bench_volume(slices: int = 100, size: int = 512):
     spacing = tuple(s * n / m for s, n, m in zip(ct.spacing, ct.array.shape[::-1], image.shape[::-1]))
     vol = Volume(image.astype(np.int16), spacing, ct.origin, ct.direction, name="bench", modality="CT")
     return vol, labels
+
+
+def _load_average():
+    """The 1-minute load average (None where the platform has none, e.g. Windows)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def _peak_mb() -> float:
@@ -135,14 +150,19 @@ def _run_bench(slices, size, backend, segmenter, adapter, backend_options, naive
 
     with tempfile.TemporaryDirectory() as tmp:
         src = write_volume(vol, Path(tmp) / "bench.nii.gz")
+        load_start = _load_average()
         t0, cpu0 = time.perf_counter(), time.process_time()
         volume = read_volume(src)
         io_seconds = time.perf_counter() - t0
         t = time.perf_counter()
         engine = OneShot(template, backend=backend, adapter=adapter, segmenter=segmenter,
                          backend_options=backend_options, segmenter_options=segmenter_options, seed=seed,
-                         **(chain_options or {})).fit()
-        fit_seconds = time.perf_counter() - t
+                         **(chain_options or {}))
+        t_fit = time.perf_counter()
+        engine.fit()
+        # "fit" counts the segmenter's model being built (OneShot's constructor) and the template's features,
+        # the backend's model and the adapter's training (OneShot.fit); "segmenter_build" is the constructor's share
+        build_seconds, fit_seconds = t_fit - t, time.perf_counter() - t
         window = intensity_window(volume, template.modality or volume.modality)  # as the chain normalises
         reference = [int(k) for k in np.flatnonzero(on)]
         if segmenter_slices == "reference":
@@ -164,9 +184,14 @@ def _run_bench(slices, size, backend, segmenter, adapter, backend_options, naive
         io_seconds += time.perf_counter() - t
         total = time.perf_counter() - t0
         cpu_seconds = time.process_time() - cpu0
+        load_chain = _load_average()
     timings = {k: round(v, 3) for k, v in result.timings.items()}
     stages = {"io": round(io_seconds, 3), "fit": round(fit_seconds, 3), **timings}
+    fit_parts = {"segmenter_build": round(build_seconds, 3), "fit": round(fit_seconds - build_seconds, 3)}
     forwards = result.timings["features"] + getattr(engine.segmenter, "forward_seconds", 0.0)
+    segmenter_parts = {"encodings": getattr(engine.segmenter, "encodings", None),
+                       "encode": round(getattr(engine.segmenter, "forward_seconds", 0.0), 3),
+                       "decode": round(getattr(engine.segmenter, "decode_seconds", 0.0), 3)}
     # The naive path on a few slices spread over the volume, extrapolated to all of them.
     window = intensity_window(volume)
     picks = np.linspace(0, volume.n_slices - 1, max(1, naive_slices)).round().astype(int)
@@ -175,6 +200,7 @@ def _run_bench(slices, size, backend, segmenter, adapter, backend_options, naive
         for stage, sec in naive_slice(engine, normalize(volume.array[k], window), volume.pixel_spacing,
                                       BENCH_LABEL).items():
             naive[stage] += sec
+    load_end = _load_average()
     naive_per_slice = sum(naive.values()) / len(picks)
     naive_total = naive_per_slice * volume.n_slices + io_seconds + fit_seconds
     report = {
@@ -190,10 +216,16 @@ def _run_bench(slices, size, backend, segmenter, adapter, backend_options, naive
                       "segmenter": getattr(engine.segmenter, "precision", "fp32")},
         "threads": {"model_forwards": model_threads(), "small_work": SMALL_WORK_THREADS},
         "seconds": {"total": round(total, 3), **stages},
+        "fit_seconds": fit_parts,
+        # SAM / SAM 2: the image encoder (once per slice) and the prompt decoder (once per label and slice)
+        "segmenter_seconds": segmenter_parts,
         "seconds_per_slice": round(total / volume.n_slices, 4),
         # CPU time of the process (all threads) over the same span: on a machine shared with other work the
         # wall-clock total grows with the load, this does not; on an idle machine total ~ cpu / threads.
         "cpu_seconds": round(cpu_seconds, 2),
+        # the machine's 1-minute load average (os.getloadavg) when the chain began, when it ended and after the
+        # naive path: figures measured on a shared machine mean something only beside it
+        "load_average": {"start": load_start, "after_chain": load_chain, "after_naive": load_end},
         "adapter_ms_per_slice": round(1000 * result.timings["adapter"] / volume.n_slices, 2),
         "model_forwards_seconds": round(forwards, 3),
         "overhead_ratio": round(total / forwards, 2) if forwards > 0 else None,

@@ -588,18 +588,30 @@ def cmd_bench(args) -> int:
     ss = r["segmenter_slices"]
     where = "the slices holding it in the reference" if ss["rule"] == "reference" else "where the chain found it"
     print(f"  segmenter on {ss['count']} slices ({ss['rule']}: {where})")
+    n = r["naive"]
+    slices, segmented = v["slices"], max(ss["count"], 1)
     print(f"  total {sec['total']:.2f} s = {r['seconds_per_slice'] * 1000:.1f} ms per slice "
           f"(CPU time {r['cpu_seconds']:.1f} s)")
+    print(f"    {'stage':15s} {'chain (s)':>10s} {'per slice':>10s} {'naive per slice':>16s}")
     for stage in ("io", "fit", "align", "features", "adapter", "correspondence", "segmenter"):
-        print(f"    {stage:15s} {sec.get(stage, 0.0):8.2f} s")
+        per = sec.get(stage, 0.0) / (segmented if stage == "segmenter" else slices)
+        naive = n["per_stage_per_slice"].get(stage)
+        print(f"    {stage:15s} {sec.get(stage, 0.0):10.2f} "
+              + (f"{per:10.3f}" if stage not in ("io", "fit") else " " * 10)
+              + (f" {naive:16.3f}" if naive is not None else ""))
+    print(f"    (segmenter per slice: per slice it ran on; the naive path runs it on all {slices})")
     ratio = "n/a" if r["overhead_ratio"] is None else f"{r['overhead_ratio']:.2f}"
     print(f"  adapter inference {r['adapter_ms_per_slice']:.1f} ms per slice at the feature grid")
     print(f"  model forwards {r['model_forwards_seconds']:.2f} s, overhead ratio (total / forwards) {ratio}")
     print(f"  peak memory {r['peak_memory_mb']:.0f} MB" + (f", GPU {r['peak_gpu_memory_mb']:.0f} MB"
                                                           if "peak_gpu_memory_mb" in r else ""))
-    n = r["naive"]
+    load = r["load_average"]
+    print(f"  load average (1 min): {load['start']} at the start, {load['after_chain']} after the chain, "
+          f"{load['after_naive']} after the naive path")
     print(f"  naive path ({n['slices_measured']} slices measured): {n['seconds_per_slice']:.3f} s per slice, "
-          f"{n['extrapolated_total']:.1f} s for the volume; speed-up {r['speedup_over_naive']:.1f}x")
+          f"{n['extrapolated_total']:.1f} s for the volume (fit and io included)")
+    print(f"  chain {sec['total']:.1f} s against naive {n['extrapolated_total']:.1f} s: "
+          f"speed-up {r['speedup_over_naive']:.2f}x")
     _write_json(out, r)
     return 0
 
@@ -686,7 +698,8 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--ensemble", type=int, help="sd: noise draws averaged (default 8)")
         g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
         g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
-                       help="auto: bf16 on CUDA and on CPUs with AMX, else fp32")
+                       help="auto: bf16 on CUDA and on CPUs with bf16 in hardware (AMX or AVX-512 BF16), "
+                            "else fp32")
         g.add_argument("--sam-model", default="vit_b", choices=["vit_b", "vit_l", "vit_h"],
                        help="SAM model of the sam segmenter and backend (default %(default)s)")
         if segmenter:

@@ -92,7 +92,8 @@ class _PointPromptedSegmenter(Segmenter):
     predictor = None
     _key = None
     encodings = 0  # slices encoded (the expensive step)
-    forward_seconds = 0.0
+    forward_seconds = 0.0  # seconds in the image encoder
+    decode_seconds = 0.0  # seconds in the prompt encoder and mask decoder (once per label and slice)
 
     def _set_image(self, image: np.ndarray) -> None:
         raise NotImplementedError
@@ -120,9 +121,13 @@ class _PointPromptedSegmenter(Segmenter):
         self._encode(image)
         coords = np.concatenate([positive, negative])
         labels = np.concatenate([np.ones(len(positive)), np.zeros(len(negative))])
-        with torch.inference_mode():
+        t = time.perf_counter()
+        # the prompt encoder and mask decoder (a two-way transformer over the 64 x 64 embedding, then masks
+        # upsampled to the slice) are a model forward too: the model threads, float32 as the features above
+        with torch.inference_mode(), model_forward():
             masks, scores, _ = self.predictor.predict(point_coords=coords, point_labels=labels,
                                                       multimask_output=len(coords) == 1)
+        self.decode_seconds += time.perf_counter() - t
         return masks[int(np.argmax(scores))].astype(bool)
 
 

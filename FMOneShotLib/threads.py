@@ -12,8 +12,8 @@ The policy: **small-tensor work runs on one thread; foundation-model forwards us
   independent of the machine (ITK sums the metric per thread, so a CHAOS pair's NMI moved in the fourth digit
   between 1 and 2 threads). Measured with two other engineers' jobs on the 2 cores (load average 4.5): a
   CHAOS MR pair took 4.2-6.4 s on one thread, 4.9-6.8 s on two; a cephalogram pair 1.6-1.7 s and 1.9-2.0 s.
-- Model forwards (the ViT and SAM encoders) are large matrix products, where a parallel region is long
-  enough that more threads help on free cores and hurt little on busy ones.
+- Model forwards (the ViT and SAM encoders, SAM's and SAM 2's mask decoders) are large matrix products,
+  where a parallel region is long enough that more threads help on free cores and hurt little on busy ones.
 
 Measured on the 2-core development machine (AMD EPYC, shared with other work; docs/results.md, "Threads"):
 the demo (offline backend) took 7.6 s on one thread and 43.8 s on two with the machine's background load,

@@ -13,7 +13,7 @@ Shapes: B slices, E noise draws, C channels of the chosen up-block, (h, w) its g
      of a slice are the same in every run and batch.
 The grid covers the image as ``features.base`` requires (cell j centred on pixel (j + 0.5) * W / w - 0.5, as
 for any strided convolutional map). Everything runs under ``torch.inference_mode`` in bf16 autocast where
-``precision`` resolves to bf16 (CUDA, CPUs with AMX).
+``precision`` resolves to bf16 (CUDA, CPUs with AMX or AVX-512 BF16).
 
 The weights are the user's diffusers-format folder of SD 2.1 (``models.stable_diffusion``): its licence,
 CreativeML Open RAIL++-M, is named in every message that tells where to get it. Needs the ``sd`` extra.

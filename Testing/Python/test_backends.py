@@ -478,3 +478,38 @@ def test_cli_keeps_sd_options_to_the_sd_backend(tmp_path, capsys):
     assert main(base + ["--backend", "sd", "--weights", "random", "--stride", "7"]) == 2
     assert "--stride do not apply to the Stable Diffusion backend" in capsys.readouterr().err
     assert not (tmp_path / "x.nii.gz").exists()
+
+
+CPUINFO = """processor\t: 0
+vendor_id\t: {vendor}
+model name\t: {model}
+flags\t\t: fpu sse2 avx2 avx512f avx512bw {extra}
+bugs\t\t: sysret_ss_attrs
+
+processor\t: 1
+flags\t\t: fpu sse2 avx2 avx512f avx512bw {extra}
+"""
+
+
+@pytest.mark.parametrize("vendor,model,extra,expected", [
+    ("AuthenticAMD", "AMD EPYC 9B14", "avx512_vnni avx512_bf16 vaes", "bf16"),  # Zen 4: AVX-512 BF16, no AMX
+    ("GenuineIntel", "Intel Xeon Platinum 8480C", "avx512_bf16 amx_bf16 amx_tile amx_int8", "bf16"),
+    ("GenuineIntel", "Intel Xeon Gold 6248", "avx512_vnni", "fp32"),  # AVX-512 without bf16 arithmetic
+    ("AuthenticAMD", "AMD EPYC 7B12", "avx2 sha_ni", "fp32"),
+])
+def test_auto_precision_is_bf16_where_the_cpu_multiplies_bf16(tmp_path, monkeypatch, vendor, model, extra,
+                                                              expected):
+    info = tmp_path / "cpuinfo"
+    info.write_text(CPUINFO.format(vendor=vendor, model=model, extra=extra))
+    monkeypatch.setattr(models, "CPUINFO", str(info))
+    assert models.resolve_precision("auto", "cpu") == expected
+    assert models.resolve_precision("fp32", "cpu") == "fp32" and models.resolve_precision("bf16", "cpu") == "bf16"
+    monkeypatch.setattr(models, "CPUINFO", str(tmp_path / "none"))  # no /proc/cpuinfo (not Linux): fp32
+    assert models.resolve_precision("auto", "cpu") == "fp32"
+    with pytest.raises(FMOneShotError, match="Unknown precision"):
+        models.resolve_precision("fp16", "cpu")
+    # the extractor and the segmenters take what auto resolves to
+    monkeypatch.setattr(models, "CPUINFO", str(info))
+    e = create_extractor("d2s14", weights="random", overrides={"depth": 1, "embed_dim": 24, "num_heads": 2},
+                         device="cpu", input_size=28)
+    assert e.precision == expected

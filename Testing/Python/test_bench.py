@@ -36,5 +36,10 @@ def test_bench_command_reports_consistent_figures(tmp_path, capsys):
     assert r["naive"]["slices_measured"] == 2
     assert r["speedup_over_naive"] == pytest.approx(r["naive"]["extrapolated_total"] / stages["total"], rel=0.02)
     assert r["peak_memory_mb"] > 100
+    # the fit's parts add up to it; the load average beside the figures (none only without os.getloadavg)
+    assert sum(r["fit_seconds"].values()) == pytest.approx(stages["fit"], abs=2e-3)
+    assert set(r["load_average"]) == {"start", "after_chain", "after_naive"}
+    assert all(v is None or v >= 0 for v in r["load_average"].values())
     printed = capsys.readouterr().out
     assert "speed-up" in printed and f"{stages['total']:.2f} s" in printed
+    assert "load average (1 min)" in printed and "naive per slice" in printed

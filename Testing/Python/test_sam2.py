@@ -257,5 +257,10 @@ def test_bench_runs_the_segmenter_on_the_reference_slices():
     ss = r["segmenter_slices"]
     assert ss["rule"] == "reference" and ss["slices"] == reference == ss["reference_slices"]
     assert r["segmenter"] == "sam2" and r["seconds"]["segmenter"] > 0
+    # one encoding per reference slice, its encoder and decoder seconds within the segmenter's
+    parts = r["segmenter_seconds"]
+    assert parts["encodings"] == len(reference)
+    assert 0 < parts["encode"] and 0 < parts["decode"]
+    assert parts["encode"] + parts["decode"] <= r["seconds"]["segmenter"]
     with pytest.raises(FMOneShotError, match="Unknown segmenter slices"):
         run_bench(8, 64, segmenter_slices="all")
