@@ -418,8 +418,8 @@ def cmd_localize(args) -> int:
         with _progress(volume.name) as update:
             result = engine.apply(volume, progress=update)
         for name, lm in result.best_landmarks().items():
-            rows.append({"target": str(target), "landmark": name, "slice": lm.slice, "x": round(lm.xy[0], 2),
-                         "y": round(lm.xy[1], 2), "physical_x": round(lm.physical[0], 3),
+            rows.append({"target": str(target), "landmark": name, "slice": lm.slice, "x": round(lm.xy[0], 3),
+                         "y": round(lm.xy[1], 3), "physical_x": round(lm.physical[0], 3),
                          "physical_y": round(lm.physical[1], 3), "physical_z": round(lm.physical[2], 3),
                          "confidence": round(lm.confidence, 4)})
     if out.suffix == ".json":

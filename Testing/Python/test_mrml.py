@@ -694,9 +694,9 @@ def test_every_package_the_library_imports_is_installed_in_slicer():
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
             for name in names:
-                imported.setdefault(name.split(".")[0], path.relative_to(repo).as_posix())
+                imported.setdefault(name.split(".")[0], set()).add(path.relative_to(repo).as_posix())
     assert {name: where for name, where in imported.items() if name not in allowed} == {}
-    assert imported["skimage"] == "FMOneShotLib/dicomseg.py"  # the scan sees function-level imports
+    assert "FMOneShotLib/dicomseg.py" in imported["skimage"]  # the scan sees function-level imports
 
 
 def test_the_panels_choices_run(sample):
