@@ -148,8 +148,11 @@ def test_interrupt_midway_then_rerun_completes_only_the_missing_volumes(cohort, 
         images.append(str(tmp_path / "images" / f"{n}.nii.gz"))
     argv = ["batch", str(cohort["template"]), *images, "--output", str(out)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    # Ctrl-C as a terminal delivers it: the child starts with SIGINT's default disposition, whatever this process
+    # inherited (an ignored SIGINT is inherited through exec, and then the batch never sees the Ctrl-C)
     proc = subprocess.Popen([sys.executable, "-m", "FMOneShotLib.cli", *argv, "--workers", "2"], cwd=REPO, env=env,
-                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 400
         while not list(out.glob("*.result.json")) and proc.poll() is None and time.monotonic() < deadline:
