@@ -11,8 +11,10 @@
      ``align="none"``); with an adapter (by default, trained on the painted masks or on the masks the
      segmenter draws from the template's clicks), its probability map gated by the aligned template region
      dilated by ``prior_margin`` mm, whose largest confident region decides whether the structure is on the
-     slice at all; without one, the mean similarity of the positive correspondences decides; on slices
-     beyond the label's aligned extent widened by its tolerance, nothing is found;
+     slice at all (in a volume the segmenter then delineates the structure from the ungated map: the region is
+     one slice's outline placed on every slice); without one, the mean
+     similarity of the positive correspondences decides; on slices beyond the label's aligned extent widened by
+     its tolerance, nothing is found;
   4. ``prompt``: ten random pixels of the region join the corresponding positive points (paper B);
   5. ``segment``: the segmenter turns the prompts into a mask; overlaps go to the more probable label;
   6. ``locate_landmarks``: each template landmark's windowed correspondence, refined on features of a crop
@@ -24,7 +26,8 @@
      only where they continue the label found inside it, slice after slice, each as confident as the label
      is inside (the extent is a soft bound, :meth:`OneShot.bound`);
   8. ``clean_up``, after the last slice, per label: detections in connected components (over the processed
-     slices) smaller than ``minor_components`` of the largest are dropped, and those slices count as empty.
+     slices) smaller than ``minor_components`` of the largest, or less confident than ``component_confidence``
+     times the most confident of the others, are dropped, and those slices count as empty.
 
 A trained adapter is stored in the template (``template.adapter``), so saving the template after ``fit`` keeps
 it, and a later ``fit`` with the same backend and adapter reuses it instead of training again.
@@ -140,13 +143,19 @@ class Placement:
     # offsets (finite differences at the landmark), or None: the pose the patch match samples the target in
     landmark_frames: np.ndarray | None = None
     band: dict = field(default_factory=dict)
+    # True where ``prior`` is each structure's own outline mapped onto a 2D target: it bounds the segmented shape as
+    # well as where the structure is looked for; False for a volume, where it is the template slice's outline placed
+    # on every target slice, and bounds only where the structure is looked for (:meth:`OneShot.localise`)
+    outline: bool = True
 
 
 @dataclass
 class Found:
     """What the localise stage found for one label on one slice: the correspondences of the positive and
     negative template points, whether the label is present, the confidence behind that decision, and with an
-    adapter its (gated) probability map ``prior`` (H, W) and localised ``region`` (H, W) bool."""
+    adapter the probability map ``prior`` (H, W) the segmenter delineates from (gated by the aligned template region
+    in 2D, the adapter's own in a volume: :attr:`Placement.outline`) and the localised ``region`` (H, W) bool
+    (chosen within the aligned template region: the spatial prior)."""
 
     positive: Correspondence
     negative: Correspondence
@@ -188,6 +197,9 @@ PATCH_STEPS = (8, 4, 2, 1)
 PATCH_HALF = 16
 PATCH_RADIUS = 6
 FRAME_STEP = 10.0  # template pixels: the finite-difference step of the alignment's local linear map
+# The clean-up's second test: a 3D component less confident than this fraction of the label's most confident
+# (not minor) component is dropped (postprocess.drop_minor_components; docs/results.md)
+COMPONENT_CONFIDENCE = 0.9
 
 
 class OneShot:
@@ -201,7 +213,7 @@ class OneShot:
                  align: str = DEFAULT_KIND, search_radius: float = SEARCH_RADIUS, prior_margin: float | None = PRIOR_MARGIN,
                  extent_margin: float = EXTENT_MARGIN, refine_side: int = REFINE_SIDE,
                  patch_steps=PATCH_STEPS, propagate: bool = False, extent_tolerance: float = EXTENT_TOLERANCE,
-                 prior_falloff: float = PRIOR_FALLOFF):
+                 prior_falloff: float = PRIOR_FALLOFF, component_confidence: float = COMPONENT_CONFIDENCE):
         self.template = template.validate()
         self.align_kind = check_kind(align)
         for what, value in (("search radius", search_radius), ("extent margin", extent_margin),
@@ -244,6 +256,11 @@ class OneShot:
         # 3D clean-up: per label, detections in components under this fraction of the largest are dropped
         # (on CHAOS across subjects: empty slices left empty 35% -> 56%, Dice unchanged; docs/results.md)
         self.minor_components = minor_components
+        if not 0 <= component_confidence <= 1:
+            raise FMOneShotError(f"The component confidence is {component_confidence}.",
+                                 "give a fraction from 0 (components judged by size alone) to 1.")
+        # ... and those less confident than this fraction of the most confident one (docs/results.md)
+        self.component_confidence = float(component_confidence)
         self.extractor = None
         self.adapter: Adapter | None = None
         self.fit_seconds = 0.0
@@ -592,7 +609,8 @@ class OneShot:
             at = np.stack([self.lm_points[n] for n in self.q_landmarks])
             d = FRAME_STEP
             frames = np.stack([(place(at + [d, 0, 0])[:, :2] - lm) / d, (place(at + [0, d, 0])[:, :2] - lm) / d], -1)
-        return Placement(alignment, positive, negative, lm, prior, slices, landmark_frames=frames, band=band)
+        return Placement(alignment, positive, negative, lm, prior, slices, landmark_frames=frames, band=band,
+                         outline=source.is_2d)
 
     def encode(self, images: np.ndarray, pixel_spacing) -> tuple:
         """Stage 2: slices (B, H, W) in [0, 1] -> (standardised features, features for similarity), each
@@ -611,8 +629,10 @@ class OneShot:
     def localise(self, name: str, feats: torch.Tensor, probs: np.ndarray | None, placement: "Placement", z: int,
                  target: "Target") -> "Found":
         """Stage 3, per slice and label: the correspondences of the label's template points (windowed around
-        their aligned positions unless ``align="none"``), and with an adapter its localised region, gated by
-        the aligned template region (the prior). Beyond the label's band (its aligned extent widened by the
+        their aligned positions unless ``align="none"``), and with an adapter its localised region, chosen on
+        its probabilities gated by the aligned template region (the prior), and its confidence, their mean over
+        that region; ``Found.prior`` is what the segmenter delineates from (ungated in a volume:
+        :attr:`Placement.outline`). Beyond the label's band (its aligned extent widened by the
         tolerance: :class:`Placement`) nothing is found.
         ``feats`` (C, h, w) for similarity; ``probs`` (L + 1, H, W) or None."""
         shape = target.volume.slice_shape
@@ -627,15 +647,21 @@ class OneShot:
             found.confidence = float(pos.score.mean()) if len(pos.xy) else 0.0
             found.present = found.confidence >= self.min_similarity
             return found
+        # The gate decides where the label may be (its region, and so whether it is on the slice). Where it is the
+        # structure's own outline (a 2D target), the segmenter delineates from the gated probabilities too; in a volume it is
+        # one slice's outline placed on every slice, and the segmenter gets the adapter's own probabilities:
+        # gated ones trim the structure wherever its cross-section outgrows that outline (docs/results.md)
+        found.prior = probs[i + 1]
         gate = placement.prior.get(name)
-        found.prior = probs[i + 1] if gate is None else probs[i + 1] * gate
         if gate is not None:
             probs = probs.copy()
-            probs[i + 1] = found.prior
+            probs[i + 1] = probs[i + 1] * gate
+            if placement.outline:
+                found.prior = probs[i + 1]
         region = self._region(probs, i, target.pixel_area, name)
         found.region = region
         found.present = bool(region.any())
-        found.confidence = float(found.prior[region].mean()) if found.present else 0.0
+        found.confidence = float(probs[i + 1][region].mean()) if found.present else 0.0
         return found
 
     def prompt(self, found: "Found", rng: np.random.Generator) -> tuple:
@@ -835,9 +861,12 @@ class OneShot:
                     present[z, i], confidence[z, i] = False, 0.0
 
     def clean_up(self, labels: np.ndarray, present: np.ndarray, confidence: np.ndarray, done: list) -> None:
-        """Stage 8: per label, drop detections in 3D components under ``minor_components`` of the largest, in place.
-        Processed slices at most two apart are neighbours (a skipped slice, such as the template's own, does
-        not split a structure); runs farther apart (sampled slices) are cleaned each on its own."""
+        """Stage 8: per label, drop the detections in minor 3D components, in place: those under
+        ``minor_components`` of the largest, and those less confident than ``component_confidence`` times the
+        most confident of the others (:func:`postprocess.drop_minor_components`, judged by ``confidence``, the
+        per-slice confidence behind each detection). Processed slices at most two apart are neighbours (a
+        skipped slice, such as the template's own, does not split a structure); runs farther apart (sampled
+        slices) are cleaned each on its own."""
         if self.minor_components <= 0 or not done:
             return
         cuts = [k + 1 for k in range(len(done) - 1) if done[k + 1] - done[k] > 2]
@@ -845,7 +874,8 @@ class OneShot:
             stack = labels[run]
             for i, lb in enumerate(self.template.labels):
                 mine = stack == lb.value
-                kept = drop_minor_components(mine, self.minor_components)
+                kept = drop_minor_components(mine, self.minor_components, confidence[run, i],
+                                             self.component_confidence)
                 stack[mine & ~kept] = 0
                 gone = run[present[run, i] & ~kept.any(axis=(1, 2))]
                 present[gone, i], confidence[gone, i] = False, 0.0

@@ -183,6 +183,30 @@ def test_minor_components_are_dropped_in_3d_but_pairs_stay():
     assert np.array_equal(drop_minor_components(diagonal, 0.5), diagonal)
 
 
+def test_less_confident_components_are_dropped_even_when_larger():
+    """Judged by confidence too: a neighbour found beyond the organ's end, larger than the organ but less
+    confident (as across CHAOS subjects: 0.73 against 0.86), is dropped; a second part as confident as the organ
+    stays; a small speck, however confident, does not decide which component is the organ."""
+    from FMOneShotLib.postprocess import drop_minor_components
+
+    mask = np.zeros((12, 30, 30), bool)
+    mask[0:5, 2:14, 2:14] = True  # the neighbour: 720 voxels on slices 0-4
+    mask[7:11, 2:12, 2:12] = True  # the organ: 400 voxels on slices 7-10
+    mask[7:11, 2:10, 20:28] = True  # its second part (a pair under one label): 256 voxels
+    mask[11, 25:27, 25:27] = True  # a speck on slice 11, touching nothing: 4 voxels
+    confidence = np.array([0.73] * 5 + [0.0] * 2 + [0.86] * 4 + [0.99])
+    kept = drop_minor_components(mask, 0.25, confidence, 0.9)
+    assert not kept[0:5].any() and not kept[11].any()
+    assert np.array_equal(kept[7:11], mask[7:11])
+    # size alone (ratio 0, or no confidence) keeps the larger neighbour and drops only the speck
+    for alone in (drop_minor_components(mask, 0.25, confidence, 0.0), drop_minor_components(mask, 0.25)):
+        assert np.array_equal(alone[:11], mask[:11]) and not alone[11].any()
+    # a neighbour within 0.9 of the organ's confidence is not told apart from it, and stays
+    close = confidence.copy()
+    close[0:5] = 0.80
+    assert np.array_equal(drop_minor_components(mask, 0.25, close, 0.9)[:11], mask[:11])
+
+
 def test_clean_up_joins_neighbouring_processed_slices_only():
     from FMOneShotLib.image import Volume
     from FMOneShotLib.pipeline import OneShot

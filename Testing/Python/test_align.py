@@ -1,5 +1,6 @@
 """The align stage: registrations with a known answer, the windowed search, extents, and the stages on their own."""
 
+import dataclasses
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -182,6 +183,15 @@ def test_stages_each_on_their_own():
     found = engine.localise("spot", feats[0], probs[0], placement, 0, target)
     assert found.present and found.region[int(truth[0, 1]), int(truth[0, 0])]
     assert not (found.region & (placement.prior["spot"] < 0.5)).any()  # gated by the prior
+    # the confidence is the gated probability over the region; on a 2D target the segmenter delineates from the
+    # gated map (the prior is the structure's own outline), in a volume from the adapter's own (the prior is one
+    # slice's outline on every slice: a structure outgrowing it there is not cut at its edge)
+    gated = probs[0][1] * placement.prior["spot"]
+    assert placement.outline and found.confidence == pytest.approx(float(gated[found.region].mean()))
+    assert np.array_equal(found.prior, gated)
+    in_volume = engine.localise("spot", feats[0], probs[0], dataclasses.replace(placement, outline=False), 0, target)
+    assert np.array_equal(in_volume.prior, probs[0][1]) and np.array_equal(in_volume.region, found.region)
+    assert in_volume.confidence == found.confidence
     # prompt: positive prompts inside the region, negative ones outside
     pos, neg = engine.prompt(found, np.random.default_rng(0))
     assert len(pos) and found.region[np.round(pos[:, 1]).astype(int), np.round(pos[:, 0]).astype(int)].all()
