@@ -261,6 +261,8 @@ def test_bench_runs_the_segmenter_on_the_reference_slices():
     parts = r["segmenter_seconds"]
     assert parts["encodings"] == len(reference)
     assert 0 < parts["encode"] and 0 < parts["decode"]
-    assert parts["encode"] + parts["decode"] <= r["seconds"]["segmenter"]
+    # each figure is rounded to the millisecond (bench.run_bench): the two parts may exceed their rounded total
+    # by up to 1.5 ms (three roundings of 0.5 ms), and their float sum by a rounding error (1.237 + 0.294)
+    assert parts["encode"] + parts["decode"] <= r["seconds"]["segmenter"] + 1.5e-3 + 1e-9
     with pytest.raises(FMOneShotError, match="Unknown segmenter slices"):
         run_bench(8, 64, segmenter_slices="all")
