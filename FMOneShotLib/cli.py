@@ -228,7 +228,8 @@ def _chain_options(args) -> dict:
 
 
 def _parse_extents(texts, template) -> dict:
-    """['liver:40:75', ...] -> {"liver": (40, 75)}, checked against the template's labels."""
+    """['liver:12:29', ...] -> {"liver": (12, 29)}, checked against the template's labels, its volume's slices and
+    the slices each label is marked on (:meth:`Template.validate`), before any work."""
     out = {}
     for text in texts or []:
         try:
@@ -236,7 +237,7 @@ def _parse_extents(texts, template) -> dict:
             out[name] = (int(first), int(last))
         except ValueError:
             raise FMOneShotError(f"Cannot read the extent {text!r}.",
-                                 "write it as NAME:FIRST:LAST template slice numbers, e.g. liver:40:75.") from None
+                                 "write it as NAME:FIRST:LAST template slice numbers, e.g. liver:12:29.") from None
     template.extent = {**template.extent, **out}
     template.validate()
     return out
@@ -774,7 +775,8 @@ def build_parser() -> argparse.ArgumentParser:
                  "clicks), basic, classification, contrastive, or none (raw similarity)")
     s.add_argument("--save-template", help="also save the template used (.json) for reuse")
     s.add_argument("--extent", action="append", metavar="NAME:FIRST:LAST",
-                   help="the first and last template slice a label lies on (repeat); aligned into each target, "
+                   help="the first and last template slice a label lies on, including the slice it is marked on "
+                        "(repeat); aligned into each target, "
                         "it bounds the slices searched, and is saved with --save-template")
     model_args(s)
     propagate_arg(s)

@@ -229,13 +229,6 @@ def template_from_markups(volume_node, labels: list, landmarks=None, orientation
         raise FMOneShotError("Nothing is marked on the template volume.",
                              "place positive points for a label (or paint it), or place named landmarks.")
     cols, rows = IN_PLANE[axis]
-    n_plane = volume.resliced(axis).n_slices
-    for n, (first, last) in extent.items():
-        if not 0 <= first <= last < n_plane:
-            raise FMOneShotError(f"The extent of label {n!r} is slices {first} to {last}, and the template volume "
-                                 f"{volume.name!r} has {volume.orientation_of(axis)} slices 0 to {n_plane - 1}.",
-                                 "give the first and last slice inside the volume (first <= last), or clear the "
-                                 "label's extent.")
 
     def pixels(kind, owner):
         return [[ijk[cols], ijk[rows]] for kd, ow, _, ijk in points if kd == kind and ow == owner]
@@ -885,7 +878,8 @@ def set_label_extent(scene, name: str, extent=None) -> None:
     """Stores label ``name``'s extent, ``(first, last)`` slice indices of the template volume in the template's
     plane (:attr:`template.Template.extent`), on both of its point lists (so it is saved with the scene);
     ``None`` clears it. FMOneShotError for an unknown label or ends that are not ``0 <= first <= last`` (the
-    upper bound is checked against the volume by :func:`template_from_markups`). Imports nothing Slicer does
+    upper bound and the marked slice are checked by :meth:`template.Template.validate` when
+    :func:`template_from_markups` makes the template). Imports nothing Slicer does
     not ship."""
     nodes = [node for role in ("positive", "negative") for node in _tagged(scene, role)
              if node.GetAttribute(LABEL_ATTRIBUTE) == name]
