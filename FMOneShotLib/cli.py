@@ -486,7 +486,8 @@ def cmd_demo(args) -> int:
                           segmenter=args.segmenter, seed=args.seed, force=args.force, progress=update,
                           backend_options=_backend_options(args), segmenter_options=_segmenter_options(args))
     weights = "no downloaded weights" if args.backend == "offline" and report.segmenter != "sam" else "SAM weights"
-    print(f"FMOneShot demo: {' and '.join(args.labels)} marked on slice {report.template_slice} of the sample CT "
+    data = f"case {report.case}" + (f" ({report.modality})" if report.modality else "") + f" of {report.dataset}"
+    print(f"FMOneShot demo: {' and '.join(args.labels)} marked on slice {report.template_slice} of {data} "
           f"(backend {args.backend}, segmenter {report.segmenter}, {weights})")
     for name, d in report.dice.items():
         e = report.empty[name]
