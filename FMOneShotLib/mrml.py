@@ -716,9 +716,7 @@ def check_extras(backend: str, segmenter: str, python: tuple | None = None) -> N
                                  "use Slicer 5.10 or later for it, or choose another (auto, or sam).")
         unmet = requirements.unmet(requirements.EXTRAS[name])
         if unmet:
-            reqs = " ".join(requirements.EXTRAS[name])
-            command = (f"import os; os.environ['SAM2_BUILD_CUDA'] = '0'; slicer.util.pip_install("
-                       f"'--no-build-isolation {reqs}')" if name == "sam2" else f"slicer.util.pip_install('{reqs}')")
+            command = requirements.slicer_command(name)
             raise FMOneShotError(f"{what[0].upper()}{what[1:]} needs "
                                  + ", ".join(f"{r} (installed: {h})" if h else r for r, h in unmet) + ".",
                                  f"install it in Slicer's Python console ({command}) and restart Slicer, or "

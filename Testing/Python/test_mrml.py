@@ -643,6 +643,27 @@ def test_the_runtime_requirements_are_pyprojects():
     assert {name: list(reqs) for name, reqs in requirements.EXTRAS.items()} == {n: extras[n] for n in ("sam2", "sd")}
 
 
+def test_sam2_is_installed_with_one_command_wherever_it_is_given(monkeypatch):
+    """The sam2 package is an sdist that pip builds against a second PyTorch unless told otherwise: README,
+    docs/models.md, pyproject.toml's comment on the extra, .ci/run and the error for a missing package all give
+    requirements.pip_command's command, and none gives the plain install of the extra."""
+    import sys
+
+    from FMOneShotLib import models, requirements
+
+    command = requirements.pip_command("sam2")
+    assert command == "SAM2_BUILD_CUDA=0 pip install --no-build-isolation 'sam2>=1.0'"
+    repo = Path(__file__).resolve().parents[2]
+    for doc in ("README.md", "docs/models.md", "pyproject.toml"):
+        text = (repo / doc).read_text()
+        assert command in text and "pip install 'fmoneshot[sam2]'" not in text, doc
+    assert command.replace("pip install", "python3 -m pip install -q") in (repo / ".ci" / "run").read_text()
+    monkeypatch.setitem(sys.modules, "sam2", None)  # 'import sam2' raises ImportError, as where it is missing
+    with pytest.raises(FMOneShotError, match="SAM 2 needs the 'sam2' package") as err:
+        models.require_sam2()
+    assert err.value.fix.startswith(command + " (Python >= 3.10")
+
+
 def test_a_choice_that_needs_an_optional_package_is_refused_before_any_work_with_slicers_command(monkeypatch):
     """The panel lists the sd backend and the sam2 segmenter, whose packages are pyproject extras it does not
     install: the choice is refused before the models load, with the command for Slicer's Python console; sam2

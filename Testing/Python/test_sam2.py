@@ -17,7 +17,9 @@ from FMOneShotLib.propagate import Propagator, reconcile, seeds_of, structure_en
 
 @pytest.fixture(autouse=True)
 def sam2_installed():
-    require_package("sam2", "SAM2_BUILD_CUDA=0 pip install --no-build-isolation 'sam2>=1.0', docs/models.md")
+    from FMOneShotLib.requirements import pip_command
+
+    require_package("sam2", f"{pip_command('sam2')}, docs/models.md")
 
 # Hiera-T with one block per stage but two in the third (a global-attention block may not pool), 16 channels,
 # one memory-attention layer: the real modules, a few seconds per slice on a CPU.
