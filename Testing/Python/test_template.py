@@ -147,8 +147,9 @@ def test_an_extent_beyond_the_volume_or_without_the_marked_slice_is_refused():
     template is made, with the volume's slices, the marked slice and the fix; a saved template, which does not
     know its volume, still knows its marked slice."""
     vol, mask = volume(), volume().array[1] > 50  # axial slices 0 to 2, the label marked on slice 1
-    with pytest.raises(FMOneShotError, match=r"^The extent of label 'liver' is slices 1 to 3, beyond the template "
-                       r"volume 'vol', which has axial slices 0 to 2 \(the label is marked on slice 1\)\. Fix: ") as err:
+    with pytest.raises(FMOneShotError, match=r"^The extent of label 'liver' is slices 1 to 3, beyond the "
+                       r"template volume 'vol', which has axial slices 0 to 2 \(the label is marked on slice 1\)\. "
+                       r"Fix: ") as err:
         Template.from_volume(vol, 1, {"liver": [[10, 8]]}, extent={"liver": (1, 3)})
     assert err.value.fix == ("give the first and last slice where the structure lies, between 0 and 2, "
                              "first <= last, including slice 1 where it is marked; or leave its extent out.")
