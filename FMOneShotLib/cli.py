@@ -470,7 +470,8 @@ def cmd_batch(args) -> int:
         if client is not None:
             client.close()
     counts = {s: report.count(s) for s in ("ok", "skipped", "failed")}
-    print(f"fmoneshot batch: {len(report.rows)} volumes: {counts['ok']} done, {counts['skipped']} already done "
+    n = len(report.rows)
+    print(f"fmoneshot batch: {n} volume{'' if n == 1 else 's'}: {counts['ok']} done, {counts['skipped']} already done "
           f"(skipped), {counts['failed']} failed; manifest {report.manifest[0]}")
     for row in report.rows:
         if row["status"] == "failed":
@@ -629,10 +630,13 @@ def cmd_weights(args) -> int:
             return 0
         print(f"cache: {Path(folder) if folder else W.cache_dir()} (set ${W.CACHE_ENV} or --cache to change; "
               "URLs: weights list --json)")
-        print(f"  {'name':10s} {'model':24s} {'present':7s} {'checked by':32s} licence")
+        # each column as wide as its longest entry (sam2_base_plus is longer than the other names)
+        name, model, check = (max(len(title), *(len(r[key]) for r in rows))
+                              for title, key in (("name", "name"), ("model", "description"), ("checked by", "check")))
+        print(f"  {'name':{name}s} {'model':{model}s} {'present':7s} {'checked by':{check}s} licence")
         for r in rows:
-            print(f"  {r['name']:10s} {r['description']:24s} {'yes' if r['present'] else 'no':7s} {r['check']:32s} "
-                  f"{r['licence']}{' (opt-in)' if r['opt_in'] else ''}")
+            print(f"  {r['name']:{name}s} {r['description']:{model}s} {'yes' if r['present'] else 'no':7s} "
+                  f"{r['check']:{check}s} {r['licence']}{' (opt-in)' if r['opt_in'] else ''}")
         return 0
     if args.action == "import":
         if len(args.items) != 1 or not args.name:
