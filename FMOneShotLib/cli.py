@@ -228,7 +228,8 @@ def _chain_options(args) -> dict:
 
 
 def _parse_extents(texts, template) -> dict:
-    """['liver:40:75', ...] -> {"liver": (40, 75)}, checked against the template's labels."""
+    """['liver:12:29', ...] -> {"liver": (12, 29)}, checked against the template's labels, its volume's slices and
+    the slices each label is marked on (:meth:`Template.validate`), before any work."""
     out = {}
     for text in texts or []:
         try:
@@ -236,7 +237,7 @@ def _parse_extents(texts, template) -> dict:
             out[name] = (int(first), int(last))
         except ValueError:
             raise FMOneShotError(f"Cannot read the extent {text!r}.",
-                                 "write it as NAME:FIRST:LAST template slice numbers, e.g. liver:40:75.") from None
+                                 "write it as NAME:FIRST:LAST template slice numbers, e.g. liver:12:29.") from None
     template.extent = {**template.extent, **out}
     template.validate()
     return out
@@ -469,7 +470,8 @@ def cmd_batch(args) -> int:
         if client is not None:
             client.close()
     counts = {s: report.count(s) for s in ("ok", "skipped", "failed")}
-    print(f"fmoneshot batch: {len(report.rows)} volumes: {counts['ok']} done, {counts['skipped']} already done "
+    n = len(report.rows)
+    print(f"fmoneshot batch: {n} volume{'' if n == 1 else 's'}: {counts['ok']} done, {counts['skipped']} already done "
           f"(skipped), {counts['failed']} failed; manifest {report.manifest[0]}")
     for row in report.rows:
         if row["status"] == "failed":
@@ -485,7 +487,8 @@ def cmd_demo(args) -> int:
                           segmenter=args.segmenter, seed=args.seed, force=args.force, progress=update,
                           backend_options=_backend_options(args), segmenter_options=_segmenter_options(args))
     weights = "no downloaded weights" if args.backend == "offline" and report.segmenter != "sam" else "SAM weights"
-    print(f"FMOneShot demo: {' and '.join(args.labels)} marked on slice {report.template_slice} of the sample CT "
+    data = f"case {report.case}" + (f" ({report.modality})" if report.modality else "") + f" of {report.dataset}"
+    print(f"FMOneShot demo: {' and '.join(args.labels)} marked on slice {report.template_slice} of {data} "
           f"(backend {args.backend}, segmenter {report.segmenter}, {weights})")
     for name, d in report.dice.items():
         e = report.empty[name]
@@ -627,10 +630,13 @@ def cmd_weights(args) -> int:
             return 0
         print(f"cache: {Path(folder) if folder else W.cache_dir()} (set ${W.CACHE_ENV} or --cache to change; "
               "URLs: weights list --json)")
-        print(f"  {'name':10s} {'model':24s} {'present':7s} {'checked by':32s} licence")
+        # each column as wide as its longest entry (sam2_base_plus is longer than the other names)
+        name, model, check = (max(len(title), *(len(r[key]) for r in rows))
+                              for title, key in (("name", "name"), ("model", "description"), ("checked by", "check")))
+        print(f"  {'name':{name}s} {'model':{model}s} {'present':7s} {'checked by':{check}s} licence")
         for r in rows:
-            print(f"  {r['name']:10s} {r['description']:24s} {'yes' if r['present'] else 'no':7s} {r['check']:32s} "
-                  f"{r['licence']}{' (opt-in)' if r['opt_in'] else ''}")
+            print(f"  {r['name']:{name}s} {r['description']:{model}s} {'yes' if r['present'] else 'no':7s} "
+                  f"{r['check']:{check}s} {r['licence']}{' (opt-in)' if r['opt_in'] else ''}")
         return 0
     if args.action == "import":
         if len(args.items) != 1 or not args.name:
@@ -774,7 +780,8 @@ def build_parser() -> argparse.ArgumentParser:
                  "clicks), basic, classification, contrastive, or none (raw similarity)")
     s.add_argument("--save-template", help="also save the template used (.json) for reuse")
     s.add_argument("--extent", action="append", metavar="NAME:FIRST:LAST",
-                   help="the first and last template slice a label lies on (repeat); aligned into each target, "
+                   help="the first and last template slice a label lies on, including the slice it is marked on "
+                        "(repeat); aligned into each target, "
                         "it bounds the slices searched, and is saved with --save-template")
     model_args(s)
     propagate_arg(s)

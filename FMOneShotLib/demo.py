@@ -42,6 +42,9 @@ class DemoReport:
     files: list  # every file written, in the order written
     segmenter: str = "offline"
     label_values: dict = field(default_factory=dict)  # label -> its value in the label file
+    case: str = ""  # the case marked and segmented: the dataset's first
+    dataset: str = ""  # the dataset's name (dataset.json)
+    modality: str | None = None  # the case's modality (CT, MR, ...), None when the dataset gives none
 
 
 def run_demo(output_dir, data=SAMPLE, labels=DEMO_LABELS, backend: str = "offline", segmenter: str = "auto",
@@ -94,4 +97,4 @@ def run_demo(output_dir, data=SAMPLE, labels=DEMO_LABELS, backend: str = "offlin
     files = [labels_file, color_table_path(labels_file), montage_file, *template.files(template_file)]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0 if resource else float("nan")
     return DemoReport(z, volume.n_slices, scores, empty, seconds, engine.fit_seconds, peak, [str(f) for f in files],
-                      engine.segmenter.name, dict(zip(labels, values)))
+                      engine.segmenter.name, dict(zip(labels, values)), case.id, ds.name, volume.modality)

@@ -189,13 +189,16 @@ SAM2_TYPES = tuple(SAM2_CONFIGS)
 
 
 def require_sam2():
-    """Import the ``sam2`` package, or say how to install it (the ``fmoneshot[sam2]`` extra)."""
+    """Import the ``sam2`` package, or say how to install it (``requirements.pip_command("sam2")``: the
+    ``fmoneshot[sam2]`` extra, built against the PyTorch installed)."""
+    from .requirements import pip_command
+
     try:
         import sam2  # noqa: F401  (initialises its hydra configuration)
     except ImportError:
         raise FMOneShotError("SAM 2 needs the 'sam2' package, which is not installed.",
-                             "pip install 'fmoneshot[sam2]' (or: SAM2_BUILD_CUDA=0 pip install sam2; Python >= 3.10), "
-                             "or choose --segmenter sam.") from None
+                             f"{pip_command('sam2')} (Python >= 3.10; docs/models.md), or choose --segmenter sam."
+                             ) from None
 
 
 def _hydra_value(value) -> str:

@@ -229,13 +229,6 @@ def template_from_markups(volume_node, labels: list, landmarks=None, orientation
         raise FMOneShotError("Nothing is marked on the template volume.",
                              "place positive points for a label (or paint it), or place named landmarks.")
     cols, rows = IN_PLANE[axis]
-    n_plane = volume.resliced(axis).n_slices
-    for n, (first, last) in extent.items():
-        if not 0 <= first <= last < n_plane:
-            raise FMOneShotError(f"The extent of label {n!r} is slices {first} to {last}, and the template volume "
-                                 f"{volume.name!r} has {volume.orientation_of(axis)} slices 0 to {n_plane - 1}.",
-                                 "give the first and last slice inside the volume (first <= last), or clear the "
-                                 "label's extent.")
 
     def pixels(kind, owner):
         return [[ijk[cols], ijk[rows]] for kd, ow, _, ijk in points if kd == kind and ow == owner]
@@ -723,9 +716,7 @@ def check_extras(backend: str, segmenter: str, python: tuple | None = None) -> N
                                  "use Slicer 5.10 or later for it, or choose another (auto, or sam).")
         unmet = requirements.unmet(requirements.EXTRAS[name])
         if unmet:
-            reqs = " ".join(requirements.EXTRAS[name])
-            command = (f"import os; os.environ['SAM2_BUILD_CUDA'] = '0'; slicer.util.pip_install("
-                       f"'--no-build-isolation {reqs}')" if name == "sam2" else f"slicer.util.pip_install('{reqs}')")
+            command = requirements.slicer_command(name)
             raise FMOneShotError(f"{what[0].upper()}{what[1:]} needs "
                                  + ", ".join(f"{r} (installed: {h})" if h else r for r, h in unmet) + ".",
                                  f"install it in Slicer's Python console ({command}) and restart Slicer, or "
@@ -885,7 +876,8 @@ def set_label_extent(scene, name: str, extent=None) -> None:
     """Stores label ``name``'s extent, ``(first, last)`` slice indices of the template volume in the template's
     plane (:attr:`template.Template.extent`), on both of its point lists (so it is saved with the scene);
     ``None`` clears it. FMOneShotError for an unknown label or ends that are not ``0 <= first <= last`` (the
-    upper bound is checked against the volume by :func:`template_from_markups`). Imports nothing Slicer does
+    upper bound and the marked slice are checked by :meth:`template.Template.validate` when
+    :func:`template_from_markups` makes the template). Imports nothing Slicer does
     not ship."""
     nodes = [node for role in ("positive", "negative") for node in _tagged(scene, role)
              if node.GetAttribute(LABEL_ATTRIBUTE) == name]

@@ -38,6 +38,11 @@ REQUIREMENTS = {
 EXTRAS = {"sam2": {"sam2>=1.0": "sam2"},
           "sd": {"diffusers>=0.27": "diffusers", "transformers>=4.38": "transformers"}}
 EXTRA_PYTHON = {"sam2": (3, 10)}
+# How an extra is installed where pip's defaults fail it: the sam2 package is an sdist, built without its optional
+# CUDA extension (SAM2_BUILD_CUDA=0) and without build isolation, against the PyTorch installed; with isolation pip
+# downloads a second PyTorch to build it. extra -> (environment, pip options). pip_command gives the one command
+# that README, docs/models.md, pyproject.toml's comment on the extra and .ci/run give too (a test keeps them equal).
+EXTRA_BUILD = {"sam2": ({"SAM2_BUILD_CUDA": "0"}, ("--no-build-isolation",))}
 TORCH = ("torch", "torchvision")
 # Built by Slicer itself and never replaced by pip's wheel inside Slicer: Slicer's SimpleITK carries an image IO of
 # its own (SlicerTotalSegmentator's setupPythonRequirements skips it for that reason).
@@ -67,6 +72,24 @@ def unmet(requirements: dict | None = None) -> list:
         if not _satisfies(req, have):
             out.append((req, have))
     return out
+
+
+def pip_command(extra: str) -> str:
+    """The shell command that installs the packages of ``extra`` (a key of :data:`EXTRAS`) into the Python whose
+    pip runs, with what :data:`EXTRA_BUILD` needs: ``SAM2_BUILD_CUDA=0 pip install --no-build-isolation
+    'sam2>=1.0'``, ``pip install 'diffusers>=0.27' 'transformers>=4.38'``."""
+    env, options = EXTRA_BUILD.get(extra, ({}, ()))
+    return " ".join([*(f"{k}={v}" for k, v in env.items()), "pip", "install", *options,
+                     *(f"'{r}'" for r in EXTRAS[extra])])
+
+
+def slicer_command(extra: str) -> str:
+    """:func:`pip_command` for Slicer's Python console (``slicer.util.pip_install`` takes one string):
+    ``import os; os.environ['SAM2_BUILD_CUDA'] = '0'; slicer.util.pip_install('--no-build-isolation
+    sam2>=1.0')``, ``slicer.util.pip_install('diffusers>=0.27 transformers>=4.38')``."""
+    env, options = EXTRA_BUILD.get(extra, ({}, ()))
+    setup = "import os; " + "".join(f"os.environ[{k!r}] = {v!r}; " for k, v in env.items()) if env else ""
+    return f"{setup}slicer.util.pip_install({' '.join([*options, *EXTRAS[extra]])!r})"
 
 
 def missing() -> list:

@@ -268,20 +268,53 @@ class Template:
                 if m.shape != (H, W):
                     raise FMOneShotError(f"The mask of {name!r} has shape {m.shape}, {where} has {(H, W)}.",
                                          "paint the mask on the template slice itself.")
-        for name, ends in self.extent.items():
-            if name not in names:
-                raise FMOneShotError(f"The extent names an unknown label {name!r}.",
-                                     f"give the extent of one of: {', '.join(names) or '(none)'}.")
-            if len(ends) != 2 or int(ends[0]) > int(ends[1]) or int(ends[0]) < 0:
-                raise FMOneShotError(f"The extent of {name!r} is {list(ends)}.",
-                                     "give the first and last slice, first <= last, e.g. liver:40:75.")
         for name in names:
             n_pos = sum(len(s.positive.get(name, ())) for s in self.slices)
             n_mask = sum(int(s.masks[name].any()) for s in self.slices if name in s.masks)
             if n_pos == 0 and n_mask == 0:
                 raise FMOneShotError(f"Label {name!r} has no positive point.",
                                      "place at least one positive point inside the structure (or paint its mask).")
+        self._check_extent(names)
         return self
+
+    def _check_extent(self, names: list) -> None:
+        """Each label's :attr:`extent` names a label, is ``0 <= first <= last``, lies inside the template volume's
+        slices in the template's plane (where :attr:`volume` is known: a template just made, not one read back),
+        and contains a template slice on which the label is marked (positive points or painted mask; every
+        label has one, checked before): an extent that does not would bound every target to slices without
+        the structure, an empty result. Every template passes through here (:meth:`from_volume`, :meth:`load`,
+        :meth:`save`, the command line's --extent, the Slicer panel's first and last slice via
+        ``mrml.template_from_markups``, and ``pipeline.OneShot``)."""
+        n_plane = plane = None
+        if self.volume is not None:
+            axis = self.volume.slice_axis(self.orientation)
+            n_plane, plane = self.volume.array.shape[2 - axis], self.volume.orientation_of(axis)
+        for name, ends in self.extent.items():
+            if name not in names:
+                raise FMOneShotError(f"The extent names an unknown label {name!r}.",
+                                     f"give the extent of one of: {', '.join(names) or '(none)'}.")
+            marked = sorted({s.index for s in self.slices
+                             if len(s.positive.get(name, ())) or (name in s.masks and s.masks[name].any())})
+            on = f"slice {marked[0]}" if len(marked) == 1 else "slices " + ", ".join(map(str, marked))
+            within = f"between 0 and {n_plane - 1}, " if n_plane is not None else ""
+            fix = (f"give the first and last slice where the structure lies, {within}first <= last, including {on} "
+                   "where it is marked; or leave its extent out.")
+            volume = (f"; the template volume {self.volume.name!r} has {plane} slices 0 to {n_plane - 1}"
+                      if n_plane is not None else "")
+            if len(ends) != 2:
+                raise FMOneShotError(f"The extent of label {name!r} is {list(ends)}, not a first and last slice.", fix)
+            first, last = int(ends[0]), int(ends[1])
+            if first > last or first < 0:
+                raise FMOneShotError(f"The extent of label {name!r} is slices {first} to {last}, "
+                                     + ("the first after the last" if first > last else "below slice 0")
+                                     + f" (it is marked on template {on}{volume}).", fix)
+            if n_plane is not None and last >= n_plane:
+                raise FMOneShotError(f"The extent of label {name!r} is slices {first} to {last}, beyond the template "
+                                     f"volume {self.volume.name!r}, which has {plane} slices 0 to {n_plane - 1} "
+                                     f"(the label is marked on {on}).", fix)
+            if not any(first <= k <= last for k in marked):
+                raise FMOneShotError(f"The extent of label {name!r} is slices {first} to {last}, and the label is "
+                                     f"marked on template {on}, outside it{volume}.", fix)
 
     def digest(self) -> str:
         """sha256 (64 hex digits) of everything in the template that decides a result: labels (names and

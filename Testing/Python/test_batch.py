@@ -185,6 +185,19 @@ def test_interrupt_midway_then_rerun_completes_only_the_missing_volumes(cohort, 
     assert partials(out) == []
 
 
+def test_the_batch_command_counts_its_volumes_in_words(cohort, client, tmp_path, capsys):
+    """One volume is "1 volume", two are "2 volumes" (it printed "1 volumes")."""
+    images = cohort["root"] / "images"
+    out, address = tmp_path / "out", client.scheduler_info()["address"]
+    assert main(["batch", str(cohort["template"]), str(images / "a.nii.gz"), "--output", str(out),
+                 "--scheduler", address]) == 0
+    assert capsys.readouterr().out.startswith("fmoneshot batch: 1 volume: 1 done, 0 already done (skipped), 0 failed;")
+    assert np.array_equal(read_volume(out / "a-labels.nii.gz").array, cohort["single"])
+    assert main(["batch", str(cohort["template"]), str(images / "a.nii.gz"), str(images / "b.nii.gz"),
+                 "--output", str(out), "--scheduler", address]) == 0
+    assert capsys.readouterr().out.startswith("fmoneshot batch: 2 volumes: 1 done, 1 already done (skipped), 0 failed;")
+
+
 def test_bad_input_fails_before_any_work(cohort, tmp_path):
     """No cluster is started (client=None would start one): every case fails while the inputs are checked."""
     images = cohort["root"] / "images"

@@ -103,6 +103,26 @@ def test_demo_refuses_unknown_label_and_existing_results(tmp_path, capsys):
     assert (tmp_path / "d" / "montage.png").read_bytes() == b"old"
 
 
+def test_demo_names_the_case_and_dataset_it_used(tmp_path, capsys):
+    """`demo --data` on another dataset (here the bundled CT and mask under another dataset's name, case id and
+    modality) says which case it marked, not "the sample CT"."""
+    from conftest import SAMPLE
+
+    data = tmp_path / "cohort"
+    for folder in ("images", "masks"):
+        (data / folder).mkdir(parents=True)
+        (data / folder / "patient-7.nii.gz").write_bytes((SAMPLE / folder / "ct-small.nii.gz").read_bytes())
+    (data / "dataset.json").write_text(json.dumps({
+        "name": "my-cohort", "modality": "MR", "task": "segmentation", "labels": {"5": "liver", "1": "spleen"},
+        "cases": [{"id": "patient-7", "image": "images/patient-7.nii.gz", "mask": "masks/patient-7.nii.gz"}]}))
+    code, out, err = run(capsys, "demo", "--data", data, "--labels", "spleen", "--output", tmp_path / "d")
+    assert code == 0, err
+    first = out.splitlines()[0]
+    assert first.startswith("FMOneShot demo: spleen marked on slice ") and "sample CT" not in out
+    assert " of case patient-7 (MR) of my-cohort (backend offline, " in first
+    assert (tmp_path / "d" / "patient-7-labels.nii.gz").is_file()
+
+
 def test_segment_on_a_sagittal_template_slice(tmp_path, capsys):
     """--plane sagittal: the slice and the points are of the sagittal plane, the labels come back on the
     volume's own grid, and the template's own plane is found again."""

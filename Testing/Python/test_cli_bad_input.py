@@ -71,6 +71,10 @@ def nan_point(doc, folder):
 
 
 TEMPLATES["a NaN point"] = (nan_point, "lies outside")
+# a saved template does not know its volume's slice count, but knows the slice it is marked on
+TEMPLATES["an extent without the marked slice"] = (
+    lambda d, f: d.update(extent={"liver": [0, 10]}),
+    "The extent of label 'liver' is slices 0 to 10, and the label is marked on template slice 24, outside it.")
 del TEMPLATES["an unknown mask label"]  # painted names that are not mask layers are ignored by design
 
 
@@ -160,4 +164,27 @@ def test_malformed_arguments(tmp_path, capsys, monkeypatch, argv, message):
         argv = [*argv, "--output", "out.nrrd"]
     code = main([str(a) for a in argv])
     one_line_error(code, capsys.readouterr().err, message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("extent, message", [
+    ("liver:40:75", "The extent of label 'liver' is slices 40 to 75, beyond the template volume 'ct-small', which "
+                    "has axial slices 0 to 29 (the label is marked on slice 24)."),
+    ("liver:0:10", "The extent of label 'liver' is slices 0 to 10, and the label is marked on template slice 24, "
+                   "outside it; the template volume 'ct-small' has axial slices 0 to 29."),
+])
+def test_an_extent_beyond_the_volume_or_without_the_marked_slice_is_refused_before_any_work(
+        tmp_path, capsys, monkeypatch, extent, message):
+    """Such an extent bounded every target to slices without the structure: exit 0 and an empty label file.
+    Now refused before any model is built, naming the volume's slices, the marked slice and the fix."""
+    import FMOneShotLib.pipeline
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(FMOneShotLib.pipeline, "OneShot", lambda *a, **k: pytest.fail("the work started"))
+    code = main(["segment", str(CT), "--template-image", str(CT), "--slice", "24", "--positive", "liver:86,49",
+                 "--extent", extent, "--output", "out.nrrd", "--save-template", "t.json"])
+    err = capsys.readouterr().err
+    one_line_error(code, err, message)
+    assert "Fix: give the first and last slice where the structure lies, between 0 and 29, first <= last, " \
+           "including slice 24 where it is marked; or leave its extent out." in err
     assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -643,24 +643,64 @@ def test_the_runtime_requirements_are_pyprojects():
     assert {name: list(reqs) for name, reqs in requirements.EXTRAS.items()} == {n: extras[n] for n in ("sam2", "sd")}
 
 
+def test_sam2_is_installed_with_one_command_wherever_it_is_given(monkeypatch):
+    """The sam2 package is an sdist that pip builds against a second PyTorch unless told otherwise: README,
+    docs/models.md, pyproject.toml's comment on the extra, .ci/run and the error for a missing package all give
+    requirements.pip_command's command, and none gives the plain install of the extra."""
+    import sys
+
+    from FMOneShotLib import models, requirements
+
+    command = requirements.pip_command("sam2")
+    assert command == "SAM2_BUILD_CUDA=0 pip install --no-build-isolation 'sam2>=1.0'"
+    repo = Path(__file__).resolve().parents[2]
+    for doc in ("README.md", "docs/models.md", "pyproject.toml"):
+        text = (repo / doc).read_text()
+        assert command in text and "pip install 'fmoneshot[sam2]'" not in text, doc
+    assert command.replace("pip install", "python3 -m pip install -q") in (repo / ".ci" / "run").read_text()
+    monkeypatch.setitem(sys.modules, "sam2", None)  # 'import sam2' raises ImportError, as where it is missing
+    with pytest.raises(FMOneShotError, match="SAM 2 needs the 'sam2' package") as err:
+        models.require_sam2()
+    assert err.value.fix.startswith(command + " (Python >= 3.10")
+
+
 def test_a_choice_that_needs_an_optional_package_is_refused_before_any_work_with_slicers_command(monkeypatch):
     """The panel lists the sd backend and the sam2 segmenter, whose packages are pyproject extras it does not
     install: the choice is refused before the models load, with the command for Slicer's Python console; sam2
     on Slicer 5.8's Python 3.9 (the sam2 package needs 3.10) with the Slicer version to use."""
+    import importlib.machinery
+    import importlib.metadata
     import importlib.util
 
-    from FMOneShotLib import requirements
+    # which optional packages "are installed" is set here, not read from this environment (a fresh clone's
+    # quick start installs diffusers and transformers but not sam2): requirements.unmet's own checks run on it
+    installed = {"sam2": "1.1.0", "diffusers": "0.31.0", "transformers": "4.46.0"}
+    optional = set(installed)
+    real_spec, real_version = importlib.util.find_spec, importlib.metadata.version
+
+    def find_spec(name, *args):
+        if name in optional:
+            return importlib.machinery.ModuleSpec(name, None) if name in installed else None
+        return real_spec(name, *args)
+
+    def version(name):
+        if name in optional:
+            if name not in installed:
+                raise importlib.metadata.PackageNotFoundError(name)
+            return installed[name]
+        return real_version(name)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(importlib.metadata, "version", version)
 
     for backend, segmenter in (("auto", "auto"), ("offline", "sam"), ("d2s14", "offline"), ("sd", "sam2")):
-        mrml.check_extras(backend, segmenter, python=(3, 12))  # all installed here
+        mrml.check_extras(backend, segmenter, python=(3, 12))  # all installed
     with pytest.raises(FMOneShotError, match=r"segmenter sam2 needs Python 3\.10 or later.*Python 3\.9") as err:
         mrml.check_extras("auto", "sam2", python=(3, 9))
     assert "Slicer 5.10" in err.value.fix
     mrml.check_extras("sd", "auto", python=(3, 9))  # diffusers and transformers run on 3.9
 
-    real = importlib.util.find_spec
-    monkeypatch.setattr(requirements.importlib.util, "find_spec",
-                        lambda name, *a: None if name in ("diffusers", "sam2") else real(name, *a))
+    del installed["diffusers"], installed["sam2"]
     with pytest.raises(FMOneShotError, match=r"backend sd needs diffusers>=0\.27\.") as err:
         mrml.check_extras("sd", "offline", python=(3, 12))
     assert "slicer.util.pip_install('diffusers>=0.27 transformers>=4.38')" in err.value.fix
@@ -668,6 +708,9 @@ def test_a_choice_that_needs_an_optional_package_is_refused_before_any_work_with
         mrml.check_extras("offline", "sam2", python=(3, 12))
     assert ("os.environ['SAM2_BUILD_CUDA'] = '0'; slicer.util.pip_install('--no-build-isolation sam2>=1.0')"
             in err.value.fix)
+    installed["sam2"] = "0.4.1"  # too old
+    with pytest.raises(FMOneShotError, match=r"segmenter sam2 needs sam2>=1\.0 \(installed: 0\.4\.1\)\."):
+        mrml.check_extras("offline", "sam2", python=(3, 12))
     mrml.check_extras("auto", "auto", python=(3, 12))  # auto never needs them
 
 

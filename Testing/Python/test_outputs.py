@@ -94,6 +94,8 @@ def test_demo_lists_every_file_it_wrote(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--output", str(out)]) == 0
     printed = capsys.readouterr().out
+    assert printed.startswith("FMOneShot demo: liver and spleen marked on slice 24 of case ct-small (CT) of "
+                              "totalseg-ct-small (backend offline, ")  # the data used, named from its dataset.json
     wrote = sorted(line.split("wrote ", 1)[1] for line in printed.splitlines() if line.strip().startswith("wrote "))
     assert wrote == sorted(str(p) for p in out.iterdir()) and len(wrote) == 7
     assert "label values: 5 liver, 1 spleen (0 background)" in printed

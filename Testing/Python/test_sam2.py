@@ -17,7 +17,9 @@ from FMOneShotLib.propagate import Propagator, reconcile, seeds_of, structure_en
 
 @pytest.fixture(autouse=True)
 def sam2_installed():
-    require_package("sam2", "SAM2_BUILD_CUDA=0 pip install --no-build-isolation 'sam2>=1.0', docs/models.md")
+    from FMOneShotLib.requirements import pip_command
+
+    require_package("sam2", f"{pip_command('sam2')}, docs/models.md")
 
 # Hiera-T with one block per stage but two in the third (a global-attention block may not pool), 16 channels,
 # one memory-attention layer: the real modules, a few seconds per slice on a CPU.
@@ -261,6 +263,8 @@ def test_bench_runs_the_segmenter_on_the_reference_slices():
     parts = r["segmenter_seconds"]
     assert parts["encodings"] == len(reference)
     assert 0 < parts["encode"] and 0 < parts["decode"]
-    assert parts["encode"] + parts["decode"] <= r["seconds"]["segmenter"]
+    # each figure is rounded to the millisecond (bench.run_bench): the two parts may exceed their rounded total
+    # by up to 1.5 ms (three roundings of 0.5 ms), and their float sum by a rounding error (1.237 + 0.294)
+    assert parts["encode"] + parts["decode"] <= r["seconds"]["segmenter"] + 1.5e-3 + 1e-9
     with pytest.raises(FMOneShotError, match="Unknown segmenter slices"):
         run_bench(8, 64, segmenter_slices="all")

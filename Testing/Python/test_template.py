@@ -139,3 +139,30 @@ def test_extent_is_saved_checked_and_read_from_the_command_line(tmp_path):
                           ("liver:1", "Cannot read the extent")]:
         with pytest.raises(FMOneShotError, match=message):
             _parse_extents([text], make_template())
+
+
+def test_an_extent_beyond_the_volume_or_without_the_marked_slice_is_refused():
+    """An extent outside the template volume's slices, or one that leaves out the slice the label is marked on,
+    bounded every target to slices without the structure (an empty result, silently). Refused wherever the
+    template is made, with the volume's slices, the marked slice and the fix; a saved template, which does not
+    know its volume, still knows its marked slice."""
+    vol, mask = volume(), volume().array[1] > 50  # axial slices 0 to 2, the label marked on slice 1
+    with pytest.raises(FMOneShotError, match=r"^The extent of label 'liver' is slices 1 to 3, beyond the "
+                       r"template volume 'vol', which has axial slices 0 to 2 \(the label is marked on slice 1\)\. "
+                       r"Fix: ") as err:
+        Template.from_volume(vol, 1, {"liver": [[10, 8]]}, extent={"liver": (1, 3)})
+    assert err.value.fix == ("give the first and last slice where the structure lies, between 0 and 2, "
+                             "first <= last, including slice 1 where it is marked; or leave its extent out.")
+    with pytest.raises(FMOneShotError, match=r"^The extent of label 'liver' is slices 2 to 2, and the label is "
+                       r"marked on template slice 1, outside it; the template volume 'vol' has axial slices 0 to 2"):
+        Template.from_volume(vol, 1, masks={"liver": mask}, extent={"liver": (2, 2)})  # a painted mask marks it
+    assert Template.from_volume(vol, 1, masks={"liver": mask}, extent={"liver": (1, 2)}).extent == {"liver": (1, 2)}
+    # a template without its volume (read back from its file) checks the marked slice, not the slice count
+    tpl = make_template()
+    tpl.volume = None
+    tpl.extent = {"spleen": (1, 40)}
+    assert tpl.validate().extent == {"spleen": (1, 40)}
+    tpl.extent = {"spleen": (2, 40)}  # as pipeline.OneShot and evaluate's --extent reference meet it
+    with pytest.raises(FMOneShotError, match=r"'spleen' is slices 2 to 40, and the label is marked on template "
+                       r"slice 1, outside it\. Fix: give"):
+        tpl.validate()

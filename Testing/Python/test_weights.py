@@ -224,6 +224,21 @@ def test_cli_weights_list_import_verify(tmp_path, capsys, monkeypatch):
     assert "damaged" in capsys.readouterr().out
 
 
+def test_cli_weights_list_keeps_every_row_in_its_columns(tmp_path, capsys):
+    """The table's columns are as wide as their longest entry: sam2_base_plus (14 characters) pushed its row's
+    model, presence and check out of line with the others."""
+    assert main(["weights", "list", "--cache", str(tmp_path / "cache")]) == 0
+    header, *lines = capsys.readouterr().out.splitlines()[1:]
+    starts = [header.index(title) for title in ("model", "present", "checked by", "licence")]
+    assert len(lines) == len(W.status(tmp_path / "cache")) and any(" sam2_base_plus " in line for line in lines)
+    for line in lines:
+        name = line.split()[0]
+        row = next(r for r in W.status(tmp_path / "cache") if r["name"] == name)
+        cells = [line[a:b].rstrip() for a, b in zip([2, *starts], [*starts, None])]
+        assert cells[:4] == [name, row["description"], "no", row["check"]], line
+        assert all(line[k - 1] == " " for k in starts), line
+
+
 @pytest.fixture
 def tiny_d2s14(monkeypatch, tmp_path):
     """d2s14's registry entry on timm's tiny 'test_vit' architecture (no published digest, like the real
