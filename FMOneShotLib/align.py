@@ -29,6 +29,7 @@ import SimpleITK as sitk
 
 from .errors import FMOneShotError
 from .image import Volume, intensity_window, normalize
+from .threads import SMALL_WORK_THREADS, itk_threads
 
 KINDS = ("auto", "none", "rigid", "similarity", "affine", "bspline")
 # "auto", the default, as measured (docs/results.md): affine for 2D images, where it brought the cephalometric
@@ -231,7 +232,8 @@ def align(template: Volume, target: Volume, kind: str = DEFAULT_KIND, iterations
     :data:`MIN_SIDE` pixels a side (with ``kept="identity"``). The registration is kept where
     its NMI beats that of the moments' initial placement and of the identity; otherwise (a failed or diverged
     optimisation) the better of those two is returned, and ``Alignment.kept`` says which. Raises
-    :class:`FMOneShotError` for an unknown kind or a 2D image aligned with a volume.
+    :class:`FMOneShotError` for an unknown kind or a 2D image aligned with a volume. The registration runs on
+    one ITK thread with its random metric samples drawn from ``seed``: the same pair gives the same mapping.
     """
     if template.is_2d != target.is_2d:
         raise FMOneShotError("The template is a 2D image and the target a volume, or the reverse.",
@@ -240,6 +242,15 @@ def align(template: Volume, target: Volume, kind: str = DEFAULT_KIND, iterations
     kind = resolve_kind(kind, template.is_2d)
     if kind == "none":
         return Alignment("none", dimension)
+    # One ITK thread for the registration alone (ITK's process-wide default, restored after it): small work
+    # (threads.py), and on one thread the metric's sums, so the result, do not depend on the machine
+    with itk_threads(SMALL_WORK_THREADS):
+        return _register(template, target, kind, dimension, iterations, seed)
+
+
+def _register(template: Volume, target: Volume, kind: str, dimension: int, iterations: int,
+              seed: int) -> Alignment:
+    """:func:`align`'s registration of a resolved ``kind`` other than ``none``."""
     t0 = time.perf_counter()
     fixed, moving = _sitk_image(template, dimension), _sitk_image(target, dimension)
     if min(fixed.GetSize()) < MIN_SIDE or min(moving.GetSize()) < MIN_SIDE:  # nothing to register

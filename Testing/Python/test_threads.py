@@ -45,40 +45,41 @@ def test_contexts_set_and_restore(three_threads):
         threads.set_model_threads(0)
 
 
-def test_small_work_runs_simpleitk_on_one_thread_and_restores_the_callers():
-    import SimpleITK as sitk
-
-    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(3)
-    try:
-        with threads.small_work():
-            assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 1
-            assert sitk.ImageRegistrationMethod().GetNumberOfThreads() == 1  # what the align stage creates
-        assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 3
-    finally:
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
-
-
-def test_the_align_stage_registers_on_one_itk_thread(monkeypatch):
+def test_the_registration_alone_runs_on_one_itk_thread_and_the_callers_count_is_restored(monkeypatch):
+    """ITK's process-wide default thread count (which other modules in Slicer's process share) is 1 while the
+    align stage's registration runs, and the caller's everywhere else in the chain: in the fit, around the
+    registration within the apply, and after it."""
     import SimpleITK as sitk
 
     from FMOneShotLib import pipeline
 
-    seen = []
-    register = pipeline.align_images
+    seen = {"register": [], "localise": []}
+    execute = sitk.ImageRegistrationMethod.Execute
+    localise = pipeline.OneShot.localise
 
-    def spy(*a, **k):
-        seen.append(sitk.ProcessObject.GetGlobalDefaultNumberOfThreads())
-        return register(*a, **k)
+    def spy_execute(self, *a, **k):
+        seen["register"].append(sitk.ProcessObject.GetGlobalDefaultNumberOfThreads())
+        return execute(self, *a, **k)
 
-    monkeypatch.setattr(pipeline, "align_images", spy)
+    def spy_localise(self, *a, **k):
+        seen["localise"].append(sitk.ProcessObject.GetGlobalDefaultNumberOfThreads())
+        return localise(self, *a, **k)
+
+    monkeypatch.setattr(sitk.ImageRegistrationMethod, "Execute", spy_execute)
+    monkeypatch.setattr(pipeline.OneShot, "localise", spy_localise)
     case = load_dataset(SAMPLE).cases[0]
     vol, ref = case.read_image(), case.read_mask()
     z = int(np.argmax((ref == 5).sum(axis=(1, 2))))
     pos, neg = sample_prompts(ref[z] == 5, 3, 3, 0)
     tpl = Template.from_volume(vol, z, {"liver": pos}, {"liver": neg})
-    OneShot(tpl, segmenter="offline", adapter="none", align="affine").fit().apply(vol, slices=[z])
-    assert seen == [1]
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(3)
+    try:
+        OneShot(tpl, segmenter="offline", adapter="none", align="affine").fit().apply(vol, slices=[z])
+        assert seen["register"] == [1] and seen["localise"] == [3]
+        assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 3
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
 
 
 def test_the_chain_trains_on_one_thread_and_runs_forwards_on_the_callers(three_threads, monkeypatch):
