@@ -293,7 +293,7 @@ def process_volume(item: Item, template, settings: Settings, output: str, digest
         with atomic_paths(out / record["labels_file"], out / f"{item.id}{RECORD_SUFFIX}") as (labels, rec):
             write_volume(result.labels, labels, force=True)
             record["seconds"] = round(time.perf_counter() - t0, 3)
-            rec.write_text(json.dumps(record, indent=1) + "\n")
+            rec.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     except Exception as exc:  # one volume's failure is recorded; the batch goes on
         logging.getLogger(__name__).debug("volume %s failed", item.id, exc_info=True)
         record["status"] = "failed"
@@ -404,7 +404,7 @@ class Report:
 def _load_record(path: Path, digest: str) -> dict | None:
     """A finished volume's record when it belongs to this batch (same digest) and its label file exists."""
     try:
-        record = json.loads(path.read_text())
+        record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if (not isinstance(record, dict) or record.get("digest") != digest or record.get("status") != "ok"
@@ -422,7 +422,7 @@ def _prepare_output(out: Path, items: list, settings: Settings, digest: str, for
     ours = False
     if state.is_file():
         try:
-            previous = json.loads(state.read_text())
+            previous = json.loads(state.read_text(encoding="utf-8"))
         except ValueError:
             previous = {}
         ours = previous.get("format") == FORMAT and previous.get("digest") == digest
@@ -471,8 +471,8 @@ def _write_manifest(out: Path, rows: list, digest: str) -> tuple:
            "volumes": rows}
     paths = (out / "results.csv", out / "results.json")
     with atomic_paths(*paths) as (csv_tmp, json_tmp):
-        csv_tmp.write_text(buf.getvalue())
-        json_tmp.write_text(json.dumps(doc, indent=1) + "\n")
+        csv_tmp.write_text(buf.getvalue(), encoding="utf-8")
+        json_tmp.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
     return paths
 
 
@@ -588,7 +588,7 @@ def _write_state(out: Path, template, settings: Settings, digest: str) -> None:
     doc = {"format": FORMAT, "version": __version__, "digest": digest, "template_digest": template.digest(),
            "settings": settings.result_settings()}
     with atomic_paths(out / "batch.json") as tmp:
-        tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+        tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n", encoding="utf-8")
 
 
 def _fitted_template(client, out: Path, template, settings: Settings, digest: str, reuse: bool):

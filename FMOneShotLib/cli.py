@@ -433,7 +433,7 @@ def cmd_localize(args) -> int:
         writer.writerows(rows)
         text = buf.getvalue()
     with atomic_paths(out) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
     print(f"{len(rows)} landmarks written to {out}")
     return 0
 
@@ -522,7 +522,7 @@ def _write_json(out: Path | None, doc: dict) -> None:
         return
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_paths(out) as tmp:
-        tmp.write_text(json.dumps(doc, indent=1) + "\n")
+        tmp.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
     print(f"  wrote {out}")
 
 

@@ -37,7 +37,7 @@ class Case:
         """{landmark name: (x, y)} in pixels of the 2D image."""
         if self.points is None:
             raise FMOneShotError(f"Case {self.id} has no points.", "add 'points' to the case in dataset.json.")
-        return {k: tuple(float(c) for c in v) for k, v in json.loads(self.points.read_text()).items()}
+        return {k: tuple(float(c) for c in v) for k, v in json.loads(self.points.read_text(encoding="utf-8")).items()}
 
 
 @dataclass
@@ -64,7 +64,7 @@ def load_dataset(root) -> Dataset:
     if not spec.is_file():
         raise FMOneShotError(f"No dataset.json in {root}.", "point to a dataset folder in the case format.")
     try:
-        doc = json.loads(spec.read_text())
+        doc = json.loads(spec.read_text(encoding="utf-8"))
         task = doc["task"]
         if task not in ("segmentation", "landmarks"):
             raise FMOneShotError(f"{spec}: unknown task {task!r}.", "use 'segmentation' or 'landmarks'.")

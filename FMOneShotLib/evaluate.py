@@ -404,5 +404,5 @@ def write_report(summary: dict, targets: list, folder, force: bool = False) -> P
             lines += [f"{kind.capitalize()}: case {t.case}, slice {t.slice}, {unit} {t.score:.3f}  ",
                       f"![{label} {kind}]({png.name})", ""]
     with atomic_paths(page) as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return page

@@ -106,7 +106,7 @@ def write_color_table(labels: list, path, force: bool = False) -> Path:
     for lb in sorted(labels, key=lambda lb: lb.value):
         lines.append(f"{lb.value} {'_'.join(lb.name.split())} {' '.join(str(int(c)) for c in lb.color)} 255")
     with atomic_paths(path) as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
 
@@ -405,7 +405,7 @@ class Template:
                 # bytes written by Python: the permissions of every other file (safetensors' own writer
                 # creates the file 0600)
                 temps[-2].write_bytes(save(self.adapter_tensors))
-            temps[-1].write_text(json.dumps(doc, indent=1))
+            temps[-1].write_text(json.dumps(doc, indent=1), encoding="utf-8")
         return path
 
     @classmethod
@@ -414,7 +414,7 @@ class Template:
         if not path.is_file():
             raise FMOneShotError(f"No template file at {path}.", "give the .json file written by 'save'.")
         try:
-            doc = json.loads(path.read_text())
+            doc = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise FMOneShotError(f"{path} is not a valid template file ({exc}).",
                                  "give the .json file written by FMOneShot.") from None
@@ -496,7 +496,7 @@ def template_files(path, n_slices: int = 1, adapter: bool = True) -> list:
     names += [side_file(path, None, "adapter")] if adapter else []
     if path.is_file():
         try:
-            doc = json.loads(path.read_text())
+            doc = json.loads(path.read_text(encoding="utf-8"))
             names += [str(d.get(k)) for d in doc.get("slices", []) for k in ("image", "masks") if d.get(k)]
             names += [str(doc["adapter"]["file"])] if isinstance(doc.get("adapter"), dict) and \
                 doc["adapter"].get("file") else []

@@ -147,7 +147,7 @@ def check_published(entry: Checkpoint, path, what: str, consequence: str, fix: s
 def _accept(entry: Checkpoint, path: Path, digest: str) -> None:
     """A checked file now in the cache: pin its digest where none is published, and remember it as verified."""
     if not entry.sha256 and expected_digest(entry, path) != digest:  # a read-only cache stays unwritten
-        _pin_path(path).write_text(f"{digest}  {entry.file}\n")
+        _pin_path(path).write_text(f"{digest}  {entry.file}\n", encoding="utf-8")
     st = path.stat()
     _VERIFIED[(str(path), st.st_size, st.st_mtime_ns)] = digest
 
@@ -157,7 +157,7 @@ def expected_digest(entry: Checkpoint, path: Path) -> str | None:
     if entry.sha256:
         return entry.sha256
     pin = _pin_path(path)
-    return pin.read_text().split()[0] if pin.exists() else None
+    return pin.read_text(encoding="utf-8").split()[0] if pin.exists() else None
 
 
 def is_present(name, folder=None) -> bool:

@@ -99,7 +99,7 @@ def main(argv=None) -> int:
         run["ratio"] = round(run["volumes_per_minute"] / base, 3)
         print(f"ratio {run['workers']} / {figures['runs'][0]['workers']} worker(s): {run['ratio']:.2f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=1) + "\n")
+        Path(args.json).write_text(json.dumps(figures, indent=1) + "\n", encoding="utf-8")
     return 0
 
 

@@ -112,7 +112,7 @@ def main(argv=None) -> int:
             print(row(key, summary) + f" <!-- load {load:.1f}, {time.perf_counter() - t:.0f} s -->", flush=True)
             out[f"{name}/{key}"] = summary
     if args.json is not None:
-        args.json.write_text(json.dumps(out, indent=1))
+        args.json.write_text(json.dumps(out, indent=1), encoding="utf-8")
     return 0
 
 

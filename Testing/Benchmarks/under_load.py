@@ -37,7 +37,7 @@ BUSY = "while True: pass"
 
 def cpu_model() -> str:
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:
@@ -47,7 +47,8 @@ def cpu_model() -> str:
 
 def autogroup() -> str:
     try:
-        return "on" if Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1" else "off"
+        flag = Path("/proc/sys/kernel/sched_autogroup_enabled").read_text(encoding="utf-8").strip()
+        return "on" if flag == "1" else "off"
     except OSError:
         return "not available"
 

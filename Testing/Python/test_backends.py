@@ -333,7 +333,7 @@ def test_cli_segment_and_localize_with_d2s14(tmp_path, capsys):
     assert main(["localize", str(ct_path), "--template-image", str(ct_path), "--slice", "22", "--landmark",
                  "tip:60,50", "--backend", "d2s14", "--weights", "random", "--input-size", "112", "-o",
                  str(lms)]) == 0
-    (row,) = json.loads(lms.read_text())["landmarks"]
+    (row,) = json.loads(lms.read_text(encoding="utf-8"))["landmarks"]
     assert row["landmark"] == "tip" and 0 <= row["slice"] < 30
     physical = image.index_to_physical([row["x"], row["y"], row["slice"]])
     assert np.allclose(physical, [row["physical_x"], row["physical_y"], row["physical_z"]], atol=0.01)
@@ -500,7 +500,7 @@ flags\t\t: fpu sse2 avx2 avx512f avx512bw {extra}
 def test_auto_precision_is_bf16_where_the_cpu_multiplies_bf16(tmp_path, monkeypatch, vendor, model, extra,
                                                               expected):
     info = tmp_path / "cpuinfo"
-    info.write_text(CPUINFO.format(vendor=vendor, model=model, extra=extra))
+    info.write_text(CPUINFO.format(vendor=vendor, model=model, extra=extra), encoding="utf-8")
     monkeypatch.setattr(models, "CPUINFO", str(info))
     assert models.resolve_precision("auto", "cpu") == expected
     assert models.resolve_precision("fp32", "cpu") == "fp32" and models.resolve_precision("bf16", "cpu") == "bf16"

@@ -62,7 +62,8 @@ def cohort(tmp_path_factory):
     for name in ("a", "b", "c", "d", "e"):
         (images / f"{name}.nii.gz").write_bytes(data)
     (images / "broken.nii.gz").write_bytes(np.random.default_rng(0).bytes(len(data)))  # not an image at all
-    (root / "manifest.csv").write_text(f"id,image,mask\nc,images/c.nii.gz,{MASK}\nbroken,images/broken.nii.gz,\n")
+    (root / "manifest.csv").write_text(f"id,image,mask\nc,images/c.nii.gz,{MASK}\nbroken,images/broken.nii.gz,\n",
+                                       encoding="utf-8")
     single = OneShot(Template.load(root / "template.json")).fit().apply(ct).labels.array
     return {"root": root, "template": root / "template.json", "single": single, "reference": ref, "ct": ct}
 
@@ -94,7 +95,7 @@ def test_cohort_equals_the_single_process_run_and_a_failure_is_recorded(cohort, 
     rows = manifest_rows(out)
     assert list(rows) == ["a", "b", "c", "broken"]
     voxel_ml = float(np.prod(ct.spacing)) / 1000
-    record = json.loads((out / "c.result.json").read_text())
+    record = json.loads((out / "c.result.json").read_text(encoding="utf-8"))
     for name, value in LABELS.items():
         mine = cohort["single"] == value
         assert record["labels"][name]["volume_ml"] == pytest.approx(mine.sum() * voxel_ml, abs=1e-3)
@@ -106,7 +107,7 @@ def test_cohort_equals_the_single_process_run_and_a_failure_is_recorded(cohort, 
         assert record["labels"][name]["slices"] == found
     assert record["labels"]["liver"]["dice"] >= 0.75  # the painted template finds the liver in 3D
     assert rows["a"]["liver_dice"] == "" and rows["broken"]["status"] == "failed"
-    assert json.loads((out / "results.json").read_text())["volumes"][3]["error"] == broken["error"]
+    assert json.loads((out / "results.json").read_text(encoding="utf-8"))["volumes"][3]["error"] == broken["error"]
     # fitted once: one worker trained the adapter, any other reused it; each built its models once
     reused = client.run(lambda: {d: e.adapter_reused for d, e in batch._ENGINES.items()})
     digest = record["digest"]
@@ -130,7 +131,7 @@ def test_cohort_equals_the_single_process_run_and_a_failure_is_recorded(cohort, 
     # ... and with force every volume is computed again, with a template fitted again (seed 1)
     forced = batch.run(cohort["template"], inputs[:2], out, client=client, seed=1, force=True, progress=False)
     assert [r["status"] for r in forced.rows] == ["ok", "ok"]
-    assert json.loads((out / "a.result.json").read_text())["digest"] != digest
+    assert json.loads((out / "a.result.json").read_text(encoding="utf-8"))["digest"] != digest
     assert Template.load(out / "template.json").adapter["description"]["options"]["seed"] == 1
 
 
@@ -206,20 +207,20 @@ def test_bad_input_fails_before_any_work(cohort, tmp_path):
         batch.run(tpl, [images / "a.nii.gz", images / "nothing.nii.gz"], tmp_path / "o1")
     with pytest.raises(FMOneShotError, match="same id|the id"):
         batch.run(tpl, [images / "a.nii.gz", cohort["root"] / "images" / ".." / "images" / "a.nii.gz"], tmp_path / "o2")
-    (tmp_path / "bad.csv").write_text("name,path\nx,images/a.nii.gz\n")
+    (tmp_path / "bad.csv").write_text("name,path\nx,images/a.nii.gz\n", encoding="utf-8")
     with pytest.raises(FMOneShotError, match="needs id and image"):
         batch.run(tpl, [tmp_path / "bad.csv"], tmp_path / "o3")
-    (tmp_path / "slash.csv").write_text(f"id,image\nx/y,{images / 'a.nii.gz'}\n")
+    (tmp_path / "slash.csv").write_text(f"id,image\nx/y,{images / 'a.nii.gz'}\n", encoding="utf-8")
     with pytest.raises(FMOneShotError, match="cannot name output files"):
         batch.run(tpl, [tmp_path / "slash.csv"], tmp_path / "o4")
     with pytest.raises(FMOneShotError, match="format"):
         batch.run(tpl, [images / "a.nii.gz"], tmp_path / "o5", format=".png")
     mine = tmp_path / "o6"
     mine.mkdir()
-    (mine / "a-labels.nii.gz").write_text("a user's file")
+    (mine / "a-labels.nii.gz").write_text("a user's file", encoding="utf-8")
     with pytest.raises(FMOneShotError, match="already exist"):
         batch.run(tpl, [images / "a.nii.gz"], mine)
-    assert (mine / "a-labels.nii.gz").read_text() == "a user's file"
+    assert (mine / "a-labels.nii.gz").read_text(encoding="utf-8") == "a user's file"
     assert not any((tmp_path / f"o{k}").exists() for k in (1, 2, 3, 4, 5))
 
 
@@ -248,9 +249,9 @@ def test_template_digest_survives_files_and_sees_changes(cohort, tmp_path):
 
 
 def test_remove_partials_touches_only_atomic_temporaries(tmp_path):
-    (tmp_path / f"{PARTIAL}123-a-labels.nii.gz").write_text("half")
-    (tmp_path / "a-labels.nii.gz").write_text("whole")
-    (tmp_path / "partial-notes.txt").write_text("a user's")
+    (tmp_path / f"{PARTIAL}123-a-labels.nii.gz").write_text("half", encoding="utf-8")
+    (tmp_path / "a-labels.nii.gz").write_text("whole", encoding="utf-8")
+    (tmp_path / "partial-notes.txt").write_text("a user's", encoding="utf-8")
     assert [p.name for p in remove_partials(tmp_path)] == [f"{PARTIAL}123-a-labels.nii.gz"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-labels.nii.gz", "partial-notes.txt"]
 

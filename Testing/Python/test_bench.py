@@ -25,7 +25,7 @@ def test_bench_volume_is_the_sample_ct_resampled():
 def test_bench_command_reports_consistent_figures(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "--slices", "6", "--size", "64", "--naive-slices", "2", "--json", str(out)]) == 0
-    r = json.loads(out.read_text())
+    r = json.loads(out.read_text(encoding="utf-8"))
     assert r["volume"]["slices"] == 6 and r["volume"]["size"] == [64, 64]
     _, labels = bench_volume(6, 64)
     assert r["volume"]["slices_with_structure"] == int((labels == 4).any(axis=(1, 2)).sum())

@@ -45,7 +45,7 @@ def test_localize_writes_pixels_and_mm(tmp_path, capsys):
     code, _, err = run(capsys, "localize", CT, "--template-image", CT, "--slice", 12,
                        "--landmark", "vertebra:61,75", "--output", out)
     assert code == 0, err
-    rows = json.loads(out.read_text())["landmarks"]
+    rows = json.loads(out.read_text(encoding="utf-8"))["landmarks"]
     assert rows[0]["landmark"] == "vertebra"
     # the template volume itself: the best slice is the template slice and the point is where it was put
     assert rows[0]["slice"] == 12 and abs(rows[0]["x"] - 61) <= 1 and abs(rows[0]["y"] - 75) <= 1
@@ -114,7 +114,8 @@ def test_demo_names_the_case_and_dataset_it_used(tmp_path, capsys):
         (data / folder / "patient-7.nii.gz").write_bytes((SAMPLE / folder / "ct-small.nii.gz").read_bytes())
     (data / "dataset.json").write_text(json.dumps({
         "name": "my-cohort", "modality": "MR", "task": "segmentation", "labels": {"5": "liver", "1": "spleen"},
-        "cases": [{"id": "patient-7", "image": "images/patient-7.nii.gz", "mask": "masks/patient-7.nii.gz"}]}))
+        "cases": [{"id": "patient-7", "image": "images/patient-7.nii.gz", "mask": "masks/patient-7.nii.gz"}]}),
+        encoding="utf-8")
     code, out, err = run(capsys, "demo", "--data", data, "--labels", "spleen", "--output", tmp_path / "d")
     assert code == 0, err
     first = out.splitlines()[0]
@@ -145,7 +146,7 @@ def test_segment_on_a_sagittal_template_slice(tmp_path, capsys):
     labels = read_volume(out).array
     assert labels.shape == vol.array.shape
     assert dice(labels[:, :, k] == 1, plane) >= 0.8
-    assert json.loads((tmp_path / "t.json").read_text())["orientation"] == "sagittal"
+    assert json.loads((tmp_path / "t.json").read_text(encoding="utf-8"))["orientation"] == "sagittal"
 
 
 def test_cuda_without_a_gpu_and_repeated_landmarks_are_refused(tmp_path, capsys, monkeypatch):

@@ -33,10 +33,10 @@ def edited(tmp_path, good, change):
     """A copy of the good template with ``change(doc, folder)`` applied to its JSON (and side files)."""
     for f in good.iterdir():
         (tmp_path / f.name).write_bytes(f.read_bytes())
-    doc = json.loads((tmp_path / "t.json").read_text())
+    doc = json.loads((tmp_path / "t.json").read_text(encoding="utf-8"))
     new = change(doc, tmp_path)
     text = new if isinstance(new, str) else json.dumps(doc if new is None else new)
-    (tmp_path / "t.json").write_text(text)
+    (tmp_path / "t.json").write_text(text, encoding="utf-8")
     return tmp_path / "t.json"
 
 
@@ -111,13 +111,13 @@ def empty_file(tmp_path):
 
 
 def text_as_png(tmp_path):
-    (tmp_path / "notes.png").write_text("not an image")
+    (tmp_path / "notes.png").write_text("not an image", encoding="utf-8")
     return tmp_path / "notes.png"
 
 
 def folder_without_dicom(tmp_path):
     (tmp_path / "series").mkdir()
-    (tmp_path / "series" / "readme.txt").write_text("x")
+    (tmp_path / "series" / "readme.txt").write_text("x", encoding="utf-8")
     return tmp_path / "series"
 
 

@@ -47,7 +47,8 @@ def make_segmentation_dataset(root: Path, n_cases: int = 2, n_slices: int = 6) -
         sitk.WriteImage(lm, str(root / f"masks/c{c}.nrrd"))
         cases.append({"id": f"c{c}", "image": f"images/c{c}.nrrd", "mask": f"masks/c{c}.nrrd"})
     (root / "dataset.json").write_text(json.dumps({"name": "synthetic", "modality": "MR", "task": "segmentation",
-                                                   "labels": {"1": "blob", "2": "absent"}, "cases": cases}))
+                                                   "labels": {"1": "blob", "2": "absent"}, "cases": cases}),
+                                       encoding="utf-8")
     return root
 
 
@@ -67,11 +68,11 @@ def make_landmark_dataset(root: Path) -> Path:
         if ext == "nrrd":
             im.SetSpacing((0.5, 0.5))
         sitk.WriteImage(im, str(root / f"images/l{c}.{ext}"))
-        (root / f"points/l{c}.json").write_text(json.dumps(points))
+        (root / f"points/l{c}.json").write_text(json.dumps(points), encoding="utf-8")
         cases.append({"id": f"l{c}", "image": f"images/l{c}.{ext}", "points": f"points/l{c}.json"})
     (root / "dataset.json").write_text(json.dumps({"name": "synthetic-landmarks", "modality": "XR",
                                                    "task": "landmarks", "landmarks": ["bar", "plate"],
-                                                   "cases": cases}))
+                                                   "cases": cases}), encoding="utf-8")
     return root
 
 
@@ -119,9 +120,9 @@ def test_one_case_volume_targets_its_other_slices(tmp_path):
 def test_landmark_protocol_with_known_figures(tmp_path):
     root = make_landmark_dataset(tmp_path / "lm")
     # Move the reference of the plate in case l1 by (9, 12) pixels: a known error of 15 px = 7.5 mm.
-    pts = json.loads((root / "points/l1.json").read_text())
+    pts = json.loads((root / "points/l1.json").read_text(encoding="utf-8"))
     pts["plate"] = [pts["plate"][0] + 9, pts["plate"][1] + 12]
-    (root / "points/l1.json").write_text(json.dumps(pts))
+    (root / "points/l1.json").write_text(json.dumps(pts), encoding="utf-8")
     # The protocol's arithmetic, on paper A's whole-slice search (exact here); the aligned chain within 1 px
     aligned, _ = evaluate(root)
     assert aligned["landmarks"]["bar"]["px"] <= 1.0 and aligned["align"]["registrations"] == 2
@@ -146,19 +147,19 @@ def test_cli_eval_writes_json_and_report(tmp_path, capsys):
     root = make_segmentation_dataset(tmp_path / "seg")
     out, report = tmp_path / "r.json", tmp_path / "report"
     assert main(["eval", str(root), "--json", str(out), "--report", str(report), "--points", "3"]) == 0
-    doc = json.loads(out.read_text())
+    doc = json.loads(out.read_text(encoding="utf-8"))
     assert tuple(doc) == SEGMENTATION_KEYS and doc["template"]["points"] == 3
     assert doc["labels"]["blob"]["dice"] == pytest.approx(1.0)
-    page = (report / "report.md").read_text()
+    page = (report / "report.md").read_text(encoding="utf-8")
     assert "| blob | c0 slice 2 | 1.000 |" in page
     for kind in ("best", "median", "worst"):
         png = sitk.ReadImage(str(report / f"blob-{kind}.png"))
         assert png.GetNumberOfComponentsPerPixel() == 3 and png.GetSize() == (64, 64)
         assert f"blob-{kind}.png" in page
     # nothing is overwritten without --force
-    before = out.read_text()
+    before = out.read_text(encoding="utf-8")
     assert main(["eval", str(root), "--json", str(out)]) == 2
-    assert "already exists" in capsys.readouterr().err and out.read_text() == before
+    assert "already exists" in capsys.readouterr().err and out.read_text(encoding="utf-8") == before
     with pytest.raises(FMOneShotError, match="already exist"):
         write_report(doc, [], report)
 
@@ -178,7 +179,7 @@ def test_cli_eval_bad_input(tmp_path, capsys, args, message):
 def test_eval_sample_ct_from_the_command_line(tmp_path, sample):
     out = tmp_path / "ct.json"
     assert main(["eval", str(sample), "--labels", "liver", "spleen", "--json", str(out)]) == 0
-    doc = json.loads(out.read_text())
+    doc = json.loads(out.read_text(encoding="utf-8"))
     assert doc["labels"]["liver"]["targets"] == 29  # one volume: its other slices
     assert doc["labels"]["liver"]["dice"] >= 0.78 and doc["labels"]["spleen"]["dice"] >= 0.70
 
@@ -193,8 +194,8 @@ def test_eval_runs_on_each_shared_dataset(tmp_path, name, max_targets, floor):
     out, report = tmp_path / "r.json", tmp_path / "report"
     assert main(["eval", str(root), "--max-targets", str(max_targets), "--json", str(out),
                  "--report", str(report)]) == 0
-    doc = json.loads(out.read_text())
-    spec = json.loads((root / "dataset.json").read_text())
+    doc = json.loads(out.read_text(encoding="utf-8"))
+    spec = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
     assert doc["dataset"] == spec["name"] and doc["task"] == spec["task"]
     if spec["task"] == "segmentation":
         assert tuple(doc) == SEGMENTATION_KEYS

@@ -142,15 +142,15 @@ def test_atomic_paths_write_all_or_nothing(tmp_path):
     from FMOneShotLib.files import atomic_paths
 
     a, b = tmp_path / "a.json", tmp_path / "b.nii.gz"
-    a.write_text("old a")
+    a.write_text("old a", encoding="utf-8")
     with pytest.raises(RuntimeError):
         with atomic_paths(a, b) as (ta, tb):
             assert tb.name.endswith(".nii.gz")  # writers that read the extension still see it
-            ta.write_text("new a")
+            ta.write_text("new a", encoding="utf-8")
             raise RuntimeError("disk full while writing b")
-    assert a.read_text() == "old a" and not b.exists()
+    assert a.read_text(encoding="utf-8") == "old a" and not b.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
     with atomic_paths(a, b) as (ta, tb):
-        ta.write_text("new a")
-        tb.write_text("b")
-    assert a.read_text() == "new a" and b.read_text() == "b"
+        ta.write_text("new a", encoding="utf-8")
+        tb.write_text("b", encoding="utf-8")
+    assert a.read_text(encoding="utf-8") == "new a" and b.read_text(encoding="utf-8") == "b"

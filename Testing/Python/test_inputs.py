@@ -117,7 +117,7 @@ def test_eval_reads_a_case_mask_by_position(tmp_path, ct, liver):
     sitk.WriteImage(moved.to_sitk(), str(root / "masks" / "a.nii.gz"))
     (root / "dataset.json").write_text(json.dumps({
         "name": "moved", "modality": "CT", "task": "segmentation", "labels": {"1": "liver"},
-        "cases": [{"id": "a", "image": "images/a.nii.gz", "mask": "masks/a.nii.gz"}]}))
+        "cases": [{"id": "a", "image": "images/a.nii.gz", "mask": "masks/a.nii.gz"}]}), encoding="utf-8")
     case = load_dataset(root).cases[0]
     with pytest.warns(FMOneShotWarning, match="differs from the image's"):
         reference = case.read_mask()
@@ -181,10 +181,10 @@ def test_outputs_never_replace_inputs_even_with_force(tmp_path, capsys, ct):
                            *extra, "--force")
         assert code == 2 and "never writes over its inputs" in err, err
     lm = tmp_path / "lm.json"
-    lm.write_text("{}")
+    lm.write_text("{}", encoding="utf-8")
     code, _, err = run(capsys, "localize", target, "--template", lm, "--output", lm, "--force")
     assert code == 2 and "never writes over its inputs" in err
-    assert sha(target) == before and lm.read_text() == "{}"
+    assert sha(target) == before and lm.read_text(encoding="utf-8") == "{}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lm.json", "t.slice0.nrrd"]
 
 
@@ -201,7 +201,8 @@ def test_save_template_is_checked_before_the_work_and_makes_its_folder(tmp_path,
                        "--output", out, "--save-template", tmp_path / "new" / "deeper" / "t.json")
     assert code == 0, err
     assert read_volume(out).array.shape == (30, 101, 122)
-    assert json.loads((tmp_path / "new" / "deeper" / "t.json").read_text())["labels"][0]["name"] == "liver"
+    saved = json.loads((tmp_path / "new" / "deeper" / "t.json").read_text(encoding="utf-8"))
+    assert saved["labels"][0]["name"] == "liver"
 
 
 def test_eval_refuses_an_existing_report_before_evaluating(tmp_path, capsys):
@@ -209,11 +210,11 @@ def test_eval_refuses_an_existing_report_before_evaluating(tmp_path, capsys):
     not there (issue 20.3); a --json that is the dataset's own file is refused even with --force."""
     report = tmp_path / "rep"
     report.mkdir()
-    (report / "report.md").write_text("mine")
+    (report / "report.md").write_text("mine", encoding="utf-8")
     data = REPO / "Testing/Data/totalseg-ct-small"
     code, _, err = run(capsys, "eval", data, "--labels", "liver", "--report", report, "--json", tmp_path / "r.json")
     assert code == 2 and "report.md already exists" in err
-    assert not (tmp_path / "r.json").exists() and (report / "report.md").read_text() == "mine"
+    assert not (tmp_path / "r.json").exists() and (report / "report.md").read_text(encoding="utf-8") == "mine"
     code, _, err = run(capsys, "eval", data, "--labels", "liver", "--json", data / "dataset.json", "--force")
     assert code == 2 and "never writes over its inputs" in err
 

@@ -33,7 +33,7 @@ def ui():
 
 @pytest.fixture(scope="module")
 def module():
-    return ast.parse(MODULE.read_text())
+    return ast.parse(MODULE.read_text(encoding="utf-8"))
 
 
 def widgets(ui) -> dict:
@@ -768,7 +768,7 @@ def test_library_and_module_run_on_python_3_9():
     assert proc.returncode == 0 and "Minimum required versions: 3." in proc.stdout, proc.stdout + proc.stderr
     late = []
     for path in python_files():
-        tree = ast.parse(path.read_text())
+        tree = ast.parse(path.read_text(encoding="utf-8"))
         future = any(isinstance(n, ast.ImportFrom) and n.module == "__future__"
                      and any(a.name == "annotations" for a in n.names) for n in tree.body)
         for node in ast.walk(tree):
@@ -789,8 +789,8 @@ def test_library_and_module_run_on_python_3_9():
                     and len(node.args) == 2 and isinstance(node.args[1], ast.BinOp)):
                 late.append(f"{path.relative_to(REPO)}:{node.lineno}")
     assert not late, f"X | Y types that Python 3.9 cannot evaluate: {late}"
-    assert "from __future__ import annotations" not in MODULE.read_text()
-    assert re.search(r'requires-python = ">=3\.9"', (REPO / "pyproject.toml").read_text())
+    assert "from __future__ import annotations" not in MODULE.read_text(encoding="utf-8")
+    assert re.search(r'requires-python = ">=3\.9"', (REPO / "pyproject.toml").read_text(encoding="utf-8"))
 
 
 def test_the_library_imports_on_windows():
@@ -814,12 +814,12 @@ def test_the_library_imports_on_windows():
 
 
 def test_extension_metadata_agree():
-    cmake = (REPO / "CMakeLists.txt").read_text()
+    cmake = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
     meta = dict(re.findall(r'set\((EXTENSION_\w+) "([^"]*)"\)', cmake))
     for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
                 "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS"):
         assert meta.get(key), key
-    entry = json.loads((REPO / "FMOneShot.json").read_text())
+    entry = json.loads((REPO / "FMOneShot.json").read_text(encoding="utf-8"))
     assert entry["$schema"] == ("https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/"
                                 "slicer-extension-catalog-entry-schema-v1.0.1.json#")
     # what that schema allows (Slicer's Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json: these
@@ -835,7 +835,7 @@ def test_extension_metadata_agree():
     # the files the icon and screenshot URLs point at are in the repository
     for url in (meta["EXTENSION_ICONURL"], meta["EXTENSION_SCREENSHOTURLS"]):
         assert (REPO / url.split("/main/", 1)[1]).is_file(), url
-    module_cmake = (REPO / "FMOneShot" / "CMakeLists.txt").read_text()
+    module_cmake = (REPO / "FMOneShot" / "CMakeLists.txt").read_text(encoding="utf-8")
     assert "slicerMacroBuildScriptedModule" in module_cmake and "slicer_add_python_unittest" in module_cmake
     for listed in re.findall(r"^\s+((?:Resources|Testing|FMOneShotLib)/\S+)$", module_cmake, re.M):
         assert (REPO / listed.replace("${MODULE_NAME}", "FMOneShot")).is_file(), listed

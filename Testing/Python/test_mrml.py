@@ -302,13 +302,14 @@ def test_the_segmentations_logic_is_reached_through_one_checked_place():
     every call, and none creates a logic object (each one registers the converter rules again)."""
     root = Path(__file__).resolve().parents[2]
     files = [*sorted((root / "FMOneShotLib").rglob("*.py")), root / "FMOneShot" / "FMOneShot.py"]
-    naming = [f"{p.relative_to(root)}:{i}" for p in files for i, line in enumerate(p.read_text().splitlines(), 1)
+    naming = [f"{p.relative_to(root)}:{i}" for p in files
+              for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
               if "vtkSlicerSegmentationsModuleLogic" in line and not line.lstrip().startswith("#")]
     assert naming == [f"FMOneShotLib/mrml.py:{_line_of('return slicer.vtkSlicerSegmentationsModuleLogic')}"], naming
 
 
 def _line_of(text: str) -> int:
-    lines = (Path(mrml.__file__)).read_text().splitlines()
+    lines = (Path(mrml.__file__)).read_text(encoding="utf-8").splitlines()
     return next(i for i, line in enumerate(lines, 1) if text in line)
 
 
@@ -635,7 +636,7 @@ def test_the_runtime_requirements_are_pyprojects():
 
     from FMOneShotLib import requirements
 
-    doc = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    doc = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text(encoding="utf-8"))
     assert list(requirements.REQUIREMENTS) == doc["project"]["dependencies"]
     assert requirements.missing() == []  # this environment has them all
     assert requirements.package("segment-anything>=1.0") == "segment-anything"
@@ -655,9 +656,10 @@ def test_sam2_is_installed_with_one_command_wherever_it_is_given(monkeypatch):
     assert command == "SAM2_BUILD_CUDA=0 pip install --no-build-isolation 'sam2>=1.0'"
     repo = Path(__file__).resolve().parents[2]
     for doc in ("README.md", "docs/models.md", "pyproject.toml"):
-        text = (repo / doc).read_text()
+        text = (repo / doc).read_text(encoding="utf-8")
         assert command in text and "pip install 'fmoneshot[sam2]'" not in text, doc
-    assert command.replace("pip install", "python3 -m pip install -q") in (repo / ".ci" / "run").read_text()
+    ci = (repo / ".ci" / "run").read_text(encoding="utf-8")
+    assert command.replace("pip install", "python3 -m pip install -q") in ci
     monkeypatch.setitem(sys.modules, "sam2", None)  # 'import sam2' raises ImportError, as where it is missing
     with pytest.raises(FMOneShotError, match="SAM 2 needs the 'sam2' package") as err:
         models.require_sam2()
@@ -733,7 +735,7 @@ def test_every_package_the_library_imports_is_installed_in_slicer():
                | set(requirements.REQUIREMENTS.values()))
     imported = {}
     for path in sorted((repo / "FMOneShotLib").rglob("*.py")) + [repo / "FMOneShot" / "FMOneShot.py"]:
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
             for name in names:
@@ -856,7 +858,7 @@ def test_a_package_installed_during_the_session_is_seen(tmp_path, monkeypatch):
     assert requirements.unmet() == [("fmoneshot_probe>=0", None)]  # caches the listing of tmp_path
     stat = os.stat(tmp_path)
     (tmp_path / "fmoneshot_probe").mkdir()
-    (tmp_path / "fmoneshot_probe" / "__init__.py").write_text("")
+    (tmp_path / "fmoneshot_probe" / "__init__.py").write_text("", encoding="utf-8")
     os.utime(tmp_path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the folder looks unchanged
     assert requirements.unmet() == []
     sys.modules.pop("fmoneshot_probe", None)

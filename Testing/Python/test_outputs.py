@@ -53,10 +53,10 @@ def test_color_table_names_paths_and_refusal(tmp_path):
     table = read_color_table(path)
     assert table[5] == ("liver", (10, 20, 30, 255))
     assert table[2][0] == "left kidney" and table[0][0] == "Background"
-    path.write_text("mine")
+    path.write_text("mine", encoding="utf-8")
     with pytest.raises(ValueError, match="already exists"):
         write_color_table([Label("liver", 5)], path)
-    assert path.read_text() == "mine"
+    assert path.read_text(encoding="utf-8") == "mine"
 
 
 def test_segment_says_and_writes_which_value_is_which_label(tmp_path, capsys):
@@ -80,7 +80,7 @@ def test_segment_says_and_writes_which_value_is_which_label(tmp_path, capsys):
     labels = out / "ct-small-labels.nii.gz"
     table = read_color_table(color_table_path(labels))
     assert {v: name for v, (name, _) in table.items()} == {0: "Background", 1: "liver", 2: "spleen"}
-    saved = json.loads((tmp_path / "t.json").read_text())["labels"]
+    saved = json.loads((tmp_path / "t.json").read_text(encoding="utf-8"))["labels"]
     assert [table[lb["value"]][1][:3] for lb in saved] == [tuple(lb["color"]) for lb in saved]
     found = read_volume(labels).array
     assert ((found == 1) & (ref == 5)).sum() > ((found == 1) & (ref == 1)).sum()  # value 1 is on the liver
@@ -114,7 +114,7 @@ def test_eval_names_the_adapter_and_backend_that_ran(tmp_path, capsys, sample):
     out = tmp_path / "e.json"
     assert main(["eval", str(sample), "--labels", "spleen", "--max-targets", "2", "--backend", "auto",
                  "--json", str(out)]) == 0
-    doc = json.loads(out.read_text())
+    doc = json.loads(out.read_text(encoding="utf-8"))
     assert (doc["backend"], doc["adapter"]) == ("offline", "classification")  # 'auto' resolved: no weights
     assert "backend offline, adapter classification," in capsys.readouterr().out
 
@@ -123,7 +123,7 @@ def test_landmark_pictures_use_the_colour_key(tmp_path):
     """Reference white, found yellow, as the reference outline is white in segmentation pictures."""
     summary, pictures = evaluate(make_landmark_dataset(tmp_path / "lm"), keep_pictures=True)
     pic = pictures[0].picture
-    truth = json.loads((tmp_path / "lm" / "points" / f"{pictures[0].case}.json").read_text())
+    truth = json.loads((tmp_path / "lm" / "points" / f"{pictures[0].case}.json").read_text(encoding="utf-8"))
     colours = {tuple(int(c) for c in pic[y, x]) for x, y in truth.values()}
     assert colours <= {REFERENCE_COLOR, FOUND_LANDMARK_COLOR}  # found landmarks can hide the reference
     assert FOUND_LANDMARK_COLOR in {tuple(int(c) for c in px) for px in pic.reshape(-1, 3)}

@@ -26,7 +26,7 @@ def test_quick_start_is_two_commands_in_a_virtual_environment():
     assert len(quick) == 2
     assert quick[0].startswith("python3 -m venv .venv && . .venv/bin/activate") and "fmoneshot demo" in quick[0]
     assert "pytest" in quick[1]
-    assert ".venv/" in (REPO / ".gitignore").read_text().split()
+    assert ".venv/" in (REPO / ".gitignore").read_text(encoding="utf-8").split()
 
 
 def test_every_command_line_example_parses_and_its_inputs_exist():

@@ -240,7 +240,7 @@ def test_eval_with_sam2_and_propagation_records_it(spleen_cases, tmp_path):
         write_volume(label_volume(vol, ref), tmp_path / "masks" / f"c{k}.nii.gz")
         cases.append({"id": f"c{k}", "image": f"images/c{k}.nii.gz", "mask": f"masks/c{k}.nii.gz"})
     (tmp_path / "dataset.json").write_text(json.dumps({"name": "pieces", "modality": "CT", "task": "segmentation",
-                                                        "labels": {"1": "spleen"}, "cases": cases}))
+                                                        "labels": {"1": "spleen"}, "cases": cases}), encoding="utf-8")
     summary, _ = evaluate(tmp_path, segmenter="sam2", segmenter_options={"model": "tiny", **RANDOM}, propagate=True)
     assert tuple(summary) == SEGMENTATION_KEYS and summary["segmenter"] == "sam2"
     assert summary["template"]["propagate"] is True

@@ -38,16 +38,36 @@ def test_save_load_round_trip(tmp_path):
     assert set(s.masks) == {"liver"} and np.array_equal(s.masks["liver"], s0.masks["liver"])
     assert np.allclose(s.landmarks["tip"], [12.25, 7.5])
     assert back.modality == "CT" and back.settings == {"backend": "offline"}
-    doc = json.loads((tmp_path / "t.json").read_text())
-    assert doc["format"] == "fmoneshot-template" and "pickle" not in (tmp_path / "t.json").read_text()
+    doc = json.loads((tmp_path / "t.json").read_text(encoding="utf-8"))
+    assert doc["format"] == "fmoneshot-template" and "pickle" not in (tmp_path / "t.json").read_text(encoding="utf-8")
+
+
+def test_a_hand_edited_utf8_template_loads_under_a_c_locale(tmp_path):
+    """Files are read as UTF-8 whatever the process's locale: a library in Slicer's process (or a test before this
+    one) may set it to C, where Python's default text encoding is ASCII. A label renamed by hand in an editor,
+    saved as UTF-8, still loads with its name."""
+    import locale
+
+    tpl = make_template()
+    tpl.save(tmp_path / "t.json")
+    text = (tmp_path / "t.json").read_text(encoding="utf-8")
+    assert '"liver"' in text
+    (tmp_path / "t.json").write_bytes(text.replace('"liver"', '"côlon"').encode("utf-8"))
+    before = locale.setlocale(locale.LC_ALL)
+    locale.setlocale(locale.LC_ALL, "C")
+    try:
+        back = Template.load(tmp_path / "t.json")
+    finally:
+        locale.setlocale(locale.LC_ALL, before)
+    assert back.label_names == ["côlon", "spleen"]
 
 
 def test_save_refuses_to_overwrite(tmp_path):
     tpl = make_template()
-    (tmp_path / "t.json").write_text("mine")
+    (tmp_path / "t.json").write_text("mine", encoding="utf-8")
     with pytest.raises(FMOneShotError, match="already exist"):
         tpl.save(tmp_path / "t.json")
-    assert (tmp_path / "t.json").read_text() == "mine"
+    assert (tmp_path / "t.json").read_text(encoding="utf-8") == "mine"
     assert not (tmp_path / "t.slice0.nrrd").exists()
     tpl.save(tmp_path / "t.json", force=True)
     assert Template.load(tmp_path / "t.json").label_names == ["liver", "spleen"]
@@ -76,10 +96,10 @@ def test_damaged_files_are_refused(tmp_path):
     (tmp_path / "t.slice0.nrrd").unlink()
     with pytest.raises(FMOneShotError, match="side file .* missing"):
         Template.load(tmp_path / "t.json")
-    (tmp_path / "x.json").write_text("{not json")
+    (tmp_path / "x.json").write_text("{not json", encoding="utf-8")
     with pytest.raises(FMOneShotError, match="not a valid template"):
         Template.load(tmp_path / "x.json")
-    (tmp_path / "y.json").write_text(json.dumps({"format": "fmoneshot-template", "version": 1}))
+    (tmp_path / "y.json").write_text(json.dumps({"format": "fmoneshot-template", "version": 1}), encoding="utf-8")
     with pytest.raises(FMOneShotError, match="the field .* is wrong: .labels. is a required property"):
         Template.load(tmp_path / "y.json")
 

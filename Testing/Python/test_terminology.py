@@ -44,9 +44,10 @@ def test_the_vendored_table_is_the_maintained_file():
     import hashlib
 
     digest = hashlib.sha256(terminology.TABLE.read_bytes()).hexdigest()
-    readme = (terminology.TABLE.parent / "README.md").read_text()
+    readme = (terminology.TABLE.parent / "README.md").read_text(encoding="utf-8")
     assert digest in readme  # the file is unchanged since it was copied, as its README says
-    assert (terminology.TABLE.parent / "TotalSegmentator-LICENSE").read_text().lstrip().startswith("Apache License")
+    licence = (terminology.TABLE.parent / "TotalSegmentator-LICENSE").read_text(encoding="utf-8")
+    assert licence.lstrip().startswith("Apache License")
     assert len(terminology.table()) >= 150
 
 
@@ -70,22 +71,22 @@ def test_template_file_keeps_the_codes(tmp_path):
     path = tpl.save(tmp_path / "t.json")
     back = Template.load(path)
     assert [lb.terminology for lb in back.labels] == [lb.terminology for lb in labels]
-    doc = json.loads(path.read_text())
+    doc = json.loads(path.read_text(encoding="utf-8"))
     assert doc["labels"][0]["terminology"]["type_modifier"] == ["SCT", LEFT, "Left"]
     # a template written before terminology was kept: the codes come from the names
     for d in doc["labels"]:
         del d["terminology"]
-    path.write_text(json.dumps(doc))
+    path.write_text(json.dumps(doc), encoding="utf-8")
     old = Template.load(path)
     assert codes(old.labels[0].terminology) == (ANATOMICAL_STRUCTURE, KIDNEY, LEFT)
     assert old.labels[1].terminology.is_generic
     # a damaged terminology is refused with the fix, not guessed
     doc["labels"][0]["terminology"] = {"type": ["SCT", LIVER, "Liver"]}
-    path.write_text(json.dumps(doc))
+    path.write_text(json.dumps(doc), encoding="utf-8")
     with pytest.raises(FMOneShotError, match="must hold a category and a type"):
         Template.load(path)
     doc["labels"][0]["terminology"] = {"category": ["SCT", "1"], "type": ["SCT", LIVER, "Liver"]}
-    path.write_text(json.dumps(doc))
+    path.write_text(json.dumps(doc), encoding="utf-8")
     with pytest.raises(FMOneShotError, match=r"must be \[scheme, value, meaning\]"):
         Template.load(path)
 

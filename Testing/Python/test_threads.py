@@ -114,5 +114,5 @@ def test_bench_prints_and_records_the_threads(three_threads, tmp_path, capsys):
     assert main(["bench", "--slices", "6", "--size", "64", "--naive-slices", "1", "--threads", "2",
                  "--json", str(out)]) == 0
     assert "threads: 2 for model forwards, 1 for small-tensor work" in capsys.readouterr().out
-    assert json.loads(out.read_text())["threads"] == {"model_forwards": 2, "small_work": 1}
+    assert json.loads(out.read_text(encoding="utf-8"))["threads"] == {"model_forwards": 2, "small_work": 1}
     assert torch.get_num_threads() == 3 and threads.model_threads() == 3  # --threads ends with the bench

@@ -290,7 +290,7 @@ def test_a_bad_pin_is_reported_with_its_replacement_and_replaced_by_import(tiny_
     path = W.local_path(W.REGISTRY["d2s14"], cache)
     path.parent.mkdir(parents=True)
     path.write_bytes(tiny_d2s14["truncated"].read_bytes())
-    path.with_name(path.name + ".sha256").write_text(f"{W.sha256_of(path)}  model.safetensors\n")
+    path.with_name(path.name + ".sha256").write_text(f"{W.sha256_of(path)}  model.safetensors\n", encoding="utf-8")
     assert main(["weights", "verify", "d2s14", "--cache", str(cache)]) == 1
     assert "weights import FILE --name d2s14" in capsys.readouterr().out
     monkeypatch.setenv("FMONESHOT_CACHE", str(cache))
