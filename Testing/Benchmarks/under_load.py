@@ -54,9 +54,13 @@ def autogroup() -> str:
 
 
 def timed(command: list, env: dict) -> float:
-    """Seconds ``command`` took (wall clock); raises CalledProcessError when it fails."""
+    """Seconds ``command`` took (wall clock); when it fails, prints the last 40 lines of its output (what failed)
+    and raises CalledProcessError."""
     t = time.perf_counter()
-    subprocess.run(command, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = subprocess.run(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if done.returncode:
+        print("\n".join(done.stdout.decode("utf-8", "replace").splitlines()[-40:]), file=sys.stderr)
+        raise subprocess.CalledProcessError(done.returncode, command)
     return time.perf_counter() - t
 
 
