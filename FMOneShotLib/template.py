@@ -288,7 +288,7 @@ class Template:
         n_plane = plane = None
         if self.volume is not None:
             axis = self.volume.slice_axis(self.orientation)
-            n_plane, plane = self.volume.array.shape[2 - axis], self.volume.orientation_of(axis)
+            n_plane, plane = self.volume.resliced(axis).n_slices, self.volume.orientation_of(axis)
         for name, ends in self.extent.items():
             if name not in names:
                 raise FMOneShotError(f"The extent names an unknown label {name!r}.",
