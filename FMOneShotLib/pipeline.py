@@ -648,9 +648,10 @@ class OneShot:
             found.present = found.confidence >= self.min_similarity
             return found
         # The gate decides where the label may be (its region, and so whether it is on the slice). Where it is the
-        # structure's own outline (a 2D target), the segmenter delineates from the gated probabilities too; in a volume it is
-        # one slice's outline placed on every slice, and the segmenter gets the adapter's own probabilities:
-        # gated ones trim the structure wherever its cross-section outgrows that outline (docs/results.md)
+        # structure's own outline (a 2D target), the segmenter delineates from the gated probabilities too; in a
+        # volume it is one slice's outline placed on every slice, and the segmenter gets the adapter's own
+        # probabilities: gated ones trim the structure wherever its cross-section outgrows that outline
+        # (docs/results.md)
         found.prior = probs[i + 1]
         gate = placement.prior.get(name)
         if gate is not None:

@@ -8,8 +8,8 @@ The policy: **small-tensor work runs on one thread; foundation-model forwards us
   PyTorch's OpenMP workers spin-wait between them: where another process keeps the cores busy, the workers
   wait for each other's time slices and the work gets 5-20x slower while using more CPU.
 - The align stage's SimpleITK registration (ITK's own thread pool, not PyTorch's) counts as small work too
-  (:func:`itk_threads` around the registration alone, in :func:`align.align`): it samples a few thousand to a hundred thousand voxels per iteration. One thread also makes its result
-  independent of the machine (ITK sums the metric per thread, so a CHAOS pair's NMI moved in the fourth digit
+  (:func:`itk_threads` around the registration alone, in :func:`align.align`): it samples a few thousand to
+  a hundred thousand voxels per iteration. One thread also makes its result independent of the machine (ITK sums the metric per thread, so a CHAOS pair's NMI moved in the fourth digit
   between 1 and 2 threads). Measured with two other engineers' jobs on the 2 cores (load average 4.5): a
   CHAOS MR pair took 4.2-6.4 s on one thread, 4.9-6.8 s on two; a cephalogram pair 1.6-1.7 s and 1.9-2.0 s.
 - Model forwards (the ViT and SAM encoders, SAM's and SAM 2's mask decoders) are large matrix products,
